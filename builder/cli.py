@@ -1,0 +1,170 @@
+"""`dspark-build`: from checkpoints to a Triton model repository.
+
+Exit codes: 0 success · 1 invalid input (the message names the file, tensor or field, what was
+found and what was expected) · 2 bad command-line usage · 3 output exists (pass --force).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from ..runtime.atomic import OutputExistsError
+from ..runtime.errors import CheckpointError
+
+EXIT_INVALID_INPUT = 1
+EXIT_OUTPUT_EXISTS = 3
+
+err = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+
+
+def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our exceptions into one clear message and a meaningful exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .convert import ValidationError
+
+        try:
+            return fn(*args, **kwargs)
+        except ValidationError as e:
+            err.print(f"[red]error:[/] {len(e.problems)} problem(s) with the input:")
+            for problem in e.problems:
+                err.print(f"  • {problem}")
+            sys.exit(EXIT_INVALID_INPUT)
+        except CheckpointError as e:
+            err.print(f"[red]error:[/] {e}")
+            sys.exit(EXIT_INVALID_INPUT)
+        except OutputExistsError as e:
+            err.print(f"[red]error:[/] {e}")
+            sys.exit(EXIT_OUTPUT_EXISTS)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dspark-trt")
+def main() -> None:
+    """Build a DSpark speculative-decoding deployment from a target checkpoint and its drafter.
+
+    \b
+    A typical run:
+      dspark-build fixture qwen3 build/fixture          # or use real checkpoints
+      dspark-build inspect build/fixture/target build/fixture/drafter
+      dspark-build convert --target build/fixture/target --drafter build/fixture/drafter --tp 2 -o build/ckpt
+
+    \b
+    Families: Qwen3 target + DeepSpec Qwen3DSparkModel drafter; DeepSeek-V4 with the drafter
+    built in under mtp.0..2.*. Exit codes: 0 ok, 1 invalid input, 2 usage, 3 output exists.
+    """
+
+
+@main.command()
+@click.argument("family", type=click.Choice(["qwen3", "deepseek-v4"]))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed for weights (same seed, same bytes).")
+@click.option("--markov-head", "markov_head", type=click.Choice(["vanilla", "gated", "rnn"]), default="vanilla",
+              show_default=True, help="Qwen3 drafter's Markov head variant.")
+@click.option("--scale", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Qwen3 only: multiply hidden and MLP widths (a size knob for benchmarks).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@reports_errors
+def fixture(family: str, out: Path, seed: int, markov_head: str, scale: int, force: bool) -> None:
+    """Write a tiny random checkpoint pair in the real on-disk formats to OUT.
+
+    \b
+    qwen3        OUT/target  (Qwen3ForCausalLM, sharded safetensors, tokenizer)
+                 OUT/drafter (DeepSpec Qwen3DSparkModel)
+    deepseek-v4  OUT/target  (DeepseekV4ForCausalLM, FP8 e4m3 linears with 128x128 block
+                 scales, DSpark drafter under mtp.0..2.*)
+
+    Generated locally in seconds; nothing is downloaded.
+    """
+    from ..runtime.atomic import atomic_directory
+
+    with atomic_directory(out, force=force) as tmp:
+        if family == "qwen3":
+            from .fixture_qwen3 import write_qwen3_fixture
+
+            write_qwen3_fixture(tmp, seed=seed, markov_head_type=markov_head, scale=scale)
+        else:
+            from .fixture_deepseek_v4 import write_deepseek_v4_fixture
+
+            write_deepseek_v4_fixture(tmp, seed=seed)
+    stdout.print(f"[green]✓[/] wrote {family} fixture to {out}")
+
+
+@main.command("inspect")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+@reports_errors
+def inspect_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
+    """Describe checkpoints and validate a target against its drafter.
+
+    PATHS are checkpoint directories in any order: a target, a drafter, or both (a DeepSeek-V4
+    target carries its drafter inside). Prints architecture, size, dtypes and quantisation; for the
+    drafter γ, Markov rank and type, mask id, target layers, confidence head and calibration.
+
+    Every problem found is listed with its file, tensor or field, what was found and what was
+    expected; any problem makes the exit code 1.
+    """
+    from .families import open_pair, validate
+    from .inspection import describe, render
+
+    pair = open_pair(list(paths))
+    info = describe(pair, validate(pair))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        render(info, stdout)
+    if not info["ok"]:
+        sys.exit(EXIT_INVALID_INPUT)
+
+
+@main.command()
+@click.option("--target", "target", required=True, type=click.Path(path_type=Path),
+              help="Target checkpoint directory (Hugging Face layout, safetensors).")
+@click.option("--drafter", type=click.Path(path_type=Path),
+              help="DeepSpec drafter directory. Not needed for DeepSeek-V4: its drafter is mtp.* inside.")
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Tensor-parallel size: number of rank{N}.safetensors per model.")
+@click.option("--draft-tp", type=click.IntRange(min=1),
+              help="Tensor-parallel size of the drafter. Default: 1 for a separate drafter, --tp for mtp.*.")
+@click.option("--dequantize", is_flag=True, help="Write FP8 block-scaled weights as bf16 instead of keeping FP8.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@reports_errors
+def convert(target: Path, drafter: Path | None, tp: int, draft_tp: int | None, dequantize: bool, out: Path,
+            force: bool, quiet: bool) -> None:
+    """Validate, then write sharded weights in TensorRT-LLM's checkpoint layout.
+
+    \b
+    OUT/target/   config.json (architecture, dtype, mapping, quantization) + rank{N}.safetensors
+    OUT/draft/    drafter weights + heads (+ sts.json calibration when present)
+    OUT/tokenizer/
+    OUT/manifest.json  family, γ, mask id, target layers, tp, source hashes, tool versions
+
+    Tensors stream one at a time (memory stays flat however large the model). The output is
+    written to a hidden temporary directory and renamed into place at the end: an interrupted run
+    leaves nothing behind. Nothing is written if validation fails or --tp does not divide a
+    sharded dimension.
+    """
+    from .convert import convert as run_convert
+
+    manifest = run_convert(target, drafter, out, tp=tp, draft_tp=draft_tp, dequantize=dequantize, force=force,
+                           show_progress=not quiet)
+    extra = f", draft tp={manifest['draft_tp']}" if manifest["draft_tp"] else " (no drafter)"
+    stdout.print(f"[green]✓[/] {manifest['family']} converted to {out} with tp={tp}{extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Model families: detection, and validation of a target with its DSpark drafter.
+
+A family is a module with the same small set of functions (see qwen3.py): expected tensors for
+target and drafter, config checks, a family-neutral description of the drafter (`dspark_fields`),
+a summary, and conversion plans. Adding a family means adding one module and one FAMILIES entry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ...runtime.errors import CheckpointError
+from ...runtime.safetensors_io import SafetensorsCheckpoint
+from . import deepseek_v4, qwen3
+from .common import Source, check_tensors, load_config
+
+FAMILIES: dict[str, ModuleType] = {"qwen3": qwen3, "deepseek-v4": deepseek_v4}
+CALIBRATION_FILE = "sts.json"
+
+
+@dataclass
+class Pair:
+    """A target and its drafter (for DeepSeek-V4 both are the same checkpoint directory)."""
+
+    family: str
+    target: Source | None = None
+    drafter: Source | None = None
+    calibration: Path | None = None
+
+    @property
+    def module(self) -> ModuleType:
+        return FAMILIES[self.family]
+
+    @property
+    def drafter_inside_target(self) -> bool:
+        return self.drafter is not None and self.drafter is self.target
+
+
+def detect(path: Path) -> tuple[str, str, dict[str, Any]]:
+    """(family, role, config) of a checkpoint directory; role is 'target' or 'drafter'."""
+    config = load_config(path)
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if qwen3.DRAFTER_ARCH in archs:
+        return "qwen3", "drafter", config
+    if qwen3.TARGET_ARCH in archs or model_type == "qwen3":
+        return "qwen3", "target", config
+    if model_type == deepseek_v4.MODEL_TYPE or deepseek_v4.ARCH in archs:
+        return "deepseek-v4", "target", config
+    raise CheckpointError(Path(path) / "config.json", "unsupported model", subject="architectures/model_type",
+                          found=f"{archs or None} / {model_type}",
+                          expected=f"{qwen3.TARGET_ARCH}, {qwen3.DRAFTER_ARCH} or model_type {deepseek_v4.MODEL_TYPE}")
+
+
+def open_pair(paths: list[Path]) -> Pair:
+    """Open one or two checkpoint directories (any order) as a target/drafter pair."""
+    pair: Pair | None = None
+    for path in map(Path, paths):
+        family, role, config = detect(path)
+        canonical = deepseek_v4.canonical if family == "deepseek-v4" else (lambda n: n)
+        source = Source(path, config, SafetensorsCheckpoint(path), canonical)
+        if pair is None:
+            pair = Pair(family)
+        elif pair.family != family:
+            raise CheckpointError(path, "target and drafter belong to different model families",
+                                  found=family, expected=pair.family)
+        if getattr(pair, role) is not None:
+            raise CheckpointError(path, f"two {role} checkpoints given", found=str(getattr(pair, role).path),
+                                  expected=f"one {role}")
+        setattr(pair, role, source)
+        if family == "deepseek-v4" and deepseek_v4.mtp_stages(source):
+            pair.drafter = source
+        if role == "drafter" or pair.drafter_inside_target:
+            calibration = path / CALIBRATION_FILE
+            pair.calibration = calibration if calibration.is_file() else None
+    if pair is None:
+        raise CheckpointError(".", "no checkpoint given")
+    return pair
+
+
+@dataclass
+class Report:
+    problems: list[CheckpointError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate(pair: Pair) -> Report:
+    """Every check `inspect` and `convert` rely on; collects all problems instead of stopping at one."""
+    report = Report()
+    fam = pair.module
+    expected_by_source: dict[int, tuple[Source, list]] = {}
+
+    def expect(source: Source, make) -> None:
+        try:
+            entry = expected_by_source.setdefault(id(source), (source, []))
+            entry[1].extend(make(source))
+        except CheckpointError as e:
+            report.problems.append(e)
+
+    if pair.target is not None:
+        expect(pair.target, fam.target_tensors)
+    if pair.drafter is not None:
+        try:
+            report.problems += fam.check_drafter_fields(pair.drafter)
+        except CheckpointError as e:
+            report.problems.append(e)
+        expect(pair.drafter, fam.drafter_tensors)
+    for source, expected in expected_by_source.values():
+        problems, unexpected = check_tensors(source, expected)
+        report.problems += problems
+        if unexpected:
+            report.warnings.append(f"{source.path}: {len(unexpected)} tensors not used by dspark-trt "
+                                   f"(e.g. {', '.join(unexpected[:3])})")
+    if pair.target is not None and pair.drafter is not None and not pair.drafter_inside_target:
+        try:
+            report.problems += fam.check_pair(pair.target, pair.drafter)
+        except CheckpointError as e:
+            report.problems.append(e)
+    if pair.calibration is not None and pair.drafter is not None:
+        report.problems += check_calibration(pair.calibration, pair)
+    return report
+
+
+def check_calibration(path: Path, pair: Pair) -> list[CheckpointError]:
+    """STS calibration: one positive temperature per block position under `sts_temperatures`."""
+    try:
+        temps = json.loads(path.read_text()).get("sts_temperatures")
+    except (json.JSONDecodeError, AttributeError) as e:
+        return [CheckpointError(path, f"unreadable calibration file ({e})")]
+    gamma = pair.module.dspark_fields(pair.drafter)["block_size"]
+    if not (isinstance(temps, list) and len(temps) == gamma
+            and all(isinstance(t, (int, float)) and t > 0 for t in temps)):
+        return [CheckpointError(path, "bad STS temperatures", subject="sts_temperatures", found=temps,
+                                expected=f"{gamma} positive numbers (one per block position)")]
+    return []

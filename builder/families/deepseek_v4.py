@@ -1,0 +1,309 @@
+"""DeepSeek-V4 targets with the DSpark drafter built in under `mtp.{0,1,2}.*`.
+
+Canonical names are DeepSeek's own (`layers.{i}.attn.wq_a.weight`, `embed.weight`,
+`hc_head_fn`, `mtp.0.main_proj.weight`); transformers' `save_pretrained` writes a hybrid
+(`model.layers...`, `model.embed_tokens.weight`, `model.hc_head.hc_fn`), which `canonical` folds
+back. Linear weights may be FP8 e4m3 with a float32 `*.weight_scale_inv` per 128x128 block.
+
+TensorRT-LLM has no TensorRT-engine path for DeepSeek-V4, so the converted layout keeps the
+canonical names and TensorRT-LLM's conventions: `config.json` with `mapping`, one
+`rank{N}.safetensors` per rank, query heads and output groups column-parallel, `wo_b` and the
+shared expert's `w2` row-parallel, routed experts expert-parallel (whole experts per rank, global
+expert ids kept in the names), everything else replicated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from ...runtime.errors import CheckpointError
+from .common import (
+    SCALE_SUFFIX,
+    Expect,
+    Item,
+    Plan,
+    Source,
+    Target,
+    check_tensors,
+    dtype_tag,
+    linear,
+    replicated,
+    require_divisible,
+    split,
+)
+
+MODEL_TYPE = "deepseek_v4"
+ARCH = "DeepseekV4ForCausalLM"
+FP8 = "F8_E4M3"
+# Linear weights DeepSeek ships in FP8 (compressor / indexer projections stay BF16).
+_FP8_LINEAR = re.compile(r"(\.|^)(wq_a|wq_b|wkv|wo_a|wo_b|w1|w2|w3|main_proj)\.weight$")
+_COMPRESSOR = re.compile(r"\.(compressor|indexer)\.")
+_HF_RENAMES = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn",
+               "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}
+_OLD_MARKOV_NAMES = {"markov_head.embed.weight": "markov_head.markov_w1.weight",
+                     "markov_head.head.weight": "markov_head.markov_w2.weight"}
+
+
+def canonical(stored: str) -> str:
+    name = stored.removeprefix("model.")
+    name = _HF_RENAMES.get(name, name)
+    for old, new in _OLD_MARKOV_NAMES.items():
+        if name.endswith(old):
+            name = name[: -len(old)] + new
+    return name
+
+
+def dims(src: Source) -> dict[str, Any]:
+    heads = src.field("num_attention_heads")
+    head_dim = src.field("head_dim")
+    o_groups = src.field("o_groups")
+    return {
+        "vocab": src.field("vocab_size"), "hidden": src.field("hidden_size"),
+        "layers": src.field("num_hidden_layers"), "heads": heads, "head_dim": head_dim,
+        "kv_heads": src.field("num_key_value_heads", int, 1),
+        "q_rank": src.field("q_lora_rank"), "o_groups": o_groups, "o_rank": src.field("o_lora_rank"),
+        "experts": src.field("n_routed_experts"), "experts_per_token": src.field("num_experts_per_tok"),
+        "expert_dim": src.field("moe_intermediate_size"), "hc": src.field("hc_mult", int, 4),
+        "index_heads": src.field("index_n_heads", int, 64), "index_dim": src.field("index_head_dim", int, 128),
+        "layer_types": src.field("layer_types", list), "mlp_types": src.field("mlp_layer_types", list),
+        "compress_rates": src.field("compress_rates", dict,
+                                    {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}),
+    }
+
+
+def mtp_stages(src: Source) -> int:
+    """Drafter stages present, counted from the tensors (the config's num_nextn_predict_layers says 1)."""
+    stages = {int(m.group(1)) for name in src.by_name if (m := re.match(r"mtp\.(\d+)\.", name))}
+    return max(stages) + 1 if stages else 0
+
+
+class _Expected:
+    """Builds the expected-tensor list; FP8-able linears accept BF16 or FP8 (+ block scales)."""
+
+    def __init__(self, src: Source) -> None:
+        self.src, self.tag, self.out = src, dtype_tag(src), []
+        self.wide = (self.tag, "F32")  # parameters transformers keeps in float32
+
+    def add(self, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] | None = None) -> None:
+        if dtypes is None and _FP8_LINEAR.search(name) and not _COMPRESSOR.search(name):
+            dtypes = (self.tag, FP8)
+            info = self.src.by_name.get(name)
+            if info is not None and info.dtype == FP8:
+                blocks = (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
+                self.out.append(Expect(name + SCALE_SUFFIX, blocks, ("F32",)))
+        self.out.append(Expect(name, shape, dtypes or (self.tag,)))
+
+    def block(self, p: str, d: dict[str, Any], attention: str, mlp: str) -> None:
+        h, nh, hd, hc = d["hidden"], d["heads"], d["head_dim"], d["hc"]
+        mix = (2 + hc) * hc
+        for norm in ("attn_norm.weight", "ffn_norm.weight"):
+            self.add(p + norm, (h,), self.wide)
+        for part in ("attn", "ffn"):
+            self.add(f"{p}hc_{part}_fn", (mix, hc * h), self.wide)
+            self.add(f"{p}hc_{part}_base", (mix,), self.wide)
+            self.add(f"{p}hc_{part}_scale", (3,), self.wide)
+        a = p + "attn."
+        self.add(a + "attn_sink", (nh,), self.wide)
+        self.add(a + "wq_a.weight", (d["q_rank"], h))
+        self.add(a + "q_norm.weight", (d["q_rank"],), self.wide)
+        self.add(a + "wq_b.weight", (nh * hd, d["q_rank"]))
+        self.add(a + "wkv.weight", (hd, h))
+        self.add(a + "norm.weight", (hd,), self.wide)
+        self.add(a + "wo_a.weight", (d["o_groups"] * d["o_rank"], nh * hd // d["o_groups"]))
+        self.add(a + "wo_b.weight", (h, d["o_groups"] * d["o_rank"]))
+        if attention != "sliding_attention":
+            rate = d["compress_rates"][attention]
+            csa = attention == "compressed_sparse_attention"
+            width = 2 * hd if csa else hd  # CSA compresses overlapping windows: two halves per entry
+            self._compressor(a + "compressor.", rate, width, hd, h)
+            if csa:
+                ihd = d["index_dim"]
+                self._compressor(a + "indexer.compressor.", rate, 2 * ihd, ihd, h)
+                self.add(a + "indexer.wq_b.weight", (d["index_heads"] * ihd, d["q_rank"]))
+                self.add(a + "indexer.weights_proj.weight", (d["index_heads"], h))
+        f = p + "ffn."
+        self.add(f + "gate.weight", (d["experts"], h))
+        if mlp == "hash_moe":
+            self.add(f + "gate.tid2eid", (d["vocab"], d["experts_per_token"]), ("I64", "I32"))
+        else:
+            self.add(f + "gate.bias", (d["experts"],), self.wide)
+        i = d["expert_dim"]
+        for e in [f"experts.{n}." for n in range(d["experts"])] + ["shared_experts."]:
+            self.add(f + e + "w1.weight", (i, h))
+            self.add(f + e + "w3.weight", (i, h))
+            self.add(f + e + "w2.weight", (h, i))
+
+    def _compressor(self, p: str, rate: int, width: int, norm: int, h: int) -> None:
+        self.add(p + "ape", (rate, width), self.wide)
+        self.add(p + "wkv.weight", (width, h))
+        self.add(p + "wgate.weight", (width, h))
+        self.add(p + "norm.weight", (norm,), self.wide)
+
+    def head(self, p: str, d: dict[str, Any]) -> None:
+        h, hc = d["hidden"], d["hc"]
+        self.add(p + "norm.weight", (h,), self.wide)
+        self.add(p + "hc_head_fn", (hc, hc * h), self.wide)
+        self.add(p + "hc_head_base", (hc,), self.wide)
+        self.add(p + "hc_head_scale", (1,), self.wide)
+
+
+def target_tensors(src: Source) -> list[Expect]:
+    d = dims(src)
+    exp = _Expected(src)
+    exp.add("embed.weight", (d["vocab"], d["hidden"]))
+    exp.add("head.weight", (d["vocab"], d["hidden"]))
+    exp.head("", d)
+    for i in range(d["layers"]):
+        exp.block(f"layers.{i}.", d, d["layer_types"][i], d["mlp_types"][i])
+    return exp.out
+
+
+def drafter_tensors(src: Source) -> list[Expect]:
+    d = dims(src)
+    exp = _Expected(src)
+    stages = mtp_stages(src)
+    rank = src.field("dspark_markov_rank", int, 256)
+    n_ids = len(src.field("dspark_target_layer_ids", list))
+    for s in range(stages):
+        p = f"mtp.{s}."
+        mlp = "hash_moe" if p + "ffn.gate.tid2eid" in src.by_name else "moe"
+        exp.block(p, d, "sliding_attention", mlp)
+    exp.add("mtp.0.main_proj.weight", (d["hidden"], n_ids * d["hidden"]))
+    exp.add("mtp.0.main_norm.weight", (d["hidden"],), exp.wide)
+    last = f"mtp.{stages - 1}."
+    exp.head(last, d)
+    exp.add(last + "markov_head.markov_w1.weight", (d["vocab"], rank))
+    exp.add(last + "markov_head.markov_w2.weight", (d["vocab"], rank))
+    exp.add(last + "confidence_head.proj.weight", (1, d["hidden"] + rank))
+    return exp.out
+
+
+def check_drafter_fields(src: Source) -> list[CheckpointError]:
+    problems: list[CheckpointError] = []
+    d = dims(src)
+    if mtp_stages(src) == 0:
+        return [CheckpointError(src.path, "no DSpark drafter in this checkpoint", subject="mtp.*",
+                                found="no mtp.N.* tensors", expected="mtp.0.* .. mtp.2.*")]
+    gamma = src.field("dspark_block_size")
+    if gamma < 2:
+        problems.append(CheckpointError(src.config_path, "block size too small", subject="dspark_block_size",
+                                        found=gamma, expected="at least 2"))
+    mask = src.field("dspark_noise_token_id")
+    if not 0 <= mask < d["vocab"]:
+        problems.append(CheckpointError(src.config_path, "mask (noise) token id outside the vocabulary",
+                                        subject="dspark_noise_token_id", found=mask,
+                                        expected=f"0 <= id < {d['vocab']}"))
+    # V4 reads each chosen layer's INPUT residual, so every layer, the last included, is usable.
+    for layer in src.field("dspark_target_layer_ids", list):
+        if not isinstance(layer, int) or not 0 <= layer < d["layers"]:
+            problems.append(CheckpointError(src.config_path, "target layer id out of range",
+                                            subject="dspark_target_layer_ids", found=layer,
+                                            expected=f"0 <= id < {d['layers']}"))
+    return problems
+
+
+def dspark_fields(src: Source) -> dict[str, Any]:
+    return {
+        "block_size": src.field("dspark_block_size"),
+        "mask_token_id": src.field("dspark_noise_token_id"),
+        "target_layer_ids": src.field("dspark_target_layer_ids", list),
+        "target_feature": "layer_input_hc_mean",  # mean over the mHC streams of the layer's input
+        "markov_rank": src.field("dspark_markov_rank", int, 256),
+        "markov_head_type": src.field("dspark_markov_head_type", str, "vanilla"),
+        "confidence_head": True,
+        "confidence_head_with_markov": True,
+        "draft_layers": mtp_stages(src),
+    }
+
+
+def summary(src: Source) -> dict[str, Any]:
+    d = dims(src)
+    return {"layers": d["layers"], "hidden_size": d["hidden"], "attention_heads": d["heads"],
+            "kv_heads": d["kv_heads"], "head_dim": d["head_dim"], "experts": d["experts"],
+            "experts_per_token": d["experts_per_token"], "expert_intermediate_size": d["expert_dim"],
+            "vocab_size": d["vocab"], "mhc_streams": d["hc"], "mtp_stages": mtp_stages(src)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def _check_tp(src: Source, d: dict[str, Any], tp: int) -> None:
+    require_divisible(src.config_path, "num_attention_heads", d["heads"], tp)
+    require_divisible(src.config_path, "o_groups", d["o_groups"], tp)
+    require_divisible(src.config_path, "n_routed_experts", d["experts"], tp)
+    require_divisible(src.config_path, "moe_intermediate_size", d["expert_dim"], tp)
+
+
+def _on_rank(items: list[Item], rank: int) -> list[Item]:
+    """Move single-rank items (built with tp=1) to `rank`: how a whole expert lands on its EP rank."""
+    return [Item(it.sources, tuple(Target(rank, t.name, t.make) for t in it.targets), it.prepare)
+            for it in items]
+
+
+def _items(src: Source, expected: list[Expect], tp: int, dequantize: bool) -> list[Item]:
+    """Shard every expected tensor by the rules in the module docstring."""
+    d = dims(src)
+    per_rank = d["experts"] // tp
+    items: list[Item] = []
+    for e in expected:
+        name = e.name
+        if name.endswith(SCALE_SUFFIX):
+            continue  # produced together with its weight by `linear`
+        if m := re.search(r"\.ffn\.experts\.(\d+)\.", name):
+            items += _on_rank(linear(src, name, name, 1, None, dequantize=dequantize), int(m.group(1)) // per_rank)
+        elif _COMPRESSOR.search(name):
+            items += linear(src, name, name, tp, None, dequantize=dequantize)
+        elif re.search(r"attn\.(wq_b|wo_a)\.weight$|shared_experts\.w[13]\.weight$", name):
+            items += linear(src, name, name, tp, 0, dequantize=dequantize)
+        elif re.search(r"attn\.wo_b\.weight$|shared_experts\.w2\.weight$", name):
+            items += linear(src, name, name, tp, 1, dequantize=dequantize)
+        elif name.endswith("attn.attn_sink"):
+            items.append(split(name, name, tp, 0))
+        elif name == "head.weight":
+            items.append(split(name, name, tp, 0))
+        elif _FP8_LINEAR.search(name):
+            items += linear(src, name, name, tp, None, dequantize=dequantize)
+        else:
+            items.append(replicated(name, name, tp))
+    return items
+
+
+def _config(src: Source, tp: int, dequantize: bool, fp8: bool) -> dict[str, Any]:
+    d = dims(src)
+    return {
+        "architecture": ARCH,
+        "dtype": "bfloat16" if dequantize else (src.config.get("dtype") or "bfloat16"),
+        "vocab_size": d["vocab"], "hidden_size": d["hidden"], "num_hidden_layers": d["layers"],
+        "num_attention_heads": d["heads"], "num_key_value_heads": d["kv_heads"], "head_size": d["head_dim"],
+        "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1, "moe_tp_size": 1, "moe_ep_size": tp},
+        "quantization": {"quant_algo": "FP8_BLOCK_SCALES" if fp8 and not dequantize else None,
+                         "kv_cache_quant_algo": None},
+        # The runners rebuild the model from the original config.
+        "source_config": {k: v for k, v in src.config.items() if k != "quantization_config" or not dequantize},
+    }
+
+
+def _has_fp8(src: Source, drafter: bool) -> bool:
+    return any(i.dtype == FP8 for n, i in src.by_name.items() if n.startswith("mtp.") == drafter)
+
+
+def target_plan(src: Source, tp: int, dequantize: bool = False) -> Plan:
+    d = dims(src)
+    _check_tp(src, d, tp)
+    require_divisible(src.config_path, "vocab_size", d["vocab"], tp)
+    return Plan(_config(src, tp, dequantize, _has_fp8(src, drafter=False)),
+                _items(src, target_tensors(src), tp, dequantize), tp)
+
+
+def drafter_plan(src: Source, tp: int, dequantize: bool = False) -> Plan:
+    d = dims(src)
+    _check_tp(src, d, tp)
+    config = _config(src, tp, dequantize, _has_fp8(src, drafter=True))
+    config["architecture"] = "DeepseekV4DSparkDrafter"
+    config["mtp_stages"] = mtp_stages(src)
+    # The drafter has no embedding or head of its own: it reads the target's.
+    config["shared_with_target"] = {"embed": "embed.weight", "head": "head.weight"}
+    return Plan(config, _items(src, drafter_tensors(src), tp, dequantize), tp)

@@ -1,0 +1,286 @@
+"""Reading and writing safetensors files one tensor at a time.
+
+Checkpoints here can be hundreds of gigabytes, so nothing holds a whole model: headers are parsed
+and validated up front (a truncated or corrupt file is reported before any work starts), each tensor
+is memory-mapped only while it is used, and writers lay out a file's header from the planned shapes
+so that tensors can be streamed into it in order.
+
+Pickle-based weight files (``.bin``, ``.pt``, ...) are refused, never opened: unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+# safetensors dtype tag -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+TORCH_TO_TAG = {torch_dtype: tag for tag, (torch_dtype, _) in DTYPES.items()}
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+INDEX_NAME = "model.safetensors.index.json"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype tag, shape and absolute byte range."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            path,
+            "refusing a pickle-based weight file: loading it could run arbitrary code",
+            found=path.suffix,
+            expected=".safetensors (convert it with the safetensors library in a trusted environment)",
+        )
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one file's header; raise CheckpointError naming what is wrong."""
+    path = Path(path)
+    refuse_pickle(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(path, "truncated safetensors file: no header length",
+                                  found=f"{size} bytes", expected="at least 8 bytes")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(path, "corrupt or truncated safetensors header length",
+                                  found=f"{header_len} bytes", expected=f"at most {min(_MAX_HEADER_BYTES, size - 8)}")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"corrupt safetensors header: not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "corrupt safetensors header", found=type(header).__name__,
+                              expected="a JSON object")
+    data_start = 8 + header_len
+    data_size = size - data_start
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        infos[name] = _parse_entry(path, name, entry, data_start)
+    # Tensors must tile the data region exactly: a gap or a short file means corruption.
+    covered = 0
+    for info in sorted(infos.values(), key=lambda i: i.start):
+        if info.start - data_start != covered:
+            raise CheckpointError(path, "corrupt safetensors header: tensor data overlaps or leaves a gap",
+                                  subject=info.name, found=f"offset {info.start - data_start}",
+                                  expected=f"offset {covered}")
+        covered = info.end - data_start
+    if covered > data_size:
+        raise CheckpointError(path, "truncated safetensors file: tensor data is cut short",
+                              found=f"{data_size} data bytes", expected=f"{covered} data bytes")
+    return infos
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(path, "corrupt safetensors header entry", subject=name, found=entry,
+                              expected="{dtype, shape, data_offsets}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise CheckpointError(path, "unsupported tensor dtype", subject=name, found=dtype,
+                              expected=" | ".join(DTYPES))
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise CheckpointError(path, "corrupt tensor shape", subject=name, found=shape,
+                              expected="a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(path, "corrupt data offsets", subject=name, found=offsets,
+                              expected="[begin, end] with 0 <= begin <= end")
+    info = TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    if info.nbytes != info.numel * DTYPES[dtype][1]:
+        raise CheckpointError(path, "tensor byte size does not match its shape and dtype", subject=name,
+                              found=f"{info.nbytes} bytes", expected=f"{info.numel * DTYPES[dtype][1]} bytes")
+    return info
+
+
+def load_tensor(info: TensorInfo) -> torch.Tensor:
+    """Memory-map one tensor. The mapping lives exactly as long as the returned tensor."""
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    aligned = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    with open(info.path, "rb") as f:
+        # ACCESS_COPY: a private mapping, writable for torch.frombuffer, never written back.
+        mapped = mmap.mmap(f.fileno(), info.end - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+    flat = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.start - aligned)
+    return flat.view(info.torch_dtype).reshape(info.shape)
+
+
+class SafetensorsCheckpoint:
+    """All tensors of a checkpoint directory (sharded with an index, or plain files), by name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.files = self._weight_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in self.files:
+            for name, info in read_header(path).items():
+                if name in self.tensors:
+                    raise CheckpointError(path, "tensor stored twice", subject=name,
+                                          found=f"also in {self.tensors[name].path.name}", expected="one file")
+                self.tensors[name] = info
+        self._check_index()
+
+    def _weight_files(self) -> list[Path]:
+        if self.root.is_file():
+            refuse_pickle(self.root)
+            return [self.root]
+        if not self.root.is_dir():
+            raise CheckpointError(self.root, "checkpoint directory not found")
+        index = self.root / INDEX_NAME
+        if index.is_file():
+            weight_map = self._index_map(index)
+            files = sorted({self.root / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(index, "index names a weight file that does not exist",
+                                          found=f.name, expected="an existing .safetensors file")
+            return files
+        files = sorted(self.root.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p for p in self.root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+            if pickles:
+                refuse_pickle(pickles[0])
+            raise CheckpointError(self.root, "no weights found", found="no *.safetensors",
+                                  expected="model.safetensors or a sharded set with " + INDEX_NAME)
+        return files
+
+    def _index_map(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(index, f"unreadable shard index ({e})",
+                                  expected='{"weight_map": {tensor: file}}') from None
+        for f in weight_map.values():
+            refuse_pickle(self.root / f)
+        return weight_map
+
+    def _check_index(self) -> None:
+        index = self.root / INDEX_NAME if self.root.is_dir() else None
+        if index is None or not index.is_file():
+            return
+        weight_map = self._index_map(index)
+        for name, file in weight_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.path.name != file:
+                raise CheckpointError(index, "index lists a tensor its file does not hold", subject=name,
+                                      found="missing" if info is None else info.path.name, expected=file)
+        for name, info in self.tensors.items():
+            if name not in weight_map:
+                raise CheckpointError(info.path, "tensor missing from the shard index", subject=name,
+                                      expected=f"an entry in {INDEX_NAME}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return load_tensor(self.tensors[name])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor that will be written: its name, dtype and shape are known before its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[TORCH_TO_TAG[self.dtype]][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class StreamingWriter:
+    """Writes a safetensors file whose header is fixed up front; tensors then arrive in order."""
+
+    def __init__(self, path: Path, planned: Iterable[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.planned: list[PlannedTensor] = list(planned)
+        header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for t in self.planned:
+            header[t.name] = {"dtype": TORCH_TO_TAG[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.planned[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (expected.name, expected.dtype, expected.shape):
+            raise RuntimeError(f"{self.path}: wrote {name} {tensor.dtype} {tuple(tensor.shape)} out of plan; "
+                               f"expected {expected.name} {expected.dtype} {expected.shape}")
+        data = tensor.contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.planned):
+            self._file.close()
+            raise RuntimeError(f"{self.path}: closed after {self._next} of {len(self.planned)} tensors")
+        self._file.close()
