@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from ..runtime.atomic import OutputExistsError
 from ..runtime.errors import CheckpointError
@@ -22,8 +23,9 @@ from ..runtime.errors import CheckpointError
 EXIT_INVALID_INPUT = 1
 EXIT_OUTPUT_EXISTS = 3
 
-err = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
+# soft_wrap: messages name files and tensors; they must stay greppable, never re-wrapped.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = Console(highlight=False, soft_wrap=True)
 
 
 def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -38,13 +40,13 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ValidationError as e:
             err.print(f"[red]error:[/] {len(e.problems)} problem(s) with the input:")
             for problem in e.problems:
-                err.print(f"  • {problem}")
+                err.print(f"  • {escape(str(problem))}")
             sys.exit(EXIT_INVALID_INPUT)
         except CheckpointError as e:
-            err.print(f"[red]error:[/] {e}")
+            err.print(f"[red]error:[/] {escape(str(e))}")
             sys.exit(EXIT_INVALID_INPUT)
         except OutputExistsError as e:
-            err.print(f"[red]error:[/] {e}")
+            err.print(f"[red]error:[/] {escape(str(e))}")
             sys.exit(EXIT_OUTPUT_EXISTS)
 
     return wrapper

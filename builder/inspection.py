@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .families import Pair, Report
@@ -84,14 +85,14 @@ def render(info: dict[str, Any], console: Console) -> None:
                 value = ", ".join(f"{k} {v:.0%}" for k, v in value.items())
             elif key == "calibration":
                 value = value or "none (fit one with `dspark-build calibrate`)"
-            table.add_row(key.replace("_", " "), str(value))
+            table.add_row(key.replace("_", " "), escape(str(value)))
         console.print(table)
     for warning in info["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if info["ok"]:
         console.print("[green]✓ valid[/]" + (": target and drafter are consistent"
                                              if "target" in info and "drafter" in info else ""))
     else:
         console.print(f"[red]✗ {len(info['problems'])} problem(s):[/]")
         for problem in info["problems"]:
-            console.print(f"  [red]•[/] {problem}", highlight=False)
+            console.print(f"  [red]•[/] {escape(problem)}")
