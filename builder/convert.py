@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from ..runtime.atomic import atomic_directory
 from ..runtime.errors import CheckpointError

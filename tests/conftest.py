@@ -29,13 +29,13 @@ def v4_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def qwen3_copy(qwen3_pair: Path, tmp_path: Path) -> Path:
     """A private copy that a test may damage."""
-    dst = tmp_path / "pair"
+    dst = tmp_path / "qwen3"
     shutil.copytree(qwen3_pair, dst)
     return dst
 
 
 @pytest.fixture
 def v4_copy(v4_pair: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "pair"
+    dst = tmp_path / "v4"
     shutil.copytree(v4_pair, dst)
     return dst

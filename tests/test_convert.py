@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from dspark_trt.builder.cli import main
 from dspark_trt.builder.families import open_pair
 from dspark_trt.runtime.fp8 import dequantize_fp8_block
@@ -141,7 +140,7 @@ def test_v4_shards_reassemble_bit_exactly_with_consistent_fp8_scales(v4_pair: Pa
     written = {role: load_ranks(out / role) for role in ("target", "draft")}
     seen = {role: set() for role in written}
     fp8_checked = 0
-    for name, info in src.by_name.items():
+    for name in src.by_name:
         role = "draft" if name.startswith("mtp.") else "target"
         ranks = written[role]
         source = src.tensor(name)

@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from dspark_trt.runtime.errors import CheckpointError
 from dspark_trt.runtime.safetensors_io import (
     PlannedTensor,
@@ -20,6 +17,8 @@ from dspark_trt.runtime.safetensors_io import (
     load_tensor,
     read_header,
 )
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from .common import (
     Plan,
     Source,
     Target,
-    check_tensors,
     dtype_tag,
     linear,
     replicated,

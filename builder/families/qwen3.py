@@ -19,7 +19,6 @@ from .common import (
     Plan,
     Source,
     Target,
-    check_tensors,
     dtype_tag,
     replicated,
     require_divisible,
@@ -212,7 +211,7 @@ def target_plan(src: Source, tp: int) -> Plan:
     for i in range(d["layers"]):
         hf, trt = f"model.layers.{i}.", f"transformer.layers.{i}."
 
-        def qkv(rank: int) -> Target:
+        def qkv(rank: int, trt: str = trt) -> Target:
             q_heads, kv = slice(rank * q_per, (rank + 1) * q_per), _kv_targets(d, tp, rank)
             return Target(rank, trt + "attention.qkv.weight", lambda ts: torch.cat(
                 [_heads(ts[0], hd, q_heads), _heads(ts[1], hd, kv), _heads(ts[2], hd, kv)]))
