@@ -14,14 +14,19 @@ import json
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..runtime.atomic import atomic_directory
 from ..runtime.fp8 import quantize_fp8_block
-from .fixture_qwen3 import atomic_directory, shard_size_for
+from .fixture_qwen3 import shard_size_for
 from .tokenizer import special_token_ids, train_tokenizer
+
+if TYPE_CHECKING:  # transformers is imported lazily: it takes seconds to import
+    from transformers import DeepseekV4Config
 
 VOCAB_SIZE = 1024
 HIDDEN = 256
@@ -52,8 +57,15 @@ INDEX_NAME = "model.safetensors.index.json"
 # projections ship in BF16 (transformers' own V4 code lists them as not-to-convert), and so do the
 # router (`ffn.gate.weight`), norms, embeddings and head.
 _FP8_SUFFIXES = (
-    ".wq_a.weight", ".wq_b.weight", ".wkv.weight", ".wo_a.weight", ".wo_b.weight",
-    ".w1.weight", ".w2.weight", ".w3.weight", ".main_proj.weight",
+    ".wq_a.weight",
+    ".wq_b.weight",
+    ".wkv.weight",
+    ".wo_a.weight",
+    ".wo_b.weight",
+    ".w1.weight",
+    ".w2.weight",
+    ".w3.weight",
+    ".main_proj.weight",
 )
 _NOT_FP8 = re.compile(r"\.(compressor|indexer)\.")
 
@@ -68,7 +80,7 @@ def is_fp8_linear(name: str) -> bool:
     return name.endswith(_FP8_SUFFIXES) and not _NOT_FP8.search(name)
 
 
-def v4_config(token_ids: dict[str, int], **overrides: object):
+def v4_config(token_ids: dict[str, int], **overrides: object) -> DeepseekV4Config:
     """The tiny V4 config, with the DSpark fields of a V4-DSpark checkpoint."""
     from transformers import DeepseekV4Config
 
@@ -134,13 +146,9 @@ def _check_forward(model: torch.nn.Module, seed: int) -> None:
         raise RuntimeError(f"V4 fixture forward check failed: logits {tuple(logits.shape)} not finite/shaped")
 
 
-def _load_dir(path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
-    return tensors
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(path, framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
 
 
 def _mtp_tensors(token_ids: dict[str, int], seed: int, scratch: Path) -> dict[str, torch.Tensor]:
@@ -160,7 +168,9 @@ def _mtp_tensors(token_ids: dict[str, int], seed: int, scratch: Path) -> dict[st
     torch.manual_seed(seed + _MTP_SEED_OFFSET)
     donor = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     donor.save_pretrained(scratch)
-    saved = _load_dir(scratch)
+    saved: dict[str, torch.Tensor] = {}
+    for path in sorted(scratch.glob("*.safetensors")):
+        saved.update(_load_file(path))
 
     last = f"mtp.{NUM_MTP_STAGES - 1}."
     out: dict[str, torch.Tensor] = {}
@@ -168,7 +178,8 @@ def _mtp_tensors(token_ids: dict[str, int], seed: int, scratch: Path) -> dict[st
         m = re.match(r"model\.layers\.(\d+)\.(.+)", name)
         if m:
             out[f"mtp.{m.group(1)}.{m.group(2)}"] = tensor
-    # The last stage owns the final norm and the mHC head; original naming (`hc_head_fn`, not `hc_head.hc_fn`).
+    # The last stage owns the final norm and the mHC head, in the original naming (`hc_head_fn`,
+    # where transformers' own save keeps `model.hc_head.hc_fn`).
     out[last + "norm.weight"] = saved["model.norm.weight"]
     for part in ("fn", "base", "scale"):
         out[f"{last}hc_head_{part}"] = saved[f"model.hc_head.hc_{part}"]
@@ -206,33 +217,31 @@ def _shard_name(i: int, n: int) -> str:
 def _rewrite_checkpoint(target_dir: Path, mtp: dict[str, torch.Tensor]) -> None:
     """Quantise every shard, add the drafter as one more shard, and rewrite the index to match."""
     index_path = target_dir / INDEX_NAME
-    weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-    old_files = sorted(set(weight_map.values()))
-    n = len(old_files) + 1
-    new_map: dict[str, str] = {}
+    old_files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    n = len(old_files) + 1  # shard names change ("-of-N"), as if the release had been saved this way
+    weight_map: dict[str, str] = {}
     total_size = total_params = 0
-    shards = [(target_dir / f, None) for f in old_files] + [(None, mtp)]
-    for i, (path, given) in enumerate(shards, start=1):
-        tensors = given if given is not None else _load_dir_file(path)
-        tensors = _quantize(tensors)
+
+    def write(i: int, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total_size, total_params
         name = _shard_name(i, n)
-        if path is not None:
-            path.unlink()  # shard names change (one more shard), so the old file goes
+        tensors = _quantize(tensors)
         save_file(tensors, str(target_dir / name), metadata={"format": "pt"})
         for key, t in tensors.items():
-            new_map[key] = name
+            weight_map[key] = name
             total_size += t.numel() * t.element_size()
             total_params += t.numel()
+
+    for i, old in enumerate(old_files, start=1):
+        tensors = _load_file(target_dir / old)
+        (target_dir / old).unlink()
+        write(i, tensors)
+    write(n, mtp)
     index = {
         "metadata": {"total_parameters": total_params, "total_size": total_size},
-        "weight_map": dict(sorted(new_map.items())),
+        "weight_map": dict(sorted(weight_map.items())),
     }
     index_path.write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _load_dir_file(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(path, framework="pt") as handle:
-        return {name: handle.get_tensor(name) for name in handle.keys()}
 
 
 def _finish_config(target_dir: Path) -> None:
@@ -250,11 +259,12 @@ def _finish_config(target_dir: Path) -> None:
 def write_deepseek_v4_fixture(out: Path, seed: int = 0) -> None:
     """Write `out/target`: a sharded, block-FP8 DeepSeek-V4 checkpoint with DSpark stages `mtp.0..2`.
 
-    The whole of `out` appears atomically.
+    The whole of `out` appears at once (built in a hidden sibling, then renamed).
     """
     from transformers import AutoModelForCausalLM
 
-    with atomic_directory(out) as tmp:
+    # Regenerating a fixture is idempotent, so an existing `out` is replaced (atomically).
+    with atomic_directory(out, force=True) as tmp:
         target_dir = tmp / "target"
         tokenizer_path = train_tokenizer(
             target_dir,

@@ -8,17 +8,18 @@ byte-identical files, and a default fixture takes about a second to write.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
+from ..runtime.atomic import atomic_directory
 from .tokenizer import QWEN3_SPECIAL_TOKENS, TOKENIZER_FILES, special_token_ids, train_tokenizer
+
+if TYPE_CHECKING:  # transformers is imported lazily: it takes seconds to import
+    from transformers import Qwen3Config
 
 VOCAB_SIZE = 1024
 BASE_HIDDEN = 128
@@ -40,31 +41,6 @@ _DRAFTER_SEED_OFFSET = 1_000_003
 _MAX_SHARD_BYTES = 512 * 1024**2
 
 
-@contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; on success it replaces `final` in one rename.
-
-    Readers therefore see either no fixture or a whole one, never a half-written directory. On error
-    the temporary directory is removed and `final` is left untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists() and any(final.iterdir()):
-        # rename() only replaces an empty directory, so move a previous fixture aside first.
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        os.replace(final, old / final.name)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def shard_size_for(model: torch.nn.Module) -> int:
     """A `max_shard_size` (bytes) that makes `save_pretrained` write at least two shards.
 
@@ -84,7 +60,7 @@ def _norm_weight(size: int, gen: torch.Generator) -> torch.Tensor:
     return (1.0 + torch.randn(size, generator=gen) * 0.01).to(torch.bfloat16)
 
 
-def _target_config(token_ids: dict[str, int], scale: int, layers: int) -> object:
+def _target_config(token_ids: dict[str, int], scale: int, layers: int) -> Qwen3Config:
     from transformers import Qwen3Config
 
     return Qwen3Config(
@@ -208,7 +184,7 @@ def write_qwen3_fixture(
 
     `scale` multiplies hidden size, intermediate size and head_dim (heads stay 8 / 4 KV); `layers` sets
     the target depth. Both are size knobs for benchmarks. No `sts.json` is written: calibration is fitted
-    later. The whole of `out` appears atomically.
+    later. The whole of `out` appears at once (built in a hidden sibling, then renamed).
     """
     if markov_head_type not in MARKOV_HEAD_TYPES:
         raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}, got {markov_head_type!r}")
@@ -216,9 +192,11 @@ def write_qwen3_fixture(
         raise ValueError(f"scale must be >= 1, got {scale}")
     if layers <= max(TARGET_LAYER_IDS) + 1:
         # The spec forbids the target's last layer as a feature layer.
-        raise ValueError(f"layers must exceed {max(TARGET_LAYER_IDS) + 1} for target_layer_ids {TARGET_LAYER_IDS}")
+        minimum = max(TARGET_LAYER_IDS) + 2
+        raise ValueError(f"layers must be >= {minimum} for target_layer_ids {TARGET_LAYER_IDS}, got {layers}")
 
-    with atomic_directory(out) as tmp:
+    # Regenerating a fixture is idempotent, so an existing `out` is replaced (atomically).
+    with atomic_directory(out, force=True) as tmp:
         target_dir, drafter_dir = tmp / "target", tmp / "drafter"
         tokenizer_path = train_tokenizer(
             target_dir,

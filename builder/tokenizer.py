@@ -13,7 +13,7 @@ import random
 import sysconfig
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 # Qwen2/Qwen3's pre-tokenisation regex. Using the same pipeline as transformers' `Qwen2Tokenizer` means
 # that class rebuilds exactly this tokenizer from our vocab and merges when it loads the folder.
@@ -42,11 +42,14 @@ def _stdlib_corpus(seed: int) -> list[str]:
 
 
 def _build_tokenizer() -> Tokenizer:
-    tok = Tokenizer(
-        models.BPE(
-            unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False
-        )
+    bpe = models.BPE(
+        unk_token=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
+        byte_fallback=False,
     )
+    tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -74,7 +77,8 @@ def train_tokenizer(
 
     The total vocabulary (BPE tokens + `special_tokens`) is at most `vocab_size`; the special tokens get
     the LAST ids, as in real checkpoints, so callers must look ids up (see `special_token_ids`).
-    `eos_token` and `pad_token` default to `special_tokens[0]`; `bos_token` defaults to none (Qwen style).
+    `eos_token` and `pad_token` default to `special_tokens[0]`. `bos_token` defaults to none (Qwen style);
+    when given, encoding prepends it (DeepSeek style).
     """
     if not special_tokens:
         raise ValueError("special_tokens must not be empty (eos/pad default to the first one)")
@@ -98,6 +102,13 @@ def train_tokenizer(
     )
     tok.train_from_iterator(_stdlib_corpus(seed), trainer=trainer)
     tok.add_special_tokens(special_tokens)
+    if bos_token is not None:
+        # DeepSeek style: encoding prepends BOS. The post-processor does it for both `tokenizers` and
+        # transformers (which ignores `add_bos_token` for tokenizer.json-backed tokenizers).
+        bos = (bos_token, tok.token_to_id(bos_token))
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token}:0 $A:0", pair=f"{bos_token}:0 $A:0 {bos_token}:1 $B:1", special_tokens=[bos]
+        )
     if tok.get_vocab_size() > vocab_size:
         raise AssertionError(f"trained tokenizer has {tok.get_vocab_size()} tokens > vocab_size {vocab_size}")
 
@@ -117,11 +128,12 @@ def train_tokenizer(
         }
         for t in special_tokens
     }
+    named = (eos_token, pad_token, bos_token)
     config = {
         "add_bos_token": bos_token is not None,
         "add_prefix_space": False,
         "added_tokens_decoder": added_tokens_decoder,
-        "additional_special_tokens": [t for t in special_tokens if t not in (eos_token, pad_token, bos_token)],
+        "additional_special_tokens": [t for t in special_tokens if t not in named],
         "bos_token": bos_token,
         "clean_up_tokenization_spaces": False,
         "eos_token": eos_token,
