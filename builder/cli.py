@@ -143,10 +143,12 @@ def inspect_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
 @click.option("--dequantize", is_flag=True, help="Write FP8 block-scaled weights as bf16 instead of keeping FP8.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--full-hash", is_flag=True,
+              help="Record the sha256 of every source byte in the manifest (default: a sampled sha256).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def convert(target: Path, drafter: Path | None, tp: int, draft_tp: int | None, dequantize: bool, out: Path,
-            force: bool, quiet: bool) -> None:
+            force: bool, full_hash: bool, quiet: bool) -> None:
     """Validate, then write sharded weights in TensorRT-LLM's checkpoint layout.
 
     \b
@@ -163,7 +165,7 @@ def convert(target: Path, drafter: Path | None, tp: int, draft_tp: int | None, d
     from .convert import convert as run_convert
 
     manifest = run_convert(target, drafter, out, tp=tp, draft_tp=draft_tp, dequantize=dequantize, force=force,
-                           show_progress=not quiet)
+                           show_progress=not quiet, full_hash=full_hash)
     extra = f", draft tp={manifest['draft_tp']}" if manifest["draft_tp"] else " (no drafter)"
     stdout.print(f"[green]✓[/] {manifest['family']} converted to {out} with tp={tp}{extra}")
 

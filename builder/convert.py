@@ -16,12 +16,13 @@ advance, so peak memory is about one source tensor whatever the model size.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -33,10 +34,10 @@ from rich.progress import (
 
 from ..runtime.atomic import atomic_directory
 from ..runtime.errors import CheckpointError
-from ..runtime.manifest import sha256_file, write_manifest
-from ..runtime.safetensors_io import PlannedTensor, StreamingWriter
+from ..runtime.manifest import sampled_sha256, sha256_file, write_manifest
+from ..runtime.safetensors_io import PlannedTensor, StreamingWriter, TensorInfo
 from .families import Pair, open_pair, validate
-from .families.common import Plan, Source
+from .families.common import Item, Piece, Plan, Source, Target
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja")
@@ -50,34 +51,100 @@ class ValidationError(Exception):
         super().__init__("\n".join(p.describe() for p in problems))
 
 
-def plan_shapes(source: Source, plan: Plan) -> list[list[PlannedTensor]]:
-    """Every rank's output tensors, in write order, from the plan run on meta tensors (no data read)."""
-    per_rank: list[list[PlannedTensor]] = [[] for _ in range(plan.tp)]
-    for item in plan.items:
-        metas = [torch.empty(source.by_name[n].shape, dtype=source.by_name[n].torch_dtype, device="meta")
-                 for n in item.sources]
-        if item.prepare is not None:
-            metas = item.prepare(metas)
-        for target in item.targets:
-            out = target.make(metas)
-            per_rank[target.rank].append(PlannedTensor(target.name, out.dtype, tuple(out.shape)))
-    return per_rank
+def _piece_shape(shape: tuple[int, ...], piece: Piece) -> tuple[int, ...]:
+    shape = shape or (1,)
+    stop = shape[piece.dim] if piece.stop is None else piece.stop
+    return shape[: piece.dim] + (stop - piece.start,) + shape[piece.dim + 1:]
+
+
+def planned_tensor(source: Source, item: Item, target: Target) -> PlannedTensor:
+    """Name, dtype and shape of one output, by arithmetic on the plan (no data is read)."""
+    infos = [source.by_name[n] for n in item.sources]
+    shapes = [_piece_shape(infos[p.source].shape, p) for p in target.pieces]
+    if any(s[1:] != shapes[0][1:] for s in shapes):
+        raise RuntimeError(f"{target.name}: pieces {shapes} cannot be concatenated along dim 0")
+    shape = (sum(s[0] for s in shapes),) + shapes[0][1:]
+    if len(target.pieces) == 1 and target.pieces[0] == Piece():
+        shape = infos[0].shape  # whole tensors keep their rank, 0-d included
+    first = target.pieces[0].source
+    dtype = item.dtype if item.dequantize and first == 0 else infos[first].dtype
+    return PlannedTensor(target.name, dtype, shape)
+
+
+class _Reader:
+    """Source bytes for one item: file ranges where possible, memory where a gather or math is needed."""
+
+    def __init__(self, source: Source, item: Item, fds: dict[Path, int]) -> None:
+        self.infos = [source.by_name[n] for n in item.sources]
+        self.fds = fds
+        self.memory: dict[int, np.ndarray] = {}
+        if item.dequantize:
+            self.memory[0] = _dequantized(self.infos[0], self.infos[1], item.dtype)
+
+    def emit(self, writer: StreamingWriter, planned: PlannedTensor, pieces: tuple[Piece, ...]) -> None:
+        writer.begin(planned.name, planned.dtype, planned.shape)
+        for piece in pieces:
+            info = self.infos[piece.source]
+            rows = info.shape[0] if info.shape else 1
+            stop = piece.stop if piece.stop is not None else (info.shape or (1,))[piece.dim]
+            if piece.dim == 0 and piece.source not in self.memory:
+                row_bytes = info.nbytes // max(rows, 1)
+                writer.copy_range(self._fd(info), info.start + piece.start * row_bytes,
+                                  (stop - piece.start) * row_bytes)
+                continue
+            table = self._in_memory(piece.source)  # [rows, row bytes]
+            if piece.dim == 0:
+                part = table[piece.start:stop]
+            else:
+                col_bytes = table.shape[1] // info.shape[1]
+                part = table[:, piece.start * col_bytes: stop * col_bytes]
+            writer.write_bytes(np.ascontiguousarray(part).data)
+
+    def _fd(self, info: TensorInfo) -> int:
+        if info.path not in self.fds:
+            self.fds[info.path] = os.open(info.path, os.O_RDONLY)
+        return self.fds[info.path]
+
+    def _in_memory(self, index: int) -> np.ndarray:
+        if index not in self.memory:
+            info = self.infos[index]
+            data = np.empty(info.nbytes, dtype=np.uint8)
+            view, done = memoryview(data), 0
+            while done < info.nbytes:
+                done += os.preadv(self._fd(info), [view[done:]], info.start + done)
+            self.memory[index] = data.reshape(info.shape[0] if info.shape else 1, -1)
+        return self.memory[index]
+
+
+def _dequantized(weight: TensorInfo, scale: TensorInfo, dtype: str) -> np.ndarray:
+    """FP8 block-scaled weight as `dtype` bytes, [rows, row bytes]. The only step that needs torch."""
+    import torch
+
+    from ..runtime.fp8 import dequantize_fp8_block
+    from ..runtime.safetensors_io import load_tensor, torch_dtype
+
+    w = dequantize_fp8_block(load_tensor(weight), load_tensor(scale), 128, torch_dtype(dtype))
+    return w.contiguous().view(torch.uint8).numpy().reshape(w.shape[0], -1)
 
 
 def write_plan(source: Source, plan: Plan, out_dir: Path, progress: Progress, task: Any) -> None:
     out_dir.mkdir(parents=True)
-    layout = plan_shapes(source, plan)
+    layout: list[list[PlannedTensor]] = [[] for _ in range(plan.tp)]
+    planned = [[planned_tensor(source, item, t) for t in item.targets] for item in plan.items]
+    for item, outputs in zip(plan.items, planned, strict=True):
+        for target, tensor in zip(item.targets, outputs, strict=True):
+            layout[target.rank].append(tensor)
     writers = [StreamingWriter(out_dir / f"rank{r}.safetensors", layout[r]) for r in range(plan.tp)]
+    fds: dict[Path, int] = {}
     try:
-        for item in plan.items:
-            tensors = [source.tensor(n) for n in item.sources]
-            if item.prepare is not None:
-                tensors = item.prepare(tensors)
-            for target in item.targets:
-                writers[target.rank].write(target.name, target.make(tensors))
-            progress.advance(task, sum(source.by_name[n].nbytes for n in item.sources))
-            del tensors  # drop the memory maps before the next item
+        for item, outputs in zip(plan.items, planned, strict=True):
+            reader = _Reader(source, item, fds)
+            for target, tensor in zip(item.targets, outputs, strict=True):
+                reader.emit(writers[target.rank], tensor, target.pieces)
+            progress.advance(task, sum(i.nbytes for i in reader.infos))
     finally:
+        for fd in fds.values():
+            os.close(fd)
         for w in writers:
             w.close()
     (out_dir / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
@@ -88,7 +155,8 @@ def _source_bytes(source: Source, plan: Plan) -> int:
 
 
 def convert(target: Path, drafter: Path | None, out: Path, *, tp: int = 1, draft_tp: int | None = None,
-            dequantize: bool = False, force: bool = False, show_progress: bool = True) -> dict[str, Any]:
+            dequantize: bool = False, force: bool = False, show_progress: bool = True,
+            full_hash: bool = False) -> dict[str, Any]:
     """Validate, plan and write a converted checkpoint; returns the manifest."""
     pair = open_pair([target] + ([drafter] if drafter else []))
     if pair.target is None:
@@ -110,7 +178,8 @@ def convert(target: Path, drafter: Path | None, out: Path, *, tp: int = 1, draft
     total = sum(_source_bytes(s, p) for s, p in plans.values())
 
     with atomic_directory(out, force=force) as tmp, ThreadPoolExecutor(1) as hasher:
-        hashes = {role: {f.name: hasher.submit(sha256_file, f) for f in src.ckpt.files}
+        hash_file = sha256_file if full_hash else sampled_sha256
+        hashes = {role: {f.name: hasher.submit(hash_file, f) for f in src.ckpt.files}
                   for role, src in _sources(pair).items()}
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeRemainingColumn())
@@ -125,7 +194,8 @@ def convert(target: Path, drafter: Path | None, out: Path, *, tp: int = 1, draft
             family=pair.family, tp=tp, draft_tp=draft_tp if pair.drafter else None,
             dequantized=dequantize, dspark=dspark,
             sources={role: {"path": str(src.path.absolute()),
-                            "sha256": {name: fut.result() for name, fut in hashes[role].items()}}
+                            "hash": "sha256" if full_hash else "sampled-sha256",
+                            "files": {name: fut.result() for name, fut in hashes[role].items()}}
                      for role, src in _sources(pair).items()},
         )
     return manifest

@@ -12,31 +12,46 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
 
-# safetensors dtype tag -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype tag -> (torch dtype name, bytes per element). Names, not torch objects: the
+# converter moves bytes and never needs to import torch.
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
-TORCH_TO_TAG = {torch_dtype: tag for tag, (torch_dtype, _) in DTYPES.items()}
+
+
+def torch_dtype(tag: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, DTYPES[tag][0])
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    return next(tag for tag, (torch_name, _) in DTYPES.items() if torch_name == name)
+
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
@@ -60,7 +75,11 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        return torch_dtype(self.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
 
     @property
     def numel(self) -> int:
@@ -149,6 +168,8 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
 
 def load_tensor(info: TensorInfo) -> torch.Tensor:
     """Memory-map one tensor. The mapping lives exactly as long as the returned tensor."""
+    import torch
+
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
     aligned = info.start - info.start % mmap.ALLOCATIONGRANULARITY
@@ -238,22 +259,26 @@ class SafetensorsCheckpoint:
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """A tensor that will be written: its name, dtype and shape are known before its data."""
+    """A tensor that will be written: its name, dtype tag and shape are known before its data."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        n = DTYPES[TORCH_TO_TAG[self.dtype]][1]
+        n = DTYPES[self.dtype][1]
         for d in self.shape:
             n *= d
         return n
 
 
 class StreamingWriter:
-    """Writes a safetensors file whose header is fixed up front; tensors then arrive in order."""
+    """Writes a safetensors file whose header is fixed up front; tensor bytes then arrive in order.
+
+    Bytes come either from memory (`write_bytes`) or straight from another file (`copy_range`,
+    which the kernel does without passing the data through this process).
+    """
 
     def __init__(self, path: Path, planned: Iterable[PlannedTensor], metadata: dict[str, str] | None = None):
         self.path = Path(path)
@@ -261,26 +286,58 @@ class StreamingWriter:
         header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for t in self.planned:
-            header[t.name] = {"dtype": TORCH_TO_TAG[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [offset, offset + t.nbytes]}
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
+        self._file = open(self.path, "wb", buffering=0)
+        self._fd = self._file.fileno()
+        self._write_all(memoryview(struct.pack("<Q", len(raw)) + raw))
+        self._index = -1  # the tensor being written
+        self._left = 0  # its bytes still to come
+
+    def begin(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        """Start the next tensor; it must be the one the header planned at this position."""
+        if self._left:
+            raise RuntimeError(f"{self.path}: {self.planned[self._index].name} is {self._left} bytes short")
+        self._index += 1
+        expected = self.planned[self._index] if self._index < len(self.planned) else None
+        if expected is None or (name, dtype, tuple(shape)) != (expected.name, expected.dtype, expected.shape):
+            raise RuntimeError(f"{self.path}: wrote {name} {dtype} {tuple(shape)} out of plan; expected {expected}")
+        self._left = expected.nbytes
+
+    def write_bytes(self, data: memoryview) -> None:
+        data = memoryview(data).cast("B")
+        self._consume(len(data))
+        self._write_all(data)
+
+    def copy_range(self, src_fd: int, offset: int, count: int) -> None:
+        self._consume(count)
+        while count:
+            try:
+                done = os.copy_file_range(src_fd, self._fd, count, offset)
+            except OSError:  # e.g. across file systems on old kernels: copy through user space
+                done = os.write(self._fd, os.pread(src_fd, min(count, 64 << 20), offset))
+            if done == 0:
+                raise RuntimeError(f"{self.path}: source ended early while copying")
+            offset += done
+            count -= done
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self.planned[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (expected.name, expected.dtype, expected.shape):
-            raise RuntimeError(f"{self.path}: wrote {name} {tensor.dtype} {tuple(tensor.shape)} out of plan; "
-                               f"expected {expected.name} {expected.dtype} {expected.shape}")
-        data = tensor.contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
-        self._next += 1
+        """Write a whole torch tensor (convenience for in-memory data)."""
+        self.begin(name, dtype_tag(tensor.dtype), tuple(tensor.shape))
+        self.write_bytes(tensor.contiguous().reshape(-1).view(torch_dtype("U8")).numpy().data)
+
+    def _consume(self, count: int) -> None:
+        if count > self._left:
+            raise RuntimeError(f"{self.path}: more bytes than planned for {self.planned[self._index].name}")
+        self._left -= count
+
+    def _write_all(self, data: memoryview) -> None:
+        while data:
+            data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
-        if self._next != len(self.planned):
-            self._file.close()
-            raise RuntimeError(f"{self.path}: closed after {self._next} of {len(self.planned)} tensors")
         self._file.close()
+        if self._index + 1 != len(self.planned) or self._left:
+            raise RuntimeError(f"{self.path}: closed after {self._index + 1} of {len(self.planned)} tensors")

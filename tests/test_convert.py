@@ -219,12 +219,15 @@ def test_existing_output_needs_force(qwen3_pair: Path, tmp_path: Path) -> None:
 _SLOW_CONVERT = """
 import sys, time
 from dspark_trt.runtime import safetensors_io
-original = safetensors_io.StreamingWriter.write
-def write_then_stall(self, name, tensor):
-    original(self, name, tensor)
-    print("mid-way", flush=True)
-    time.sleep(120)
-safetensors_io.StreamingWriter.write = write_then_stall
+original = safetensors_io.StreamingWriter.begin
+calls = []
+def stall_at_fifth_tensor(self, *args):
+    calls.append(args)
+    if len(calls) == 5:
+        print("mid-way", flush=True)
+        time.sleep(120)
+    original(self, *args)
+safetensors_io.StreamingWriter.begin = stall_at_fifth_tensor
 from dspark_trt.builder.cli import main
 main(sys.argv[1:])
 """

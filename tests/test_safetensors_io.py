@@ -14,6 +14,7 @@ from dspark_trt.runtime.safetensors_io import (
     PlannedTensor,
     SafetensorsCheckpoint,
     StreamingWriter,
+    dtype_tag,
     load_tensor,
     read_header,
 )
@@ -131,7 +132,7 @@ def test_index_listing_a_missing_tensor(tmp_path: Path, small_file: Path) -> Non
 def test_streaming_writer_output_reads_back_with_safetensors(tmp_path: Path) -> None:
     tensors = {"x": torch.randn(3, 5), "y": torch.randint(0, 9, (7,)), "z": torch.randn(2, 2).to(torch.float8_e4m3fn)}
     path = tmp_path / "out.safetensors"
-    writer = StreamingWriter(path, [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
+    writer = StreamingWriter(path, [PlannedTensor(k, dtype_tag(v.dtype), tuple(v.shape)) for k, v in tensors.items()])
     for k, v in tensors.items():
         writer.write(k, v)
     writer.close()
@@ -141,6 +142,6 @@ def test_streaming_writer_output_reads_back_with_safetensors(tmp_path: Path) -> 
 
 
 def test_streaming_writer_refuses_out_of_plan_tensors(tmp_path: Path) -> None:
-    writer = StreamingWriter(tmp_path / "o.safetensors", [PlannedTensor("x", torch.float32, (2,))])
+    writer = StreamingWriter(tmp_path / "o.safetensors", [PlannedTensor("x", "F32", (2,))])
     with pytest.raises(RuntimeError, match="out of plan"):
         writer.write("x", torch.zeros(3))

@@ -10,13 +10,13 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ...runtime.errors import CheckpointError
-from ...runtime.fp8 import dequantize_fp8_block
-from ...runtime.safetensors_io import SafetensorsCheckpoint, TensorInfo
+from ...runtime.safetensors_io import SafetensorsCheckpoint, TensorInfo, load_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,6 @@ class Source:
         return value
 
     def tensor(self, canonical_name: str) -> torch.Tensor:
-        from ...runtime.safetensors_io import load_tensor
-
         return load_tensor(self.by_name[canonical_name])
 
 
@@ -115,29 +113,45 @@ def dtype_tag(source: Source) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversion plans: each output tensor is a function of a few source tensors and a rank.
+# Conversion plans. Every output tensor is a concatenation (along dim 0) of slices of source
+# tensors, so a plan is plain data: shapes follow by arithmetic, and the converter can move the
+# bytes of dim-0 slices file to file without them ever passing through Python.
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Indices [start, stop) of the item's source `source` along `dim`; stop None means to the end."""
+
+    source: int = 0
+    dim: int = 0
+    start: int = 0
+    stop: int | None = None
+
+
+WHOLE = (Piece(),)
 
 
 @dataclass(frozen=True)
 class Target:
-    """One output tensor on one rank, computed from the item's loaded source tensors."""
+    """One output tensor on one rank: its pieces, concatenated along dim 0."""
 
     rank: int
     name: str
-    make: Callable[[list[torch.Tensor]], torch.Tensor]
+    pieces: tuple[Piece, ...] = WHOLE
 
 
 @dataclass(frozen=True)
 class Item:
-    """A group of source tensors loaded together and the outputs they produce on every rank.
+    """A group of source tensors read together and the outputs they produce on every rank.
 
-    `prepare`, when given, runs once on the loaded sources before any target is made (for work
-    shared by all ranks, such as FP8 dequantisation).
+    With `dequantize`, sources are (FP8 weight, its block scales) and source 0 is replaced by the
+    dequantised weight in `dtype` before the pieces are cut.
     """
 
     sources: tuple[str, ...]  # canonical names
     targets: tuple[Target, ...]
-    prepare: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+    dequantize: bool = False
+    dtype: str = "BF16"
 
 
 def require_divisible(path: Path, what: str, value: int, tp: int) -> None:
@@ -147,54 +161,50 @@ def require_divisible(path: Path, what: str, value: int, tp: int) -> None:
 
 
 def replicated(name: str, out: str, tp: int) -> Item:
-    return Item((name,), tuple(Target(r, out, lambda ts: ts[0]) for r in range(tp)))
+    return Item((name,), tuple(Target(r, out) for r in range(tp)))
 
 
-def split(name: str, out: str, tp: int, dim: int) -> Item:
-    return Item((name,), tuple(Target(r, out, _chunk(dim, tp, r)) for r in range(tp)))
+def split(src: Source, name: str, out: str, tp: int, dim: int) -> Item:
+    """Even split along `dim` (the caller has checked divisibility)."""
+    size = src.by_name[name].shape[dim] // tp
+    return Item((name,), tuple(Target(r, out, (Piece(0, dim, r * size, (r + 1) * size),)) for r in range(tp)))
 
 
-def _chunk(dim: int, tp: int, rank: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    return lambda ts: ts[0].chunk(tp, dim)[rank]
+def on_rank(item: Item, rank: int) -> Item:
+    """Move a single-rank item to `rank` (how a whole expert lands on its expert-parallel rank)."""
+    return Item(item.sources, tuple(Target(rank, t.name, t.pieces) for t in item.targets), item.dequantize,
+                item.dtype)
 
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_BLOCK = 128
 
 
-def linear(src: Source, name: str, out: str, tp: int, dim: int | None, *, dequantize: bool = False,
-           dtype: torch.dtype = torch.bfloat16) -> list[Item]:
+def linear(src: Source, name: str, out: str, tp: int, dim: int | None, *, dequantize: bool = False) -> list[Item]:
     """Items for one linear weight, split along `dim` (None: replicated) over `tp` ranks.
 
     An FP8 weight with block scales (`<name>_scale_inv`) either stays FP8, its scales split so that
     each rank's local block index is still `row // 128` (possible when the shard size and the block
-    divide one another), or is dequantised to `dtype` first with `dequantize=True`.
+    divide one another), or is dequantised to bf16 first with `dequantize=True`.
     """
     scale = name + SCALE_SUFFIX
     if scale not in src.by_name:
-        return [replicated(name, out, tp) if dim is None else split(name, out, tp, dim)]
+        return [replicated(name, out, tp) if dim is None else split(src, name, out, tp, dim)]
     if dequantize:
-        def dequant(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [dequantize_fp8_block(ts[0], ts[1], FP8_BLOCK, dtype)]
-        targets = tuple(Target(r, out, (lambda ts: ts[0]) if dim is None else _chunk(dim, tp, r))
-                        for r in range(tp))
-        return [Item((name, scale), targets, prepare=dequant)]
+        weight = replicated(name, out, tp) if dim is None else split(src, name, out, tp, dim)
+        return [Item((name, scale), weight.targets, dequantize=True)]
     if dim is None:
         return [replicated(name, out, tp), replicated(scale, out + SCALE_SUFFIX, tp)]
-    full = src.by_name[name].shape[dim]
-    shard = full // tp
+    shard = src.by_name[name].shape[dim] // tp
     if shard % FP8_BLOCK and FP8_BLOCK % shard:
         raise CheckpointError(src.by_name[name].path, f"--tp {tp} splits FP8 128x128 scale blocks unevenly",
                               subject=name, found=f"shard of {shard} along dim {dim}",
                               expected="a shard size that is a multiple or a divisor of 128 (or use --dequantize)")
-    scale_targets = tuple(Target(r, out + SCALE_SUFFIX, _scale_rows(dim, shard, r)) for r in range(tp))
-    return [split(name, out, tp, dim), Item((scale,), scale_targets)]
-
-
-def _scale_rows(dim: int, shard: int, rank: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    first = rank * shard // FP8_BLOCK
-    count = max(1, shard // FP8_BLOCK)
-    return lambda ts: ts[0].narrow(dim, first, count)
+    blocks = max(1, shard // FP8_BLOCK)
+    scale_targets = tuple(
+        Target(r, out + SCALE_SUFFIX, (Piece(0, dim, r * shard // FP8_BLOCK, r * shard // FP8_BLOCK + blocks),))
+        for r in range(tp))
+    return [split(src, name, out, tp, dim), Item((scale,), scale_targets)]
 
 
 @dataclass
@@ -204,4 +214,3 @@ class Plan:
     config: dict[str, Any]
     items: list[Item]
     tp: int
-    extra_files: dict[str, Path] = field(default_factory=dict)  # name in output dir -> file to copy

@@ -25,9 +25,9 @@ from .common import (
     Item,
     Plan,
     Source,
-    Target,
     dtype_tag,
     linear,
+    on_rank,
     replicated,
     require_divisible,
     split,
@@ -236,12 +236,6 @@ def _check_tp(src: Source, d: dict[str, Any], tp: int) -> None:
     require_divisible(src.config_path, "moe_intermediate_size", d["expert_dim"], tp)
 
 
-def _on_rank(items: list[Item], rank: int) -> list[Item]:
-    """Move single-rank items (built with tp=1) to `rank`: how a whole expert lands on its EP rank."""
-    return [Item(it.sources, tuple(Target(rank, t.name, t.make) for t in it.targets), it.prepare)
-            for it in items]
-
-
 def _items(src: Source, expected: list[Expect], tp: int, dequantize: bool) -> list[Item]:
     """Shard every expected tensor by the rules in the module docstring."""
     d = dims(src)
@@ -252,17 +246,16 @@ def _items(src: Source, expected: list[Expect], tp: int, dequantize: bool) -> li
         if name.endswith(SCALE_SUFFIX):
             continue  # produced together with its weight by `linear`
         if m := re.search(r"\.ffn\.experts\.(\d+)\.", name):
-            items += _on_rank(linear(src, name, name, 1, None, dequantize=dequantize), int(m.group(1)) // per_rank)
+            rank = int(m.group(1)) // per_rank
+            items += [on_rank(it, rank) for it in linear(src, name, name, 1, None, dequantize=dequantize)]
         elif _COMPRESSOR.search(name):
             items += linear(src, name, name, tp, None, dequantize=dequantize)
         elif re.search(r"attn\.(wq_b|wo_a)\.weight$|shared_experts\.w[13]\.weight$", name):
             items += linear(src, name, name, tp, 0, dequantize=dequantize)
         elif re.search(r"attn\.wo_b\.weight$|shared_experts\.w2\.weight$", name):
             items += linear(src, name, name, tp, 1, dequantize=dequantize)
-        elif name.endswith("attn.attn_sink"):
-            items.append(split(name, name, tp, 0))
-        elif name == "head.weight":
-            items.append(split(name, name, tp, 0))
+        elif name.endswith("attn.attn_sink") or name == "head.weight":
+            items.append(split(src, name, name, tp, 0))
         elif _FP8_LINEAR.search(name):
             items += linear(src, name, name, tp, None, dequantize=dequantize)
         else:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ...runtime.errors import CheckpointError
 from .common import (
     Expect,
     Item,
+    Piece,
     Plan,
     Source,
     Target,
@@ -179,13 +178,17 @@ def summary(src: Source) -> dict[str, Any]:
 # Conversion
 
 
-def _kv_targets(d: dict[str, int], tp: int, rank: int) -> slice:
-    """The KV heads rank `rank` holds: a block of them, or one replicated head when kv_heads < tp."""
+def _kv_heads(d: dict[str, int], tp: int, rank: int) -> tuple[int, int]:
+    """[first, last) KV heads of a rank: a block of them, or one replicated head when kv_heads < tp."""
     if d["kv_heads"] >= tp:
         per = d["kv_heads"] // tp
-        return slice(rank * per, (rank + 1) * per)
+        return rank * per, (rank + 1) * per
     head = rank * d["kv_heads"] // tp
-    return slice(head, head + 1)
+    return head, head + 1
+
+
+def _head_rows(source: int, heads: tuple[int, int], head_dim: int) -> Piece:
+    return Piece(source, 0, heads[0] * head_dim, heads[1] * head_dim)
 
 
 def _check_tp(src: Source, d: dict[str, int], tp: int) -> None:
@@ -197,42 +200,36 @@ def _check_tp(src: Source, d: dict[str, int], tp: int) -> None:
                               expected=f"a multiple or a divisor of {tp}")
 
 
-def _heads(t: torch.Tensor, head_dim: int, heads: slice) -> torch.Tensor:
-    return t[heads.start * head_dim: heads.stop * head_dim]
-
-
 def target_plan(src: Source, tp: int) -> Plan:
     d = dims(src)
     _check_tp(src, d, tp)
     require_divisible(src.config_path, "vocab_size", d["vocab"], tp)
     items: list[Item] = [replicated("model.embed_tokens.weight", "transformer.vocab_embedding.weight", tp)]
-    hd = d["head_dim"]
-    q_per = d["heads"] // tp
+    hd, q_per = d["head_dim"], d["heads"] // tp
     for i in range(d["layers"]):
         hf, trt = f"model.layers.{i}.", f"transformer.layers.{i}."
-
-        def qkv(rank: int, trt: str = trt) -> Target:
-            q_heads, kv = slice(rank * q_per, (rank + 1) * q_per), _kv_targets(d, tp, rank)
-            return Target(rank, trt + "attention.qkv.weight", lambda ts: torch.cat(
-                [_heads(ts[0], hd, q_heads), _heads(ts[1], hd, kv), _heads(ts[2], hd, kv)]))
-
         attn = hf + "self_attn."
+        # Fused QKV per rank: this rank's query heads, then its key heads, then its value heads.
+        qkv = tuple(
+            Target(r, trt + "attention.qkv.weight", (_head_rows(0, (r * q_per, (r + 1) * q_per), hd),
+                                                      _head_rows(1, _kv_heads(d, tp, r), hd),
+                                                      _head_rows(2, _kv_heads(d, tp, r), hd)))
+            for r in range(tp))
         items += [
             replicated(hf + "input_layernorm.weight", trt + "input_layernorm.weight", tp),
-            Item((attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
-                 tuple(qkv(r) for r in range(tp))),
+            Item((attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), qkv),
             replicated(attn + "q_norm.weight", trt + "attention.q_layernorm.weight", tp),
             replicated(attn + "k_norm.weight", trt + "attention.k_layernorm.weight", tp),
-            split(attn + "o_proj.weight", trt + "attention.dense.weight", tp, dim=1),
+            split(src, attn + "o_proj.weight", trt + "attention.dense.weight", tp, dim=1),
             replicated(hf + "post_attention_layernorm.weight", trt + "post_layernorm.weight", tp),
             # TensorRT-LLM's gated MLP: `fc` is the gate projection, `gate` the up projection.
-            split(hf + "mlp.gate_proj.weight", trt + "mlp.fc.weight", tp, dim=0),
-            split(hf + "mlp.up_proj.weight", trt + "mlp.gate.weight", tp, dim=0),
-            split(hf + "mlp.down_proj.weight", trt + "mlp.proj.weight", tp, dim=1),
+            split(src, hf + "mlp.gate_proj.weight", trt + "mlp.fc.weight", tp, dim=0),
+            split(src, hf + "mlp.up_proj.weight", trt + "mlp.gate.weight", tp, dim=0),
+            split(src, hf + "mlp.down_proj.weight", trt + "mlp.proj.weight", tp, dim=1),
         ]
     items.append(replicated("model.norm.weight", "transformer.ln_f.weight", tp))
     head = "model.embed_tokens.weight" if src.config.get("tie_word_embeddings") else "lm_head.weight"
-    items.append(split(head, "lm_head.weight", tp, dim=0))
+    items.append(split(src, head, "lm_head.weight", tp, dim=0))
     config = {
         "architecture": TARGET_ARCH,
         "qwen_type": "qwen3",
@@ -262,25 +259,26 @@ def target_plan(src: Source, tp: int) -> Plan:
     return Plan(config, items, tp)
 
 
+_ROW_PARALLEL = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+_COLUMN_PARALLEL = ("self_attn.q_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight")
+_KV = ("self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+
 def drafter_plan(src: Source, tp: int) -> Plan:
     """The drafter keeps its DeepSpec names; with tp > 1 attention and MLP are split as in the target."""
     d = dims(src)
     if tp > 1:
         _check_tp(src, d, tp)
-    hd = d["head_dim"]
     items: list[Item] = []
-    sharded = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-               "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}
     for name in (e.name for e in drafter_tensors(src)):
         leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
-        if tp == 1 or leaf not in sharded:
-            items.append(replicated(name, name, tp))
-        elif leaf in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
-            items.append(Item((name,), tuple(
-                Target(r, name, lambda ts, r=r: _heads(ts[0], hd, _kv_targets(d, tp, r))) for r in range(tp))))
+        if tp > 1 and leaf in _KV:
+            items.append(Item((name,), tuple(Target(r, name, (_head_rows(0, _kv_heads(d, tp, r), d["head_dim"]),))
+                                             for r in range(tp))))
+        elif tp > 1 and leaf in _COLUMN_PARALLEL + _ROW_PARALLEL:
+            items.append(split(src, name, name, tp, dim=1 if leaf in _ROW_PARALLEL else 0))
         else:
-            items.append(split(name, name, tp, dim=1 if leaf in ("self_attn.o_proj.weight",
-                                                                   "mlp.down_proj.weight") else 0))
+            items.append(replicated(name, name, tp))
     config = dict(src.config)
     config["mapping"] = {"world_size": tp, "tp_size": tp, "pp_size": 1}
     return Plan(config, items, tp)
