@@ -40,7 +40,7 @@ demo: setup
 		$(if $(filter qwen3,$(FAMILY)),--drafter $(BUILD)/fixture-$(FAMILY)/drafter) \
 		--tp $(TP) -o $(BUILD)/ckpt-$(FAMILY) --force
 	@echo
-	@echo "Converted checkpoint: $(BUILD)/ckpt-$(FAMILY)"; ls -R $(BUILD)/ckpt-$(FAMILY) | head -30
+	@echo "Converted checkpoint:"; cd $(BUILD) && find ckpt-$(FAMILY) -maxdepth 2 | sort
 
 bench-convert: setup
 	$(PY) bench/convert.py

@@ -90,17 +90,17 @@ def fixture(family: str, out: Path, seed: int, markov_head: str, scale: int, for
 
     Generated locally in seconds; nothing is downloaded.
     """
-    from ..runtime.atomic import atomic_directory
+    if out.exists() and not force:
+        raise OutputExistsError(out)
+    # The generators write atomically themselves: OUT appears whole or not at all.
+    if family == "qwen3":
+        from .fixture_qwen3 import write_qwen3_fixture
 
-    with atomic_directory(out, force=force) as tmp:
-        if family == "qwen3":
-            from .fixture_qwen3 import write_qwen3_fixture
+        write_qwen3_fixture(out, seed=seed, markov_head_type=markov_head, scale=scale)
+    else:
+        from .fixture_deepseek_v4 import write_deepseek_v4_fixture
 
-            write_qwen3_fixture(tmp, seed=seed, markov_head_type=markov_head, scale=scale)
-        else:
-            from .fixture_deepseek_v4 import write_deepseek_v4_fixture
-
-            write_deepseek_v4_fixture(tmp, seed=seed)
+        write_deepseek_v4_fixture(out, seed=seed)
     stdout.print(f"[green]✓[/] wrote {family} fixture to {out}")
 
 

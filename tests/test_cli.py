@@ -1,0 +1,51 @@
+"""The CLIs teach through --help and answer with meaningful exit codes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dspark_trt.builder.cli import main as build
+from dspark_trt.client.cli import main as client
+
+
+@pytest.mark.parametrize("verb, words", [
+    (None, ["fixture", "inspect", "convert", "Exit codes"]),
+    ("fixture", ["qwen3", "deepseek-v4", "--seed", "nothing is downloaded"]),
+    ("inspect", ["drafter", "--json", "exit code 1"]),
+    ("convert", ["--tp", "--draft-tp", "--dequantize", "rank{N}.safetensors", "manifest.json", "--force"]),
+])
+def test_build_help_explains_each_verb(verb: str | None, words: list[str]) -> None:
+    result = CliRunner().invoke(build, ([verb] if verb else []) + ["--help"])
+    assert result.exit_code == 0
+    for word in words:
+        assert word in result.output, f"{word!r} missing from `dspark-build {verb or ''} --help`"
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert CliRunner().invoke(build, ["convert", "--target", str(tmp_path)]).exit_code == 2  # no -o
+    assert CliRunner().invoke(build, ["fixture", "llama", str(tmp_path)]).exit_code == 2
+    assert CliRunner().invoke(build, ["convert", "--target", str(tmp_path), "-o", "x", "--tp", "0"]).exit_code == 2
+
+
+def test_missing_checkpoint_is_exit_1(tmp_path: Path) -> None:
+    result = CliRunner().invoke(build, ["inspect", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "config.json not found" in result.output
+
+
+def test_console_scripts_are_installed() -> None:
+    for script in ("dspark-build", "dspark-client"):
+        path = shutil.which(script) or str(Path(sys.executable).parent / script)
+        result = subprocess.run([path, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+def test_client_reports_an_unreachable_server() -> None:
+    result = CliRunner().invoke(client, ["health", "--url", "127.0.0.1:9", "--timeout", "1"])
+    assert result.exit_code == 4
+    assert "no Triton server reachable at 127.0.0.1:9" in result.output
