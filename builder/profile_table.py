@@ -1,0 +1,146 @@
+"""Turn verify-step timings into the scheduler's cost table (spec section 4).
+
+`profile_grid` sweeps batch size × verify length with a caller-supplied `measure` (one real verify
+step, acceptance pinned by the caller) and keeps the median of the steady-state steps;
+`fit_cost_table` turns those medians into fixed + α(R) + θ(B).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..runtime.scheduler import CostTable
+
+# Weight of the smoothness rows relative to the data rows. Small, so that it only decides what the
+# data leave open (see fit_cost_table) and barely bends a fit the data already pin down.
+_SMOOTHNESS = 1e-2
+
+
+def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTable:
+    """Fit step_time(R, B) = fixed + α(R) + θ(B) to median step times in seconds keyed by (R, B).
+
+    Method (everything in milliseconds):
+
+    1. Separable least squares: one unknown θ_B per distinct token count B, one α_R per distinct batch
+       size R (α of the smallest R pinned to 0, since only the sum is observable), minimising the
+       *relative* error of every sample so that short steps count as much as long ones.
+    2. A profiled grid has B = R·(1 + ℓ), so rows for different R may share no B at all and the split
+       between their α and θ is then not determined by the data. Weak extra equations asking θ's slope
+       to change little from one segment to the next settle it: the smoothest θ wins.
+    3. α is shifted so its minimum is 0 (θ absorbs the shift, the sums are unchanged); θ is forced
+       non-decreasing (running max, done by CostTable itself).
+    4. fixed = θ extended to B = 0 along its first segment, kept within [0, θ(first B)], and
+       subtracted from θ: the part of a step that no amount of tokens removes.
+
+    Only step 3's running max can change predictions, when the data say more tokens got cheaper. The
+    largest relative error over the samples is recorded in `meta["fit"]`.
+    """
+    if not samples:
+        raise ValueError("need at least one sample")
+    for (rows, tokens), seconds in samples.items():
+        if rows < 1 or tokens < rows:
+            raise ValueError(f"sample ({rows}, {tokens}): need R >= 1 and B >= R (each request has >= 1 token)")
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"sample ({rows}, {tokens}): step time must be positive seconds, got {seconds}")
+
+    keys = list(samples)
+    batch_sizes = sorted({r for r, _ in keys})
+    token_counts = sorted({b for _, b in keys})
+    times = torch.tensor([samples[k] * 1000.0 for k in keys], dtype=torch.float64)
+
+    # Unknowns: θ for each token count, then α for each batch size but the smallest.
+    n_theta, n_alpha = len(token_counts), len(batch_sizes) - 1
+    theta_col = {b: i for i, b in enumerate(token_counts)}
+    alpha_col = {r: n_theta + i - 1 for i, r in enumerate(batch_sizes) if i > 0}
+    data = torch.zeros(len(keys), n_theta + n_alpha, dtype=torch.float64)
+    for row, (r, b) in enumerate(keys):
+        data[row, theta_col[b]] = 1.0
+        if r in alpha_col:
+            data[row, alpha_col[r]] = 1.0
+    # Dividing each row by its own time turns the squared error into a squared relative error.
+    system, target = [data / times[:, None]], [torch.ones(len(keys), dtype=torch.float64)]
+
+    # Slope change at each inner token count, scaled by the local spacing (so it is in milliseconds)
+    # and by a typical step time (so it is relative, like the data rows).
+    scale = _SMOOTHNESS / float(times.median())
+    for k in range(1, n_theta - 1):
+        b0, b1, b2 = token_counts[k - 1: k + 2]
+        spacing = (b2 - b0) / 2
+        row = torch.zeros(n_theta + n_alpha, dtype=torch.float64)
+        row[k - 1] = spacing / (b1 - b0)
+        row[k] = -spacing / (b1 - b0) - spacing / (b2 - b1)
+        row[k + 1] = spacing / (b2 - b1)
+        system.append(scale * row[None])
+        target.append(torch.zeros(1, dtype=torch.float64))
+    # gelsd (SVD) still answers with the minimum-norm solution if a tiny grid leaves a direction free.
+    solution = torch.linalg.lstsq(torch.cat(system), torch.cat(target)[:, None], driver="gelsd").solution[:, 0]
+
+    theta = solution[:n_theta].tolist()
+    alpha = [0.0, *solution[n_theta:].tolist()]
+    shift = min(alpha)
+    alpha = [a - shift for a in alpha]
+    theta = [t + shift for t in theta]
+
+    if n_theta > 1:
+        # Slope clamped at 0 because CostTable will force θ non-decreasing anyway (running max).
+        slope = max((theta[1] - theta[0]) / (token_counts[1] - token_counts[0]), 0.0)
+        fixed = min(max(theta[0] - slope * token_counts[0], 0.0), theta[0])
+    else:
+        fixed = theta[0]
+    # Values below fixed can only come from θ dipping below θ(first B), which the running max removes.
+    theta = [max(t - fixed, 0.0) for t in theta]
+
+    table = CostTable(
+        token_counts=token_counts,
+        step_time_ms=theta,
+        fixed_overhead_ms=fixed,
+        batch_sizes=batch_sizes,
+        batch_overhead_ms=alpha,
+        meta=dict(meta),
+    )
+    errors = [abs(table.step_ms(r, b) - samples[(r, b)] * 1000.0) / (samples[(r, b)] * 1000.0) for r, b in keys]
+    table.meta["fit"] = {
+        "method": "separable least squares (relative error, smooth theta), alpha >= 0, theta running max",
+        "samples": len(keys),
+        "max_rel_error": max(errors),
+    }
+    return table
+
+
+def profile_grid(
+    measure: Callable[[int, int], float],
+    batch_sizes: list[int],
+    verify_lengths: list[int],
+    warmup: int = 2,
+    steps: int = 5,
+    progress: bool = True,
+) -> dict[tuple[int, int], float]:
+    """Median verify-step time in seconds for every batch size R × verify length ℓ, keyed by (R, B).
+
+    `measure(R, tokens_per_request)` runs ONE verify step of R requests with 1 + ℓ tokens each and
+    returns its duration in seconds; B = R·(1 + ℓ). Per cell, `warmup` calls are discarded (allocator,
+    autotuning and cache effects) and the median of the next `steps` is kept (robust to the odd
+    stall).
+    """
+    if warmup < 0 or steps < 1:
+        raise ValueError(f"need warmup >= 0 and steps >= 1, got {warmup=}, {steps=}")
+    if any(r < 1 for r in batch_sizes) or any(ell < 0 for ell in verify_lengths):
+        raise ValueError(f"need batch sizes >= 1 and verify lengths >= 0, got {batch_sizes}, {verify_lengths}")
+    samples: dict[tuple[int, int], float] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("profile", total=len(batch_sizes) * len(verify_lengths))
+        for rows in batch_sizes:
+            for length in verify_lengths:
+                bar.update(task, description=f"profile R={rows} ℓ={length}")
+                tokens = 1 + length
+                for _ in range(warmup):
+                    measure(rows, tokens)
+                samples[(rows, rows * tokens)] = statistics.median(measure(rows, tokens) for _ in range(steps))
+                bar.advance(task)
+    return samples

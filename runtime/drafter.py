@@ -1,0 +1,153 @@
+"""DSpark drafter for the Qwen3 family (DeepSpec `Qwen3DSparkModel`), reference backend.
+
+One round for a batch of requests:
+  1. context features: the target's hidden states at `target_layer_ids`, concatenated, through
+     `fc` and `hidden_norm`; cached per slot as each draft layer's keys and values, appended as
+     tokens are committed (the anchor's own features arrive with the next verification);
+  2. the parallel backbone: the block [x0, MASK × (γ-1)] at positions ctx_len .. ctx_len+γ-1 runs
+     through the draft layers, queries from the block, keys/values [context; block], no causal mask
+     inside the block; `norm` and `lm_head` give base logits U_k for all γ positions at once;
+  3. the sequential heads, left to right: U_k + Markov bias from x_{k-1}, temperature, sample
+     x_k; confidence c_k from [h_k; W1[x_{k-1}]], calibrated by STS; survival = cumprod(c).
+
+Context features enter each layer's k_proj / v_proj directly (they are already normalised by
+`hidden_norm`), as in DFlash-style drafters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .calibration import read_calibration
+from .errors import CheckpointError
+from .heads import ConfidenceHead, MarkovHead, sample
+from .layers import apply_rope, attention, rms_norm, rope_tables, swiglu
+from .safetensors_io import SafetensorsCheckpoint
+
+CALIBRATION_FILE = "sts.json"
+
+
+@dataclass
+class Draft:
+    """One round's proposals for a batch: tokens [B, γ], the distributions they came from [B, γ, V],
+    raw confidence logits and calibrated confidences [B, γ], survival = cumprod(confidence)."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor
+    conf_logits: torch.Tensor
+    confidence: torch.Tensor
+
+    @property
+    def survival(self) -> torch.Tensor:
+        return torch.cumprod(self.confidence, dim=-1)
+
+
+def _rope_theta(config: dict) -> float:
+    return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1e6))
+
+
+class Qwen3DSparkDrafter:
+    def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
+                 dtype: torch.dtype = torch.float32) -> None:
+        draft_dir = Path(draft_dir)
+        self.config = c = json.loads((draft_dir / "config.json").read_text())
+        if c["mapping"]["tp_size"] != 1:
+            raise CheckpointError(draft_dir / "config.json", "the reference drafter runs unsharded",
+                                  subject="mapping.tp_size", found=c["mapping"]["tp_size"], expected=1)
+        dspark = c["dspark"]
+        ckpt = SafetensorsCheckpoint(draft_dir / "rank0.safetensors")
+        self.w = w = {name: ckpt.get(name).to(dtype) for name in ckpt.tensors}
+        self.block_size, self.mask_token_id = dspark["block_size"], dspark["mask_token_id"]
+        self.target_layer_ids = tuple(dspark["target_layer_ids"])
+        self.layers, self.eps, self.theta = c["num_hidden_layers"], c["rms_norm_eps"], _rope_theta(c)
+        self.heads, self.kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
+        kind = dspark["markov_head_type"]
+        proj = {"gated": "markov_gate", "rnn": "markov_rnn"}.get(kind)
+        self.markov = MarkovHead(kind, w.get("markov_head.markov_w1.weight"), w.get("markov_head.markov_w2.weight"),
+                                 w.get(f"markov_head.{proj}.weight"), w.get(f"markov_head.{proj}.bias"))
+        calibration = draft_dir / CALIBRATION_FILE
+        temperatures = read_calibration(calibration, self.block_size) if calibration.is_file() else None
+        self.confidence = ConfidenceHead(w["confidence_head.proj.weight"], w.get("confidence_head.proj.bias"),
+                                         dspark["confidence_head_with_markov"], temperatures)
+        shape = (self.layers, num_slots, self.kv_heads, max_len, self.head_dim)
+        self.k_ctx, self.v_ctx = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
+        self.max_len, self.dtype = max_len, dtype
+
+    def reset(self, slot: int) -> None:
+        self.ctx_len[slot] = 0
+
+    @torch.inference_mode()
+    def add_context(self, slot: int, features: torch.Tensor) -> None:
+        """Append target features [n, len(target_layer_ids) * hidden] of newly committed tokens."""
+        w, start, n = self.w, int(self.ctx_len[slot]), features.shape[0]
+        if start + n > self.max_len:
+            raise ValueError(f"slot {slot}: context would exceed {self.max_len} tokens")
+        ctx = rms_norm(F.linear(features.to(self.dtype), w["fc.weight"]), w["hidden_norm.weight"], self.eps)
+        cos, sin = rope_tables(torch.arange(start, start + n)[None], self.head_dim, self.theta)
+        for layer in range(self.layers):
+            p = f"layers.{layer}.self_attn."
+            k = F.linear(ctx, w[p + "k_proj.weight"]).view(1, n, self.kv_heads, self.head_dim)
+            k = apply_rope(rms_norm(k, w[p + "k_norm.weight"], self.eps).transpose(1, 2), cos, sin)
+            v = F.linear(ctx, w[p + "v_proj.weight"]).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            self.k_ctx[layer, slot, :, start: start + n] = k[0]
+            self.v_ctx[layer, slot, :, start: start + n] = v
+        self.ctx_len[slot] = start + n
+
+    @torch.inference_mode()
+    def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
+              generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
+        w, gamma = self.w, gamma or self.block_size
+        batch, slot_idx = len(slots), torch.tensor(slots)
+        ctx_len = self.ctx_len[slot_idx]
+        width = int(ctx_len.max())
+        ids = torch.full((batch, gamma), self.mask_token_id, dtype=torch.long)
+        ids[:, 0] = torch.tensor(anchors)
+        positions = ctx_len[:, None] + torch.arange(gamma)
+        cos, sin = rope_tables(positions, self.head_dim, self.theta)
+        # Every block position sees the slot's whole context and the whole block.
+        allowed = torch.cat([torch.arange(width)[None, :] < ctx_len[:, None],
+                             torch.ones(batch, gamma, dtype=torch.bool)], dim=1)[:, None, :].expand(-1, gamma, -1)
+
+        x = F.embedding(ids, w["embed_tokens.weight"])
+        for layer in range(self.layers):
+            p = f"layers.{layer}."
+            h = rms_norm(x, w[p + "input_layernorm.weight"], self.eps)
+            q = F.linear(h, w[p + "self_attn.q_proj.weight"]).view(batch, gamma, self.heads, self.head_dim)
+            k = F.linear(h, w[p + "self_attn.k_proj.weight"]).view(batch, gamma, self.kv_heads, self.head_dim)
+            v = F.linear(h, w[p + "self_attn.v_proj.weight"]).view(batch, gamma, self.kv_heads, self.head_dim)
+            q = apply_rope(rms_norm(q, w[p + "self_attn.q_norm.weight"], self.eps).transpose(1, 2), cos, sin)
+            k = apply_rope(rms_norm(k, w[p + "self_attn.k_norm.weight"], self.eps).transpose(1, 2), cos, sin)
+            keys = torch.cat([self.k_ctx[layer, slot_idx, :, :width], k], dim=2)
+            values = torch.cat([self.v_ctx[layer, slot_idx, :, :width], v.transpose(1, 2)], dim=2)
+            out = attention(q, keys, values, allowed).transpose(1, 2).reshape(batch, gamma, -1)
+            x = x + F.linear(out, w[p + "self_attn.o_proj.weight"])
+            h = rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps)
+            x = x + swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+        hidden = rms_norm(x, w["norm.weight"], self.eps)
+        base_logits = F.linear(hidden, w["lm_head.weight"]).float()
+        return sequential_heads(self.markov, self.confidence, hidden, base_logits, ids[:, 0], temperatures, generators)
+
+
+def sequential_heads(markov: MarkovHead, confidence: ConfidenceHead, hidden: torch.Tensor, base_logits: torch.Tensor,
+                     anchors: torch.Tensor, temperatures: list[float], generators: list[torch.Generator | None]
+                     ) -> Draft:
+    """The cheap left-to-right part of a DSpark round, shared by every family's drafter."""
+    batch, gamma, _ = base_logits.shape
+    tokens = torch.empty(batch, gamma, dtype=torch.long)
+    probs = torch.empty_like(base_logits)
+    conf_logits = torch.empty(batch, gamma)
+    prev, state = anchors, markov.initial_state(batch)
+    for k in range(gamma):
+        bias, e, state = markov.step(prev, hidden[:, k], state)
+        logits = base_logits[:, k] if bias is None else base_logits[:, k] + bias.float()
+        tokens[:, k], probs[:, k] = sample(logits, temperatures, generators)
+        conf_logits[:, k] = confidence.logit(hidden[:, k], e).float()
+        prev = tokens[:, k]
+    return Draft(tokens, probs, conf_logits, confidence.calibrated(conf_logits))

@@ -1,0 +1,216 @@
+"""In-flight batched speculative decoding with DSpark, and the in-process `generate()`.
+
+`SpeculativeDecoder` owns the slots of a target runner and a drafter. Requests are admitted
+(prefill + first token), then every `step()` runs one round for all live requests at once:
+
+    draft γ tokens per request            (drafter, one batched call)
+    choose verify lengths                  off: 0 · fixed: γ · auto: the confidence scheduler
+    verify [x0, d_1..d_l] per request      (target, one batched call, different lengths per slot)
+    accept (greedy or rejection sampling), roll back the target cache, feed the accepted tokens'
+    features to the drafter's context, commit, finish requests on stop ids or max_new_tokens.
+
+The Triton orchestrator drives the same object; `generate()` is the in-process loop used by tests,
+calibration and benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .drafter import Draft
+from .scheduler import CostTable, schedule_paper, schedule_production
+from .verify import verify_greedy, verify_sampling
+
+Mode = Literal["off", "fixed", "auto"]
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+    speculation: Mode = "auto"
+    gamma: int | None = None  # fixed mode's block; default: the drafter's block size
+
+
+@dataclass
+class Result:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    taus: list[int] = field(default_factory=list)  # accepted drafts + 1, per round
+    verified: list[int] = field(default_factory=list)  # draft tokens verified, per round
+
+    @property
+    def rounds(self) -> int:
+        return len(self.taus)
+
+    @property
+    def mean_tau(self) -> float:
+        return sum(self.taus) / len(self.taus) if self.taus else 0.0
+
+
+@dataclass
+class _Live:
+    request: Request
+    result: Result
+    generator: torch.Generator
+    anchor: int  # the last committed token: not yet run through the target
+    stale_survival: torch.Tensor | None = None  # last round's, for the production scheduler
+
+
+class SpeculativeDecoder:
+    """DSpark decoding over the slots of `target` (a target runner) and `drafter`."""
+
+    def __init__(self, target: Any, drafter: Any, *, num_slots: int, cost_table: CostTable | None = None,
+                 scheduler: Literal["paper", "production"] = "paper", min_gain: float = 0.04) -> None:
+        self.target, self.drafter = target, drafter
+        self.cost_table = cost_table or CostTable.flat()
+        self.scheduler, self.min_gain = scheduler, min_gain
+        self.free = list(range(num_slots))[::-1]
+        self.live: dict[int, _Live] = {}
+        self.calibration_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (conf logits, accepted)
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def admit(self, requests: list[Request]) -> list[int]:
+        """Prefill the prompts in one batch, draw each first token from the target; returns the slots."""
+        if len(requests) > len(self.free):
+            raise RuntimeError(f"{len(requests)} requests but only {len(self.free)} free slots")
+        if any(not r.prompt for r in requests):
+            raise ValueError("empty prompt")
+        slots = [self.free.pop() for _ in requests]
+        for slot in slots:
+            self.target.reset(slot)
+            self.drafter.reset(slot)
+        logits, features = self.target.forward(slots, [r.prompt for r in requests],
+                                               capture=self.drafter.target_layer_ids)
+        for i, (slot, request) in enumerate(zip(slots, requests, strict=True)):
+            self.drafter.add_context(slot, features[i])
+            live = _Live(request, Result(), torch.Generator().manual_seed(request.seed), anchor=-1)
+            self.live[slot] = live
+            self._commit(slot, [self._sample(logits[i][-1], live)])
+        return slots
+
+    def release(self, slot: int) -> Result:
+        live = self.live.pop(slot)
+        self.free.append(slot)
+        return live.result
+
+    # -- one round -------------------------------------------------------------------------------
+
+    def step(self) -> dict[int, list[int]]:
+        """One decoding round for every live request; returns the tokens each slot committed."""
+        slots = [s for s, live in self.live.items() if live.result.finish_reason is None]
+        if not slots:
+            return {}
+        lengths, draft = self._plan(slots)
+        verify_tokens = [[self.live[s].anchor] + draft.tokens[i, : lengths[i]].tolist() if lengths[i] else
+                         [self.live[s].anchor] for i, s in enumerate(slots)]
+        logits, features = self.target.forward(slots, verify_tokens, capture=self.drafter.target_layer_ids)
+        committed: dict[int, list[int]] = {}
+        for i, slot in enumerate(slots):
+            live, n = self.live[slot], lengths[i]
+            if n:
+                drafts = draft.tokens[i, :n]
+                if live.request.temperature <= 0:
+                    accepted, nxt = verify_greedy(drafts, logits[i])
+                else:
+                    accepted, nxt = verify_sampling(drafts, draft.probs[i, :n], logits[i], live.request.temperature,
+                                                    live.generator)
+                new = drafts[:accepted].tolist() + [nxt]
+                if self.calibration_rows is not None and n == draft.tokens.shape[1]:
+                    self.calibration_rows.append((draft.conf_logits[i], torch.arange(n) < accepted))
+                live.stale_survival = draft.survival[i]
+            else:
+                accepted, new = 0, [self._sample(logits[i][0], live)]
+            # Keep x0 and the accepted drafts in the target cache; their features join the context.
+            base = int(self.target.lengths[slot]) - len(verify_tokens[i])
+            self.target.rollback(slot, base + 1 + accepted)
+            self.drafter.add_context(slot, features[i][: 1 + accepted])
+            live.result.taus.append(accepted + 1)
+            live.result.verified.append(n)
+            committed[slot] = self._commit(slot, new)
+        return committed
+
+    def _plan(self, slots: list[int]) -> tuple[list[int], Draft | None]:
+        """Draft for the requests that speculate and decide how many drafts each one verifies."""
+        lives = [self.live[s] for s in slots]
+        budget = [live.request.max_new_tokens - len(live.result.tokens) - 1 for live in lives]
+        speculating = [i for i, live in enumerate(lives) if live.request.speculation != "off" and budget[i] > 0]
+        lengths = [0] * len(slots)
+        if not speculating:
+            return lengths, None
+        gamma = self.drafter.block_size
+        draft = self.drafter.draft([slots[i] for i in speculating], [lives[i].anchor for i in speculating],
+                                   [lives[i].request.temperature for i in speculating],
+                                   [lives[i].generator for i in speculating], gamma)
+        full = Draft(torch.zeros(len(slots), gamma, dtype=torch.long), torch.zeros(len(slots), gamma,
+                     draft.probs.shape[-1]), torch.zeros(len(slots), gamma), torch.zeros(len(slots), gamma))
+        for row, i in enumerate(speculating):
+            full.tokens[i], full.probs[i] = draft.tokens[row], draft.probs[row]
+            full.conf_logits[i], full.confidence[i] = draft.conf_logits[row], draft.confidence[row]
+        auto = [i for i in speculating if lives[i].request.speculation == "auto"]
+        if auto:
+            if self.scheduler == "paper":  # this round's confidences, early stop
+                chosen = schedule_paper(full.survival[auto], self.cost_table)
+            else:  # last round's confidences (a fresh request starts from a full block)
+                stale = torch.stack([lives[i].stale_survival if lives[i].stale_survival is not None
+                                     else torch.ones(gamma) for i in auto])
+                chosen = schedule_production(stale, self.cost_table, self.min_gain)
+            for i, n in zip(auto, chosen.tolist(), strict=True):
+                lengths[i] = n
+        for i in speculating:
+            request = lives[i].request
+            if request.speculation == "fixed":
+                lengths[i] = min(request.gamma or gamma, gamma)
+            lengths[i] = min(lengths[i], budget[i])
+        return lengths, full
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, live: _Live) -> int:
+        if live.request.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / live.request.temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=live.generator)[0])
+
+    def _commit(self, slot: int, tokens: list[int]) -> list[int]:
+        """Append tokens to the result, stopping at a stop id or the token budget."""
+        live = self.live[slot]
+        request, result = live.request, live.result
+        kept = []
+        for token in tokens:
+            kept.append(token)
+            result.tokens.append(token)
+            if token in request.stop_ids:
+                result.finish_reason = "stop"
+                break
+            if len(result.tokens) >= request.max_new_tokens:
+                result.finish_reason = "length"
+                break
+        live.anchor = kept[-1]
+        return kept
+
+
+def generate(target: Any, drafter: Any, requests: list[Request], *, num_slots: int | None = None,
+             **decoder_options: Any) -> list[Result]:
+    """Decode all `requests` with in-flight batching over `num_slots` slots; results in request order."""
+    num_slots = num_slots or len(requests)
+    decoder = SpeculativeDecoder(target, drafter, num_slots=num_slots, **decoder_options)
+    pending = list(enumerate(requests))[::-1]
+    results: dict[int, Result] = {}
+    owner: dict[int, int] = {}
+    while pending or decoder.live:
+        batch = [pending.pop() for _ in range(min(len(pending), len(decoder.free)))]
+        if batch:
+            for (index, _), slot in zip(batch, decoder.admit([r for _, r in batch]), strict=True):
+                owner[slot] = index
+        decoder.step()
+        for slot in [s for s, live in decoder.live.items() if live.result.finish_reason is not None]:
+            results[owner.pop(slot)] = decoder.release(slot)
+    return [results[i] for i in range(len(requests))]

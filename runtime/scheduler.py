@@ -1,0 +1,377 @@
+"""DSpark's confidence scheduler: how many drafts of each request to verify this round (spec section 4).
+
+With R active requests, survival a_{r,j} = Π_{i≤j} c_{r,i} (the estimated chance that drafts 1..j of
+request r are all accepted) and ℓ_r drafts verified for request r:
+
+    B = Σ_r (1 + ℓ_r)                       tokens in the verify step
+    τ = Σ_r (1 + Σ_{j≤ℓ_r} a_{r,j})         expected committed tokens (the +1 is the bonus/correction token)
+    objective = τ · SPS(R, B)               expected committed tokens per second
+
+SPS comes from a `CostTable` profiled on the actual hardware. Both schedulers rank every (r, j) by
+a_{r,j} and consider the plans "admit the first k candidates" for k = 0..R·γ; they differ in which k:
+
+- `schedule_paper` (Algorithm 1): the first k after which the objective stops improving. Because it
+  stops early, whether position j is verified depends only on positions before it, which keeps it
+  lossless when fed the *current* round's confidences.
+- `schedule_production`: the best k overall, and only if it beats verifying the full block by a
+  minimum predicted gain. Its callers feed survival from an *earlier* round (the confidences of this
+  round are not ready when the plan is needed), so the plan cannot depend on this round's drafts.
+
+Every candidate list is evaluated at once (cumulative sums over the ranked order), so a call costs a
+sort plus a few vector operations, independent of Python loops over R·γ.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError
+
+FORMAT = "dspark-trt/sps-table"
+FORMAT_VERSION = 1
+DEFAULT_MIN_GAIN = 0.04  # TensorRT-LLM's default `confidence_min_predicted_gain`
+
+# Survival is a product of probabilities, so it cannot rise along the block; rises smaller than this
+# are float noise (e.g. from a reduced-precision cumprod) and are smoothed away instead of rejected.
+_SURVIVAL_TOLERANCE = 1e-6
+_REQUIRED = ("token_counts", "step_time_ms", "fixed_overhead_ms")
+
+
+@dataclass
+class CostTable:
+    """Verify-step cost: step_time(R, B) = fixed_overhead_ms + α(R) + θ(B), in milliseconds.
+
+    θ is linear between the measured `token_counts`, flat below the first one, and continued along the
+    last segment's slope above the last one: a batch bigger than anything profiled is assumed to cost
+    at least as much per extra token as the largest profiled ones, never less (flat would make huge
+    batches look free). α (the overhead of carrying R requests, whatever their tokens) is linear
+    between the measured `batch_sizes` and flat outside them. θ is forced non-decreasing on
+    construction (running max), since more tokens never make a step cheaper and a dip from noise
+    would make the scheduler chase it.
+    """
+
+    token_counts: list[int]
+    step_time_ms: list[float]
+    fixed_overhead_ms: float = 0.0
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    batch_overhead_ms: list[float] = field(default_factory=lambda: [0.0])
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate(self, "<CostTable>")
+        self.token_counts = [int(b) for b in self.token_counts]
+        self.step_time_ms = _running_max([float(t) for t in self.step_time_ms])
+        self.fixed_overhead_ms = float(self.fixed_overhead_ms)
+        self.batch_sizes = [int(r) for r in self.batch_sizes]
+        self.batch_overhead_ms = [float(t) for t in self.batch_overhead_ms]
+        self.meta = dict(self.meta)
+
+    @classmethod
+    def flat(cls, ms_per_token: float = 0.0, fixed_ms: float = 1.0, meta: dict | None = None) -> CostTable:
+        """step_time = fixed_ms + ms_per_token · B for every R and B ≥ 1 (ms_per_token = 0: tokens are free)."""
+        # Two points are enough: past the last one θ continues along the same slope.
+        return cls(
+            token_counts=[1, 2],
+            step_time_ms=[ms_per_token, 2 * ms_per_token],
+            fixed_overhead_ms=fixed_ms,
+            meta={"source": "flat", **(meta or {})},
+        )
+
+    def step_ms(self, batch_size: int, tokens: float) -> float:
+        """Predicted duration of one verify step with `batch_size` requests carrying `tokens` tokens."""
+        return float(self.step_ms_many(batch_size, torch.tensor([float(tokens)], dtype=torch.float64))[0])
+
+    def sps(self, batch_size: int, tokens: float) -> float:
+        """Verify steps per second at (R, B)."""
+        return 1000.0 / self.step_ms(batch_size, tokens)
+
+    def step_ms_many(self, batch_size: int, tokens: Tensor) -> Tensor:
+        """`step_ms` for many token counts at once (float64 tensor of the same shape as `tokens`)."""
+        theta = _interp_theta(tokens.detach().to("cpu", torch.float64), self.token_counts, self.step_time_ms)
+        return self.fixed_overhead_ms + self.alpha_ms(batch_size) + theta
+
+    def alpha_ms(self, batch_size: int) -> float:
+        """Per-batch overhead α(R): linear between the measured batch sizes, flat outside them."""
+        # One scalar per call: plain Python is several times cheaper than tensor ops here.
+        sizes, times = self.batch_sizes, self.batch_overhead_ms
+        if batch_size <= sizes[0]:
+            return times[0]
+        if batch_size >= sizes[-1]:
+            return times[-1]
+        hi = bisect.bisect_right(sizes, batch_size)
+        t = (batch_size - sizes[hi - 1]) / (sizes[hi] - sizes[hi - 1])
+        return times[hi - 1] + t * (times[hi] - times[hi - 1])
+
+    def sps_many(self, batch_size: int, tokens: Tensor) -> Tensor:
+        """`sps` for many token counts at once."""
+        return 1000.0 / self.step_ms_many(batch_size, tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "token_counts": list(self.token_counts),
+            "step_time_ms": list(self.step_time_ms),
+            "fixed_overhead_ms": self.fixed_overhead_ms,
+            "batch_sizes": list(self.batch_sizes),
+            "batch_overhead_ms": list(self.batch_overhead_ms),
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, document: Any, path: str | Path = "<dict>") -> CostTable:
+        """Build a table from its JSON object; `path` only names the source in error messages.
+
+        The format tag is checked when present but not required, and `batch_sizes` /
+        `batch_overhead_ms` may be left out together (no per-request overhead), so that tables from
+        other tools with the same field names read fine.
+        """
+        if not isinstance(document, dict):
+            raise CheckpointError(path, "cost table must be a JSON object", found=type(document).__name__,
+                                  expected="an object with keys " + ", ".join(_REQUIRED))
+        if "format" in document and document["format"] != FORMAT:
+            raise CheckpointError(path, "not an SPS cost table", subject="format", found=document["format"],
+                                  expected=FORMAT)
+        if document.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise CheckpointError(path, "unsupported cost table format version", subject="format_version",
+                                  found=document["format_version"], expected=FORMAT_VERSION)
+        for key in _REQUIRED:
+            if key not in document:
+                raise CheckpointError(path, "missing field", subject=key, found=f"keys {sorted(document)}",
+                                      expected=f"fields {', '.join(_REQUIRED)}")
+        has_sizes, has_overheads = "batch_sizes" in document, "batch_overhead_ms" in document
+        if has_sizes != has_overheads:
+            missing = "batch_overhead_ms" if has_sizes else "batch_sizes"
+            raise CheckpointError(path, "batch_sizes and batch_overhead_ms come together", subject=missing,
+                                  found="missing", expected="both or neither")
+        meta = document.get("meta", {})
+        if not isinstance(meta, dict):
+            raise CheckpointError(path, "meta must be a JSON object", subject="meta", found=type(meta).__name__,
+                                  expected="object")
+        try:
+            return cls(
+                token_counts=document["token_counts"],
+                step_time_ms=document["step_time_ms"],
+                fixed_overhead_ms=document["fixed_overhead_ms"],
+                batch_sizes=document.get("batch_sizes", [1]),
+                batch_overhead_ms=document.get("batch_overhead_ms", [0.0]),
+                meta=meta,
+            )
+        except CheckpointError as exc:  # re-raise naming the real source instead of "<CostTable>"
+            raise CheckpointError(path, exc.problem, subject=exc.subject, found=exc.found,
+                                  expected=exc.expected) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostTable:
+        """Read and validate a cost table JSON file; every problem raises CheckpointError."""
+        path = Path(path)
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise CheckpointError(path, f"cannot read cost table: {exc.strerror or exc}") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(path, f"cost table is not valid JSON: {exc}") from exc
+        return cls.from_dict(document, path)
+
+    def save(self, path: str | Path) -> None:
+        """Write the JSON atomically: a reader sees the old file or the complete new one, never half."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"  # strict JSON for non-Python readers
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Same directory, so os.replace is a rename within one filesystem and therefore atomic.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise outlive the rename
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass in Python, but `true` is not a time.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_counts(path: str, name: str, values: object) -> None:
+    expected = "a non-empty list of strictly increasing positive integers"
+    if not isinstance(values, list) or not values:
+        raise CheckpointError(path, "must be a non-empty list", subject=name, found=values, expected=expected)
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(path, f"entry {i} is not a positive integer", subject=name, found=value,
+                                  expected=expected)
+        if i > 0 and value <= values[i - 1]:
+            raise CheckpointError(path, f"entry {i} does not increase", subject=name,
+                                  found=f"{values[i - 1]} then {value}", expected=expected)
+
+
+def _check_times(path: str, name: str, values: object, length: int, length_of: str) -> None:
+    expected = f"a list of {length} non-negative numbers (one per entry of {length_of})"
+    if not isinstance(values, list):
+        raise CheckpointError(path, "must be a list", subject=name, found=values, expected=expected)
+    if len(values) != length:
+        raise CheckpointError(path, f"length differs from {length_of}", subject=name, found=len(values),
+                              expected=length)
+    for i, value in enumerate(values):
+        if not _is_number(value) or value < 0:
+            raise CheckpointError(path, f"entry {i} is not a non-negative finite number", subject=name,
+                                  found=value, expected=expected)
+
+
+def _validate(table: CostTable, path: str) -> None:
+    _check_counts(path, "token_counts", table.token_counts)
+    _check_times(path, "step_time_ms", table.step_time_ms, len(table.token_counts), "token_counts")
+    if not _is_number(table.fixed_overhead_ms) or table.fixed_overhead_ms < 0:
+        raise CheckpointError(path, "not a non-negative finite number", subject="fixed_overhead_ms",
+                              found=table.fixed_overhead_ms, expected="a number >= 0")
+    _check_counts(path, "batch_sizes", table.batch_sizes)
+    _check_times(path, "batch_overhead_ms", table.batch_overhead_ms, len(table.batch_sizes), "batch_sizes")
+    if not isinstance(table.meta, dict):
+        raise CheckpointError(path, "meta must be a dict", subject="meta", found=type(table.meta).__name__,
+                              expected="dict")
+    # θ only grows and α is never negative, so this is the cheapest step the table can predict;
+    # zero would mean infinitely many steps per second.
+    cheapest = table.fixed_overhead_ms + table.step_time_ms[0] + min(table.batch_overhead_ms)
+    if cheapest <= 0:
+        raise CheckpointError(path, "every step would take zero time", subject="fixed_overhead_ms",
+                              found=table.fixed_overhead_ms, expected="a positive step time somewhere")
+
+
+def _running_max(values: list[float]) -> list[float]:
+    out, best = [], -math.inf
+    for value in values:
+        best = max(best, value)
+        out.append(best)
+    return out
+
+
+def _interp_theta(x: Tensor, xs: list[int], ys: list[float]) -> Tensor:
+    """Piecewise-linear y(x) through (xs, ys): flat left of xs[0], along the last segment right of xs[-1]."""
+    # numpy rather than torch.searchsorted: torch parallelises the search above ~200 queries, and
+    # under CPU contention (a serving process is never idle) its thread pool stalls for milliseconds.
+    points = x.numpy()
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+    y = np.interp(points, xs, ys) + slope * np.maximum(points - xs[-1], 0.0)  # np.interp alone is flat
+    return torch.from_numpy(y)
+
+
+def _check_survival(survival: Tensor) -> Tensor:
+    """Validated float64 CPU copy of survival [R, γ], made exactly non-increasing along the block."""
+    if not isinstance(survival, Tensor) or survival.dim() != 2 or not survival.is_floating_point():
+        shape = tuple(survival.shape) if isinstance(survival, Tensor) else type(survival).__name__
+        raise ValueError(f"survival must be a float tensor [R, γ], got {shape}")
+    a = survival.detach().to("cpu", torch.float64)
+    if not bool(((a >= -_SURVIVAL_TOLERANCE) & (a <= 1 + _SURVIVAL_TOLERANCE)).all()):  # also rejects NaN
+        raise ValueError("survival must lie in [0, 1]")
+    if a.shape[1] > 1 and bool((a[:, 1:] > a[:, :-1] + _SURVIVAL_TOLERANCE).any()):
+        raise ValueError("survival must be non-increasing along the block "
+                         "(pass the cumulative product of the confidences, not the confidences)")
+    # cummin turns the tolerated noise into exact monotonicity, which the ranking below relies on.
+    return torch.cummin(a.clamp(0.0, 1.0), dim=1).values
+
+
+def _check_lengths(lengths: Tensor, rows: int, gamma: int) -> Tensor:
+    lengths = torch.as_tensor(lengths).detach().to("cpu", torch.int64)
+    if lengths.shape != (rows,):
+        raise ValueError(f"lengths must have shape ({rows},), got {tuple(lengths.shape)}")
+    if bool(((lengths < 0) | (lengths > gamma)).any()):
+        raise ValueError(f"lengths must lie in [0, {gamma}], got {lengths.tolist()}")
+    return lengths
+
+
+def expected_tokens(survival: Tensor, lengths: Tensor) -> float:
+    """τ = Σ_r (1 + Σ_{j≤ℓ_r} a_{r,j}): expected tokens committed when request r verifies ℓ_r drafts."""
+    a = _check_survival(survival)
+    lengths = _check_lengths(lengths, a.shape[0], a.shape[1])
+    verified = torch.arange(a.shape[1]) < lengths[:, None]
+    return float(a.shape[0] + (a * verified).sum())
+
+
+def objective(survival: Tensor, lengths: Tensor, table: CostTable) -> float:
+    """τ · SPS(R, B): expected committed tokens per second for this plan."""
+    lengths = torch.as_tensor(lengths)
+    rows = survival.shape[0]
+    tokens = rows + int(lengths.sum())
+    return expected_tokens(survival, lengths) * table.sps(rows, tokens)
+
+
+def _ranked(a: Tensor) -> tuple[Tensor, Tensor]:
+    """Survival of every candidate (r, j), best first, and each candidate's request r."""
+    rows = a.shape[0]
+    # Flattened position-major, so the stable sort breaks ties by smaller j first (then smaller r): a
+    # request's positions then enter in order even where survival stays flat (c = 1).
+    values, order = torch.sort(a.t().reshape(-1), descending=True, stable=True)
+    return values, order % rows
+
+
+def _prefix_objectives(values: Tensor, rows: int, table: CostTable) -> Tensor:
+    """objective[k] = τ·SPS of the plan that admits the first k ranked candidates, for k = 0..R·γ."""
+    gains = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(values, dim=0)])
+    tau = rows + gains
+    tokens = rows + torch.arange(values.numel() + 1, dtype=torch.float64)
+    return tau * table.sps_many(rows, tokens)
+
+
+def _lengths_of_prefix(requests: Tensor, admitted: int, rows: int) -> Tensor:
+    # Each request's admitted candidates are its positions 1..ℓ_r (ranking above), so counting suffices.
+    return torch.bincount(requests[:admitted], minlength=rows).to(torch.int64)
+
+
+def schedule_paper(survival: Tensor, table: CostTable) -> Tensor:
+    """Algorithm 1: verify lengths ℓ_r ∈ [0, γ] (int64 [R], on the CPU) for survival [R, γ].
+
+    Starting from ℓ = 0 everywhere, candidates (r, j) are admitted best survival first while each one
+    strictly improves τ·SPS; the first that does not ends the scan. The early stop makes the decision
+    for position j depend only on positions before it, so this is the scheduler to use with the
+    current round's confidences (lossless verification).
+    """
+    a = _check_survival(survival)
+    rows = a.shape[0]
+    values, requests = _ranked(a)
+    objectives = _prefix_objectives(values, rows, table)
+    improves = objectives[1:] > objectives[:-1]
+    # The number of leading improvements is where the sequential scan would have stopped.
+    admitted = int(improves.to(torch.int64).cumprod(dim=0).sum())
+    return _lengths_of_prefix(requests, admitted, rows)
+
+
+def schedule_production(survival: Tensor, table: CostTable, min_gain: float = DEFAULT_MIN_GAIN) -> Tensor:
+    """Production variant: verify lengths ℓ_r ∈ [0, γ] (int64 [R], on the CPU) for survival [R, γ].
+
+    Same ranking as Algorithm 1, but the best of *all* prefixes wins (no early stop), and even that plan
+    is used only if its objective beats verifying the full block (ℓ_r = γ for all r) by more than
+    `min_gain` (relative); otherwise the full block is kept, so model error cannot shrink the verify
+    batch for a marginal predicted gain.
+
+    Callers pass survival from an EARLIER round (stale confidences, available before this round's
+    drafts exist): the plan then cannot depend on the drafts it verifies, which is what keeps this
+    lossless despite the global search. With the current round's confidences use `schedule_paper`.
+    """
+    if not (math.isfinite(min_gain) and min_gain >= 0):
+        raise ValueError(f"min_gain must be a finite number >= 0, got {min_gain}")
+    a = _check_survival(survival)
+    rows, gamma = a.shape
+    values, requests = _ranked(a)
+    objectives = _prefix_objectives(values, rows, table)
+    best = int(torch.argmax(objectives))  # first maximum: the fewest tokens among equally good plans
+    if objectives[best] > objectives[-1] * (1 + min_gain):
+        return _lengths_of_prefix(requests, best, rows)
+    return torch.full((rows,), gamma, dtype=torch.int64)

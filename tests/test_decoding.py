@@ -1,0 +1,169 @@
+"""Reference backend: runners match transformers, TP matches TP=1, speculation is lossless."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dspark_trt.builder.convert import convert
+from dspark_trt.runtime.drafter import Draft, Qwen3DSparkDrafter
+from dspark_trt.runtime.generate import Request, generate
+from dspark_trt.runtime.qwen3 import Qwen3Target
+from dspark_trt.runtime.tp import open_target
+
+
+CAPTURE = (1, 2, 4)
+
+
+def prompts(count: int = 24, seed: int = 0) -> list[list[int]]:
+    """Prompts of varied lengths (1 .. 47 tokens) over the fixture's ordinary tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 1000, (1 + (7 * i) % 47,), generator=gen).tolist() for i in range(count)]
+
+
+def runners(ckpt: Path, slots: int = 8, max_len: int = 256) -> tuple[Qwen3Target, Qwen3DSparkDrafter]:
+    return (Qwen3Target(ckpt / "target", num_slots=slots, max_len=max_len),
+            Qwen3DSparkDrafter(ckpt / "draft", num_slots=slots, max_len=max_len))
+
+
+# ------------------------------------------------------------------------------------------ runners
+
+
+def test_target_matches_transformers(qwen3_pair: Path, qwen3_ckpt: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(qwen3_pair / "target", dtype=torch.float32).eval()
+    target = Qwen3Target(qwen3_ckpt / "target", num_slots=4, max_len=128)
+    batch = prompts(3)
+    logits, features = target.forward([2, 0, 1], batch, capture=CAPTURE)  # slots out of order on purpose
+    with torch.no_grad():
+        for i, p in enumerate(batch):
+            ref = hf(torch.tensor([p]), output_hidden_states=True)
+            assert (logits[i] - ref.logits[0]).abs().max() <= 1e-4
+            expected = torch.cat([ref.hidden_states[layer + 1][0] for layer in CAPTURE], dim=-1)
+            assert (features[i] - expected).abs().max() <= 1e-4
+        # Incremental decoding, then a rollback of two rejected tokens and a different continuation.
+        more, _ = target.forward([2, 1], [[5, 6, 7], [9]])
+        full = hf(torch.tensor([batch[0] + [5, 6, 7]])).logits[0]
+        assert (more[0] - full[-3:]).abs().max() <= 1e-4
+        target.rollback(2, len(batch[0]) + 1)
+        again, _ = target.forward([2], [[8, 4]])
+        full = hf(torch.tensor([batch[0] + [5, 8, 4]])).logits[0]
+        assert (again[0] - full[-2:]).abs().max() <= 1e-4
+
+
+def test_tensor_parallel_logits_equal_tp1(qwen3_pair: Path, qwen3_ckpt: Path, tmp_path: Path) -> None:
+    batch = prompts(3, seed=1)
+    single = Qwen3Target(qwen3_ckpt / "target", num_slots=4, max_len=64)
+    ref, ref_features = single.forward([0, 1, 2], batch, capture=CAPTURE)
+    ref_next, _ = single.forward([1], [[3, 4]])
+    for tp in (2, 8):
+        ckpt = tmp_path / f"tp{tp}"
+        convert(qwen3_pair / "target", qwen3_pair / "drafter", ckpt, tp=tp, show_progress=False)
+        with open_target("qwen3", ckpt / "target", num_slots=4, max_len=64) as target:
+            logits, features = target.forward([0, 1, 2], batch, capture=CAPTURE)
+            nxt, _ = target.forward([1], [[3, 4]])
+        for a, b in zip(logits + features + nxt, ref + ref_features + ref_next, strict=True):
+            assert (a - b).abs().max() <= 1e-4, f"tp={tp}"
+
+
+# ----------------------------------------------------------------------------------- greedy identity
+
+
+def greedy(target, drafter, batch, mode: str, **options) -> list:
+    requests = [Request(p, max_new_tokens=20 + i % 9, speculation=mode, stop_ids=(7,) if i % 5 == 0 else ())
+                for i, p in enumerate(batch)]
+    return generate(target, drafter, requests, num_slots=8, **options)
+
+
+@pytest.mark.parametrize("markov", ["vanilla", "gated", "rnn"])
+def test_greedy_speculation_is_token_identical(markov_ckpts: dict[str, Path], markov: str) -> None:
+    target, drafter = runners(markov_ckpts[markov])
+    batch = prompts()
+    reference = greedy(target, drafter, batch, "off")
+    assert all(r.mean_tau == 1 for r in reference)
+    for mode, options in (("fixed", {}), ("auto", {"scheduler": "paper"}), ("auto", {"scheduler": "production"})):
+        results = greedy(target, drafter, batch, mode, **options)
+        for ref, got in zip(reference, results, strict=True):
+            assert got.tokens == ref.tokens, f"{markov} {mode} {options}"
+            assert got.finish_reason == ref.finish_reason
+            assert sum(got.taus) == len(got.tokens) - 1  # every token after the first came from a round
+
+
+class OracleDrafter:
+    """Wraps the real drafter but proposes the target's own greedy continuation, with one token in
+    three blocks corrupted, so that long acceptances, partial acceptances and rollbacks all happen."""
+
+    def __init__(self, drafter: Qwen3DSparkDrafter, sequences: list[list[int]]) -> None:
+        self.inner, self.sequences, self.admitted = drafter, sequences, 0
+        self.slot_sequence: dict[int, list[int]] = {}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def reset(self, slot: int) -> None:  # generate() admits requests in order
+        self.slot_sequence[slot] = self.sequences[self.admitted]
+        self.admitted += 1
+        self.inner.reset(slot)
+
+    def draft(self, slots, anchors, temperatures, generators, gamma=None) -> Draft:
+        draft = self.inner.draft(slots, anchors, temperatures, generators, gamma)
+        draft.tokens = draft.tokens.clone()  # an inference tensor; edits need a normal one
+        for row, slot in enumerate(slots):
+            pos = int(self.inner.ctx_len[slot])  # index of the anchor in prompt + output
+            truth = self.slot_sequence[slot][pos + 1: pos + 1 + draft.tokens.shape[1]]
+            draft.tokens[row, : len(truth)] = torch.tensor(truth, dtype=torch.long)
+            if torch.rand((), generator=self.gen) < 1 / 3:
+                k = int(torch.randint(0, draft.tokens.shape[1], (), generator=self.gen))
+                draft.tokens[row, k] = (draft.tokens[row, k] + 1) % 1000
+        return draft
+
+
+def test_greedy_identity_when_drafts_are_often_right(qwen3_ckpt: Path) -> None:
+    target, drafter = runners(qwen3_ckpt)
+    batch = prompts()
+    reference = greedy(target, drafter, batch, "off")
+    sequences = [p + r.tokens + [0] * 16 for p, r in zip(batch, reference, strict=True)]
+    for mode in ("fixed", "auto"):
+        results = greedy(target, OracleDrafter(drafter, sequences), batch, mode,
+                         scheduler="paper" if mode == "fixed" else "production", min_gain=0.0)
+        assert [r.tokens for r in results] == [r.tokens for r in reference]
+        taus = [t for r in results for t in r.taus]
+        assert sum(taus) / len(taus) > 2.5 and max(taus) == 8  # full blocks were accepted
+
+
+def test_stop_ids_and_token_budget(qwen3_ckpt: Path) -> None:
+    target, drafter = runners(qwen3_ckpt)
+    [plain] = generate(target, drafter, [Request(prompts(1)[0], max_new_tokens=30, speculation="off")])
+    stop = plain.tokens[6]
+    first = plain.tokens.index(stop)
+    for mode in ("off", "fixed", "auto"):
+        [stopped] = generate(target, drafter, [Request(prompts(1)[0], max_new_tokens=30, speculation=mode,
+                                                       stop_ids=(stop,))])
+        assert stopped.tokens == plain.tokens[: first + 1] and stopped.finish_reason == "stop"
+        [short] = generate(target, drafter, [Request(prompts(1)[0], max_new_tokens=11, speculation=mode)])
+        assert short.tokens == plain.tokens[:11] and short.finish_reason == "length"
+
+
+def test_confidence_head_without_markov_embedding(qwen3_ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(qwen3_ckpt, ckpt)
+    weights = load_file(str(ckpt / "draft" / "rank0.safetensors"))
+    hidden = weights["norm.weight"].shape[0]
+    weights["confidence_head.proj.weight"] = weights["confidence_head.proj.weight"][:, :hidden].contiguous()
+    save_file(weights, str(ckpt / "draft" / "rank0.safetensors"))
+    config = json.loads((ckpt / "draft" / "config.json").read_text())
+    config["dspark"]["confidence_head_with_markov"] = False
+    (ckpt / "draft" / "config.json").write_text(json.dumps(config))
+    target, drafter = runners(ckpt)
+    assert drafter.confidence.weight.shape[1] == hidden
+    reference = greedy(target, drafter, prompts(6), "off")
+    results = greedy(target, drafter, prompts(6), "auto")
+    assert [r.tokens for r in results] == [r.tokens for r in reference]
