@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from dspark_trt.runtime.calibration import (
     apply_sts,
     cumulative_ece,

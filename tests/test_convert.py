@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+
 from dspark_trt.builder.cli import main
 from dspark_trt.builder.families import open_pair
 from dspark_trt.runtime.fp8 import dequantize_fp8_block

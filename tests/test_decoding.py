@@ -15,7 +15,6 @@ from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.qwen3 import Qwen3Target
 from dspark_trt.runtime.tp import open_target
 
-
 CAPTURE = (1, 2, 4)
 
 

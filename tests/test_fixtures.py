@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from dspark_trt.builder import fixture_qwen3
 from dspark_trt.builder.fixture_deepseek_v4 import write_deepseek_v4_fixture
 from dspark_trt.builder.fixture_qwen3 import write_qwen3_fixture
 from dspark_trt.builder.tokenizer import special_token_ids
 from dspark_trt.runtime.fp8 import dequantize_fp8_block, quantize_fp8_block
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from dspark_trt.runtime.errors import CheckpointError
 from dspark_trt.runtime.safetensors_io import (
     PlannedTensor,
@@ -18,8 +21,6 @@ from dspark_trt.runtime.safetensors_io import (
     load_tensor,
     read_header,
 )
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 
 @pytest.fixture

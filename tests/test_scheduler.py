@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from dspark_trt.builder.profile_table import fit_cost_table, profile_grid
 from dspark_trt.runtime.errors import CheckpointError
 from dspark_trt.runtime.scheduler import (

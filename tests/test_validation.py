@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
 from dspark_trt.builder.cli import main
 from dspark_trt.builder.families.common import Source, linear
 from dspark_trt.runtime.errors import CheckpointError
 from dspark_trt.runtime.safetensors_io import SafetensorsCheckpoint
-from safetensors.torch import load_file, save_file
 
 
 def inspect(*paths: Path):
