@@ -16,6 +16,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from ..runtime.atomic import OutputExistsError
 from ..runtime.errors import CheckpointError
@@ -168,6 +169,89 @@ def convert(target: Path, drafter: Path | None, tp: int, draft_tp: int | None, d
                            show_progress=not quiet, full_hash=full_hash)
     extra = f", draft tp={manifest['draft_tp']}" if manifest["draft_tp"] else " (no drafter)"
     stdout.print(f"[green]✓[/] {manifest['family']} converted to {out} with tp={tp}{extra}")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the SPS table (JSON).")
+@click.option("--batch-sizes", default="1,2,4,8,16", show_default=True, help="Comma-separated batch sizes R.")
+@click.option("--verify-lengths", default=None, help="Comma-separated draft counts l per request (default 0..γ).")
+@click.option("--context", default=64, show_default=True, help="Tokens already cached in each slot.")
+@click.option("--warmup", default=2, show_default=True, help="Discarded steps per grid cell.")
+@click.option("--steps", default=5, show_default=True, help="Measured steps per grid cell (the median is kept).")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@reports_errors
+def profile(engine_dir: Path, out: Path, batch_sizes: str, verify_lengths: str | None, context: int, warmup: int,
+            steps: int, force: bool) -> None:
+    """Measure the SPS cost table the confidence scheduler plans with.
+
+    Times verify steps of the target on this machine over a grid of batch size R × verify length l
+    (each request carries 1 + l tokens), keeps the median of steady steps after warm-up, and fits
+    step time = fixed + α(R) + θ(tokens) with θ monotone. ENGINE_DIR is a converted checkpoint
+    (the reference backend runs it directly).
+
+    \b
+    JSON: {"format": "dspark-trt/sps-table", "token_counts": [...], "step_time_ms": [...],
+           "fixed_overhead_ms": x, "batch_sizes": [...], "batch_overhead_ms": [...], "meta": {...}}
+    """
+    from .profile import profile_checkpoint
+
+    if out.exists() and not force:
+        raise OutputExistsError(out)
+    table = profile_checkpoint(engine_dir, batch_sizes=_ints(batch_sizes),
+                               verify_lengths=_ints(verify_lengths) if verify_lengths else None,
+                               context=context, warmup=warmup, steps=steps)
+    table.save(out)
+    one, many = table.step_ms(1, 1), table.step_ms(table.batch_sizes[-1], table.token_counts[-1])
+    stdout.print(f"[green]✓[/] wrote {out}: {one:.2f} ms for one token, {many:.2f} ms for "
+                 f"{table.token_counts[-1]} tokens in a batch of {table.batch_sizes[-1]}")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise click.BadParameter(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Held-out prompts: a JSON list of strings or one prompt per line. Default: built-in code.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Calibration JSON to write. Default: ENGINE_DIR/draft/sts.json (picked up by the drafter).")
+@click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="Decoding temperature while collecting.")
+@reports_errors
+def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max_new_tokens: int,
+              temperature: float) -> None:
+    """Fit STS temperatures for the drafter's confidence head, with the target in the loop.
+
+    Decodes the prompts verifying full blocks, records raw confidence logits and accepted positions,
+    fits one temperature per block position (position by position, earlier ones frozen, minimising
+    the calibration error of the cumulative product) on two thirds of the rounds, and reports the
+    ECE on the held-out third before and after.
+    """
+    from .calibrate import builtin_prompts, encode, read_prompts
+    from .calibrate import calibrate as run_calibration
+
+    texts = read_prompts(prompts_file) if prompts_file else builtin_prompts()
+    out = out or engine_dir / "draft" / "sts.json"
+    report = run_calibration(engine_dir, encode(engine_dir, texts), out, max_new_tokens=max_new_tokens,
+                             temperature=temperature)
+    table = Table("position", "temperature", "acceptance", "ECE before", "ECE after", title="STS calibration "
+                  f"({report['rounds']} rounds, ECE on the held-out third)")
+    for k, (t, a, b, c) in enumerate(zip(report["temperatures"], report["acceptance"], report["ece_before"],
+                                         report["ece_after"], strict=True)):
+        table.add_row(str(k + 1), f"{t:.3f}", f"{a:.3f}", f"{b:.4f}", f"{c:.4f}")
+    stdout.print(table)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    stdout.print(f"[green]✓[/] wrote {out}: mean ECE {mean(report['ece_before']):.4f} -> "
+                 f"{mean(report['ece_after']):.4f}")
 
 
 if __name__ == "__main__":

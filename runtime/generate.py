@@ -67,13 +67,15 @@ class SpeculativeDecoder:
     """DSpark decoding over the slots of `target` (a target runner) and `drafter`."""
 
     def __init__(self, target: Any, drafter: Any, *, num_slots: int, cost_table: CostTable | None = None,
-                 scheduler: Literal["paper", "production"] = "paper", min_gain: float = 0.04) -> None:
+                 scheduler: Literal["paper", "production"] = "paper", min_gain: float = 0.04,
+                 record_calibration: bool = False) -> None:
         self.target, self.drafter = target, drafter
         self.cost_table = cost_table or CostTable.flat()
         self.scheduler, self.min_gain = scheduler, min_gain
         self.free = list(range(num_slots))[::-1]
         self.live: dict[int, _Live] = {}
-        self.calibration_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (conf logits, accepted)
+        # (raw confidence logits, accepted flags) of every round that verified a full block, for STS.
+        self.calibration_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if record_calibration else None
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -197,11 +199,8 @@ class SpeculativeDecoder:
         return kept
 
 
-def generate(target: Any, drafter: Any, requests: list[Request], *, num_slots: int | None = None,
-             **decoder_options: Any) -> list[Result]:
-    """Decode all `requests` with in-flight batching over `num_slots` slots; results in request order."""
-    num_slots = num_slots or len(requests)
-    decoder = SpeculativeDecoder(target, drafter, num_slots=num_slots, **decoder_options)
+def run(decoder: SpeculativeDecoder, requests: list[Request]) -> list[Result]:
+    """Decode all `requests` with in-flight batching over the decoder's slots; results in request order."""
     pending = list(enumerate(requests))[::-1]
     results: dict[int, Result] = {}
     owner: dict[int, int] = {}
@@ -214,3 +213,10 @@ def generate(target: Any, drafter: Any, requests: list[Request], *, num_slots: i
         for slot in [s for s, live in decoder.live.items() if live.result.finish_reason is not None]:
             results[owner.pop(slot)] = decoder.release(slot)
     return [results[i] for i in range(len(requests))]
+
+
+def generate(target: Any, drafter: Any, requests: list[Request], *, num_slots: int | None = None,
+             **decoder_options: Any) -> list[Result]:
+    """In-process DSpark decoding of `requests` (the yardstick the served path is measured against)."""
+    decoder = SpeculativeDecoder(target, drafter, num_slots=num_slots or len(requests), **decoder_options)
+    return run(decoder, requests)

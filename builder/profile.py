@@ -1,0 +1,50 @@
+"""`dspark-build profile`: measure the SPS cost table the confidence scheduler plans with.
+
+Times real verify steps of the target on this machine: for each batch size R and verify length l,
+R slots that each hold `context` tokens run a forward of 1 + l tokens (the step the scheduler
+sizes), then roll back. Warm-up steps are discarded and the median of the steady ones kept; the
+grid is fitted to fixed + α(R) + θ(B) with θ forced monotone (builder/profile_table.py).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ..runtime.loader import open_checkpoint
+from ..runtime.scheduler import CostTable
+from .profile_table import fit_cost_table, profile_grid
+
+
+def profile_checkpoint(ckpt: Path, *, batch_sizes: list[int], verify_lengths: list[int] | None = None,
+                       context: int = 64, warmup: int = 2, steps: int = 5, progress: bool = True) -> CostTable:
+    max_tokens = 1 + max(verify_lengths or [16])
+    target, drafter, manifest = open_checkpoint(ckpt, num_slots=max(batch_sizes), max_len=context + max_tokens + 1)
+    try:
+        gamma = manifest["dspark"]["block_size"]
+        verify_lengths = verify_lengths if verify_lengths is not None else list(range(gamma + 1))
+        gen = torch.Generator().manual_seed(0)
+        slots = list(range(max(batch_sizes)))
+        vocab = target.config.vocab_size
+        target.forward(slots, [torch.randint(0, vocab, (context,), generator=gen).tolist() for _ in slots])
+
+        def measure(batch: int, tokens: int) -> float:
+            start = time.perf_counter()
+            target.forward(slots[:batch], [[1] * tokens] * batch, capture=drafter.target_layer_ids)
+            elapsed = time.perf_counter() - start
+            for slot in slots[:batch]:
+                target.rollback(slot, context)
+            return elapsed
+
+        samples = profile_grid(measure, batch_sizes, verify_lengths, warmup=warmup, steps=steps, progress=progress)
+    finally:
+        target.close()
+    meta = {"backend": "reference", "family": manifest["family"], "tp": manifest["tp"], "context_tokens": context,
+            "torch_threads": torch.get_num_threads(), "host": platform.node(), "machine": platform.machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "checkpoint": str(Path(ckpt).absolute()),
+            "warmup_steps": warmup, "measured_steps": steps}
+    return fit_cost_table(samples, meta)
