@@ -14,6 +14,21 @@ from .manifest import read_manifest
 FAMILIES = {"qwen3": ("qwen3", "dspark_trt.runtime.drafter:Qwen3DSparkDrafter")}
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A converted checkpoint, given either it or a reference engine directory that holds one.
+
+    `dspark-build engine --backend reference` writes ENGINE_DIR/manifest.json with format
+    `dspark-trt/engine` and the checkpoint under ENGINE_DIR/checkpoint/.
+    """
+    import json
+
+    path = Path(path)
+    manifest = path / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("format") == "dspark-trt/engine":
+        return path / "checkpoint"
+    return path
+
+
 def open_checkpoint(ckpt_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
                     dtype: torch.dtype = torch.float32) -> tuple[Any, Any, dict[str, Any]]:
     """(target runner, drafter, manifest). A target sharded for tp > 1 runs as tp gloo processes."""
@@ -21,7 +36,7 @@ def open_checkpoint(ckpt_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
 
     from .tp import open_target
 
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
     manifest = read_manifest(ckpt_dir, "checkpoint")
     family = manifest["family"]
     if family not in FAMILIES:
