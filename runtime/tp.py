@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,15 @@ import torch
 import torch.distributed as dist
 
 _STOP = "__stop__"
+
+
+def python_executable() -> str:
+    """The interpreter for worker processes. Inside Triton's Python backend `sys.executable` is the
+    backend stub, not Python; `dspark-build serve` exports DSPARK_PYTHON for that case."""
+    exe = os.environ.get("DSPARK_PYTHON") or sys.executable
+    if not exe or not Path(exe).name.startswith("python"):
+        exe = shutil.which("python3") or shutil.which("python") or exe
+    return exe
 
 
 def free_port() -> int:
@@ -61,6 +72,7 @@ class DistributedTarget:
         self.tp = tp
         port = free_port()
         ctx = mp.get_context("spawn")
+        ctx.set_executable(python_executable())
         self.workers = [ctx.Process(target=_worker, args=(r, tp, port, kind, Path(target_dir), kwargs), daemon=True)
                         for r in range(1, tp)]
         for w in self.workers:

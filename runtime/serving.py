@@ -1,0 +1,309 @@
+"""The serving core: request validation, remote runners, and the in-flight batching orchestrator.
+
+Kept free of Triton imports so that it can be tested in-process; model_repository/dspark/1/model.py
+plugs in Triton's BLS calls, response senders and metrics.
+
+Wire protocol of the two models the orchestrator calls (batched tensors, one call per round):
+
+    dspark_verify  SLOTS i32[B] START i32[B] TOKENS i32[B,T] COUNTS i32[B]
+                   -> LOGITS f32[B,T,V] FEATURES f32[B,T,F]
+                   (START is the slot's cache length before the new tokens: rollback is implicit)
+    dspark_draft   SLOTS i32[B] CTX_START i32[B] CTX_COUNTS i32[B] CTX_FEATURES f32[B,N,F] ANCHORS i32[B]
+                   TEMPERATURES f32[B] SEEDS i64[B] GAMMA i32[1]
+                   -> TOKENS i32[B,G] PROBS f32[B,G,V] CONF_LOGITS f32[B,G] CONFIDENCE f32[B,G]
+                   (CTX_START 0 starts the slot afresh, its sampler seeded from SEEDS)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .detok import CONTEXT_TOKENS, IncrementalText
+from .drafter import Draft
+from .generate import Request, SpeculativeDecoder
+
+Call = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
+SPECULATION_MODES = ("auto", "off", "fixed")
+
+
+class ParamError(ValueError):
+    """A request parameter is missing, malformed or out of range; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int
+    max_new_tokens: int
+    block_size: int
+    vocab_size: int
+
+
+def _scalar(inputs: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = inputs.get(name)
+    if value is None:
+        return default
+    array = np.asarray(value).reshape(-1)
+    if array.size != 1:
+        raise ParamError(f"{name} must hold one value, got {array.size}")
+    item = array[0]
+    if kind is str:
+        return item.decode() if isinstance(item, bytes) else str(item)
+    if kind is int and not np.issubdtype(array.dtype, np.integer):
+        raise ParamError(f"{name} must be an integer, got {array.dtype}")
+    return kind(item)
+
+
+def parse_request(inputs: dict[str, Any], limits: Limits) -> tuple[Request, list[str]]:
+    """Validate one request's tensors; returns the decoding request and its stop strings."""
+    ids = inputs.get("INPUT_IDS")
+    if ids is None or np.asarray(ids).size == 0:
+        raise ParamError("the prompt is empty: send text_input or input_ids")
+    prompt = np.asarray(ids).reshape(-1).astype(np.int64)
+    if prompt.size > limits.max_prompt_tokens:
+        raise ParamError(f"the prompt has {prompt.size} tokens; this deployment accepts at most "
+                         f"{limits.max_prompt_tokens} (parameter max_prompt_tokens of model dspark)")
+    if prompt.min() < 0 or prompt.max() >= limits.vocab_size:
+        raise ParamError(f"input_ids must lie in [0, {limits.vocab_size}), got {prompt.min()}..{prompt.max()}")
+    max_tokens = _scalar(inputs, "MAX_TOKENS", int, 64)
+    if not 1 <= max_tokens <= limits.max_new_tokens:
+        raise ParamError(f"max_tokens must be in [1, {limits.max_new_tokens}], got {max_tokens}")
+    temperature = _scalar(inputs, "TEMPERATURE", float, 0.0)
+    if not (math.isfinite(temperature) and 0 <= temperature <= 100):
+        raise ParamError(f"temperature must be in [0, 100] (0 = greedy), got {temperature}")
+    speculation = _scalar(inputs, "SPECULATION", str, "auto")
+    if speculation not in SPECULATION_MODES:
+        raise ParamError(f"speculation must be one of {', '.join(SPECULATION_MODES)}, got {speculation!r}")
+    gamma = _scalar(inputs, "GAMMA", int, limits.block_size)
+    if not 1 <= gamma <= limits.block_size:
+        raise ParamError(f"gamma must be in [1, {limits.block_size}] (the drafter's block size), got {gamma}")
+    stop_ids = tuple(int(i) for i in np.asarray(inputs.get("STOP_IDS", []), dtype=np.int64).reshape(-1))
+    if any(not 0 <= i < limits.vocab_size for i in stop_ids):
+        raise ParamError(f"stop_ids must lie in [0, {limits.vocab_size})")
+    stops = [s.decode() if isinstance(s, bytes) else str(s) for s in np.asarray(inputs.get("STOP", [])).reshape(-1)]
+    if any(not s for s in stops):
+        raise ParamError("stop strings must not be empty")
+    seed = _scalar(inputs, "SEED", int, 0)
+    request = Request(prompt.tolist(), max_new_tokens=max_tokens, temperature=temperature, seed=seed,
+                      stop_ids=stop_ids, speculation=speculation, gamma=gamma)
+    return request, stops
+
+
+# ---------------------------------------------------------------------------------------------
+# Runners that live in other Triton models
+
+
+def _pad(rows: Sequence[Sequence[int]]) -> np.ndarray:
+    out = np.zeros((len(rows), max(1, max(len(r) for r in rows))), dtype=np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+class RemoteTarget:
+    """The target runner as seen from the orchestrator: cache lengths here, caches in dspark_verify."""
+
+    def __init__(self, call: Call, num_slots: int) -> None:
+        self.call, self.lengths = call, torch.zeros(num_slots, dtype=torch.long)
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def rollback(self, slot: int, length: int) -> None:
+        self.lengths[slot] = length
+
+    def forward(self, slots: list[int], tokens: list[list[int]], capture: tuple[int, ...] = ()
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        counts = [len(t) for t in tokens]
+        out = self.call("dspark_verify", {
+            "SLOTS": np.asarray(slots, dtype=np.int32), "START": self.lengths[slots].numpy().astype(np.int32),
+            "TOKENS": _pad(tokens), "COUNTS": np.asarray(counts, dtype=np.int32)})
+        self.lengths[slots] += torch.tensor(counts)
+        logits, features = torch.from_numpy(out["LOGITS"]), torch.from_numpy(out["FEATURES"])
+        return [logits[b, :n] for b, n in enumerate(counts)], [features[b, :n] for b, n in enumerate(counts)]
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteDrafter:
+    """The drafter as seen from the orchestrator: committed features wait here until the next draft call."""
+
+    def __init__(self, call: Call, num_slots: int, block_size: int, target_layer_ids: Sequence[int]) -> None:
+        self.call, self.block_size, self.target_layer_ids = call, block_size, tuple(target_layer_ids)
+        self.ctx_len = torch.zeros(num_slots, dtype=torch.long)  # context the draft model holds
+        self.pending: dict[int, list[torch.Tensor]] = {}
+        self.fresh: set[int] = set()
+
+    def reset(self, slot: int) -> None:
+        self.ctx_len[slot] = 0
+        self.pending[slot] = []
+        self.fresh.add(slot)
+
+    def add_context(self, slot: int, features: torch.Tensor) -> None:
+        self.pending.setdefault(slot, []).append(features)
+
+    def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
+              generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
+        new = [torch.cat(self.pending.get(s) or [torch.zeros(0, 0)]) for s in slots]
+        width = max(1, max(f.shape[0] for f in new))
+        feature_dim = max(f.shape[1] for f in new)
+        ctx = np.zeros((len(slots), width, feature_dim), dtype=np.float32)
+        for i, f in enumerate(new):
+            ctx[i, : f.shape[0]] = f.float().numpy()
+        out = self.call("dspark_draft", {
+            "SLOTS": np.asarray(slots, dtype=np.int32),
+            "CTX_START": np.asarray([0 if s in self.fresh else int(self.ctx_len[s]) for s in slots], dtype=np.int32),
+            "CTX_COUNTS": np.asarray([f.shape[0] for f in new], dtype=np.int32), "CTX_FEATURES": ctx,
+            "ANCHORS": np.asarray(anchors, dtype=np.int32), "TEMPERATURES": np.asarray(temperatures, dtype=np.float32),
+            "SEEDS": np.asarray([g.initial_seed() if g is not None else 0 for g in generators], dtype=np.int64),
+            "GAMMA": np.asarray([gamma or self.block_size], dtype=np.int32)})
+        for i, s in enumerate(slots):
+            self.ctx_len[s] += new[i].shape[0]
+            self.pending[s] = []
+            self.fresh.discard(s)
+        return Draft(torch.from_numpy(out["TOKENS"]).long(), torch.from_numpy(out["PROBS"]),
+                     torch.from_numpy(out["CONF_LOGITS"]), torch.from_numpy(out["CONFIDENCE"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The orchestrator
+
+
+class Sink(Protocol):
+    """Where one request's responses go (a Triton response sender in production)."""
+
+    def send(self, tokens: list[int], prefix: list[int], finish_reason: str | None, stats: dict | None) -> None: ...
+    def error(self, message: str) -> None: ...
+    def cancelled(self) -> bool: ...
+
+
+class Metrics(Protocol):
+    def round(self, verified: int, accepted: int) -> None: ...
+    def load(self, active: int, queued: int) -> None: ...
+
+
+@dataclass
+class _Stream:
+    request: Request
+    stops: list[str]
+    sink: Sink
+    text: IncrementalText | None
+    sent: list[int] = field(default_factory=list)
+
+
+class Orchestrator:
+    """In-flight batching over all live requests: one background thread runs admit/draft/verify rounds."""
+
+    def __init__(self, target: Any, drafter: Any, *, num_slots: int, decode: Callable[[Sequence[int]], str],
+                 metrics: Metrics | None = None, **decoder_options: Any) -> None:
+        self.decoder = SpeculativeDecoder(target, drafter, num_slots=num_slots, **decoder_options)
+        self.decode, self.metrics = decode, metrics
+        self.queue: queue.Queue[_Stream] = queue.Queue()
+        self.streams: dict[int, _Stream] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dspark-orchestrator", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: Request, stops: list[str], sink: Sink) -> None:
+        self.queue.put(_Stream(request, stops, sink, IncrementalText(self.decode) if stops else None))
+
+    @property
+    def active(self) -> int:
+        return len(self.streams)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if not self.streams:
+                    continue
+                self._drop_cancelled()
+                self._publish(self.decoder.step(), after_round=True)
+            except Exception:  # noqa: BLE001 - a failed round must fail its requests, not the server
+                message = traceback.format_exc(limit=3)
+                for slot in list(self.streams):
+                    self._finish(slot, error=f"internal error in a decoding round: {message}")
+            if self.metrics:
+                self.metrics.load(self.active, self.queue.qsize())
+
+    def _admit(self) -> None:
+        waiting: list[_Stream] = []
+        block = not self.streams  # idle: wait for work instead of spinning
+        while len(waiting) < len(self.decoder.free):
+            try:
+                stream = self.queue.get(timeout=0.05) if block and not waiting else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if not stream.sink.cancelled():
+                waiting.append(stream)
+        if not waiting:
+            return
+        slots = self.decoder.admit([s.request for s in waiting])
+        for slot, stream in zip(slots, waiting, strict=True):
+            self.streams[slot] = stream
+            self._publish({slot: list(self.decoder.live[slot].result.tokens)}, after_round=False)
+
+    def _drop_cancelled(self) -> None:
+        for slot, stream in list(self.streams.items()):
+            if stream.sink.cancelled():
+                self.decoder.release(slot)
+                del self.streams[slot]
+
+    def _publish(self, committed: dict[int, list[int]], after_round: bool) -> None:
+        for slot, tokens in committed.items():
+            stream, live = self.streams[slot], self.decoder.live[slot]
+            if self.metrics and after_round:
+                self.metrics.round(live.result.verified[-1], live.result.taus[-1] - 1)
+            if stream.text is not None:
+                tokens = self._apply_stop_strings(stream, live, tokens)
+            prefix = stream.sent[-CONTEXT_TOKENS:]
+            stream.sent.extend(tokens)
+            stream.sink.send(tokens, prefix, None, None)
+            if live.result.finish_reason is not None:
+                self._finish(slot)
+
+    def _apply_stop_strings(self, stream: _Stream, live: Any, tokens: list[int]) -> list[int]:
+        """Cut the round's tokens after the one that completes a stop string; that ends the request."""
+        for i, token in enumerate(tokens):
+            stream.text.add([token])
+            tail = stream.text.text[-(max(map(len, stream.stops)) + 8):]
+            if any(stop in tail for stop in stream.stops):
+                cut = len(tokens) - i - 1
+                if cut:
+                    del live.result.tokens[-cut:]
+                live.result.finish_reason = "stop"
+                return tokens[: i + 1]
+        return tokens
+
+    def _finish(self, slot: int, error: str | None = None) -> None:
+        stream = self.streams.pop(slot)
+        result = self.decoder.release(slot)
+        if error is not None:
+            stream.sink.error(error)
+            return
+        stats = {"tokens": len(result.tokens), "rounds": result.rounds, "mean_tau": round(result.mean_tau, 4),
+                 "verified_tokens": sum(result.verified), "accepted_tokens": sum(result.taus) - result.rounds,
+                 "finish_reason": result.finish_reason}
+        stream.sink.send([], stream.sent[-CONTEXT_TOKENS:], result.finish_reason, stats)
+
+
+def stats_json(stats: dict | None) -> str:
+    return json.dumps(stats, sort_keys=True) if stats else ""
