@@ -102,11 +102,19 @@ class DistributedTarget:
     def close(self) -> None:
         if not dist.is_initialized():
             return
-        dist.broadcast_object_list([(_STOP, (), {})], src=0)
-        for w in self.workers:
-            w.join(timeout=30)
-        dist.destroy_process_group()
-        torch.set_num_threads(self._threads)
+        try:
+            if all(w.is_alive() for w in self.workers):
+                dist.broadcast_object_list([(_STOP, (), {})], src=0)
+            for w in self.workers:
+                w.join(timeout=30)
+        except RuntimeError:  # a worker already died (e.g. the whole process group got SIGTERM)
+            pass
+        finally:
+            for w in self.workers:
+                if w.is_alive():
+                    w.terminate()
+            dist.destroy_process_group()
+            torch.set_num_threads(self._threads)
 
     def __enter__(self) -> DistributedTarget:
         return self

@@ -1,0 +1,79 @@
+"""`dspark-build repo`: fill the Triton model templates for a deployment layout.
+
+    cpu  every model on the CPU (reference backend; verify runs --tp gloo ranks)
+    gpu  verify spans GPUs 0..N-1 with tensor parallel N; the drafter shares GPU 0 (a separate
+         DSpark drafter, tp 1) or all N GPUs (DeepSeek-V4's mtp drafter, sharded like the target)
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from ..runtime.atomic import atomic_directory
+from ..runtime.errors import CheckpointError
+from ..runtime.loader import resolve_checkpoint
+from ..runtime.manifest import read_manifest
+
+MODELS = ("preprocessing", "dspark", "dspark_draft", "dspark_verify", "postprocessing", "ensemble")
+
+
+def template_dir() -> Path:
+    return Path(str(resources.files("dspark_trt.model_repository")))
+
+
+def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 1, tp: int | None = None,
+               num_slots: int = 16, max_prompt_tokens: int = 1024, max_new_tokens: int = 512,
+               scheduler: str = "paper", min_gain: float = 0.04, sps_table: Path | None = None,
+               force: bool = False) -> dict[str, Any]:
+    engine_dir = Path(engine_dir).absolute()
+    ckpt = resolve_checkpoint(engine_dir)
+    manifest = read_manifest(ckpt, "checkpoint")
+    if manifest.get("dspark") is None:
+        raise CheckpointError(ckpt / "manifest.json", "the checkpoint has no drafter", subject="dspark",
+                              expected="a checkpoint converted with its drafter")
+    ckpt_tp = manifest["tp"]
+    tp = tp or ckpt_tp
+    if tp != ckpt_tp:
+        raise CheckpointError(ckpt / "manifest.json", f"--tp {tp} differs from the checkpoint's tensor parallelism",
+                              subject="tp", found=ckpt_tp, expected=f"{tp} (convert again with --tp {tp})")
+    if layout == "gpu" and gpus % tp:
+        raise CheckpointError(ckpt / "manifest.json", f"--gpus {gpus} is not a multiple of --tp {tp}", subject="tp",
+                              found=tp, expected=f"a divisor of {gpus}")
+    draft_tp = manifest.get("draft_tp") or 1
+    all_gpus = ", ".join(str(g) for g in range(tp))
+    draft_gpus = ", ".join(str(g) for g in range(draft_tp))
+    engine_manifest = engine_dir / "manifest.json"
+    backend = "reference"
+    if engine_manifest.is_file() and engine_dir != ckpt:
+        backend = read_manifest(engine_dir, "engine").get("backend", "reference")
+    gamma = manifest["dspark"]["block_size"]
+    values = {
+        "engine_dir": str(engine_dir), "tokenizer_dir": str(ckpt / "tokenizer"), "backend": backend, "tp": tp,
+        "num_slots": num_slots, "max_len": max_prompt_tokens + max_new_tokens + gamma + 2,
+        "max_prompt_tokens": max_prompt_tokens, "max_new_tokens": max_new_tokens, "scheduler": scheduler,
+        "min_gain": min_gain, "preprocessing_instances": 1, "postprocessing_instances": 1,
+        "instance_kind": "KIND_GPU" if layout == "gpu" else "KIND_CPU",
+        "verify_gpus": f" gpus: [ {all_gpus} ]" if layout == "gpu" else "",
+        "draft_gpus": f" gpus: [ {draft_gpus} ]" if layout == "gpu" else "",
+        "layout_comment_verify": (f"Layout gpu: one instance spanning GPUs {all_gpus} (tensor parallel {tp})."
+                                  if layout == "gpu" else f"Layout cpu: one instance, {tp} gloo rank(s)."),
+        "layout_comment_draft": (f"Layout gpu: on GPU(s) {draft_gpus}, beside verify's rank(s) there."
+                                 if layout == "gpu" else "Layout cpu: one instance."),
+    }
+    with atomic_directory(out, force=force) as tmp:
+        values["sps_table"] = ""
+        if sps_table is not None:
+            shutil.copyfile(sps_table, tmp / "sps_table.json")
+            values["sps_table"] = str(Path(out).absolute() / "sps_table.json")
+        templates = template_dir()
+        for model in MODELS:
+            (tmp / model / "1").mkdir(parents=True)
+            text = (templates / model / "config.pbtxt.template").read_text()
+            (tmp / model / "config.pbtxt").write_text(Template(text).substitute(values))
+            for source in (templates / model / "1").glob("*.py"):
+                shutil.copyfile(source, tmp / model / "1" / source.name)
+    return values

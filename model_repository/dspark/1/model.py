@@ -1,0 +1,134 @@
+"""dspark: decoupled orchestrator running in-flight batched DSpark decoding (dspark_trt.runtime.serving)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
+
+from dspark_trt.runtime.loader import resolve_checkpoint
+from dspark_trt.runtime.manifest import read_manifest
+from dspark_trt.runtime.scheduler import CostTable
+from dspark_trt.runtime.serving import (
+    Limits,
+    Orchestrator,
+    ParamError,
+    RemoteDrafter,
+    RemoteTarget,
+    parse_request,
+    stats_json,
+)
+
+INPUTS = ("INPUT_IDS", "MAX_TOKENS", "TEMPERATURE", "SEED", "STOP", "STOP_IDS", "SPECULATION", "GAMMA")
+OUTPUTS = {"dspark_verify": ["LOGITS", "FEATURES"], "dspark_draft": ["TOKENS", "PROBS", "CONF_LOGITS", "CONFIDENCE"]}
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def bls(model, inputs):
+    request = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
+                                        requested_output_names=OUTPUTS[model])
+    response = request.exec()
+    if response.has_error():
+        raise RuntimeError(response.error().message())
+    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in OUTPUTS[model]}
+
+
+def _tensors(tokens, prefix, finish_reason, stats):
+    return [pb_utils.Tensor("OUTPUT_IDS", np.asarray(tokens, dtype=np.int32)),
+            pb_utils.Tensor("PREFIX_IDS", np.asarray(prefix, dtype=np.int32)),
+            pb_utils.Tensor("FINISH_REASON", np.asarray([(finish_reason or "").encode()], dtype=np.object_)),
+            pb_utils.Tensor("STATS", np.asarray([stats_json(stats).encode()], dtype=np.object_))]
+
+
+class TritonSink:
+    def __init__(self, sender):
+        self.sender = sender
+
+    def send(self, tokens, prefix, finish_reason, stats):
+        flags = FINAL if finish_reason is not None else 0
+        self.sender.send(pb_utils.InferenceResponse(_tensors(tokens, prefix, finish_reason, stats)), flags=flags)
+
+    def error(self, message):
+        self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+
+    def cancelled(self):
+        return self.sender.is_cancelled()
+
+
+class TritonMetrics:
+    """DSpark metrics on Triton's metrics endpoint (Prometheus, port 8002 by default)."""
+
+    def __init__(self, block_size):
+        family = pb_utils.MetricFamily
+        labels = {"model": "dspark"}
+        buckets = [float(k) + 0.5 for k in range(block_size + 1)]
+        # Families must outlive their metrics, so both are kept on the instance.
+        self.families = {
+            "tau": family("dspark_accepted_tokens_per_round", "Tokens committed per round (tau): accepted drafts + 1",
+                          family.HISTOGRAM),
+            "verified": family("dspark_verified_length", "Draft tokens verified per round", family.HISTOGRAM),
+            "position_verified": family("dspark_position_verified_total", "Rounds that verified block position k",
+                                        family.COUNTER),
+            "position_accepted": family("dspark_position_accepted_total", "Rounds that accepted block position k",
+                                        family.COUNTER),
+            "active": family("dspark_active_requests", "Requests being decoded", family.GAUGE),
+            "queued": family("dspark_queued_requests", "Requests waiting for a slot", family.GAUGE),
+        }
+        f = self.families
+        self.tau = f["tau"].Metric(labels, buckets=buckets)
+        self.verified = f["verified"].Metric(labels, buckets=[b - 1 for b in buckets])
+        self.position_verified = [f["position_verified"].Metric({**labels, "position": str(k + 1)})
+                                  for k in range(block_size)]
+        self.position_accepted = [f["position_accepted"].Metric({**labels, "position": str(k + 1)})
+                                  for k in range(block_size)]
+        self.active = f["active"].Metric(labels)
+        self.queued = f["queued"].Metric(labels)
+
+    def round(self, verified, accepted):
+        self.tau.observe(accepted + 1)
+        self.verified.observe(verified)
+        for k in range(verified):
+            self.position_verified[k].increment(1)
+        for k in range(accepted):
+            self.position_accepted[k].increment(1)
+
+    def load(self, active, queued):
+        self.active.set(active)
+        self.queued.set(queued)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        manifest = read_manifest(resolve_checkpoint(Path(params["engine_dir"])), "checkpoint")
+        dspark, slots = manifest["dspark"], int(params["num_slots"])
+        tokenizer = Tokenizer.from_file(params["tokenizer_dir"] + "/tokenizer.json")
+        self.limits = Limits(int(params["max_prompt_tokens"]), int(params["max_new_tokens"]), dspark["block_size"],
+                             tokenizer.get_vocab_size(with_added_tokens=True))
+        cost_table = CostTable.load(params["sps_table"]) if params["sps_table"] else None
+        self.orchestrator = Orchestrator(
+            RemoteTarget(bls, slots), RemoteDrafter(bls, slots, dspark["block_size"], dspark["target_layer_ids"]),
+            num_slots=slots, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            metrics=TritonMetrics(dspark["block_size"]), cost_table=cost_table, scheduler=params["scheduler"],
+            min_gain=float(params["min_gain"]))
+        self.orchestrator.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sink = TritonSink(request.get_response_sender())
+            inputs = {}
+            for name in INPUTS:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    inputs[name] = tensor.as_numpy()
+            try:
+                decoding, stops = parse_request(inputs, self.limits)
+            except ParamError as e:
+                sink.error(str(e))
+                continue
+            self.orchestrator.submit(decoding, stops, sink)
+        return None
+
+    def finalize(self):
+        self.orchestrator.stop()

@@ -1,0 +1,26 @@
+"""postprocessing: incremental detokenisation (dspark_trt.runtime.detok.text_delta), stateless per chunk."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
+
+from dspark_trt.runtime.detok import text_delta
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"])["parameters"]
+        tokenizer = Tokenizer.from_file(params["tokenizer_dir"]["string_value"] + "/tokenizer.json")
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            new = pb_utils.get_input_tensor_by_name(request, "OUTPUT_IDS").as_numpy().reshape(-1).tolist()
+            prefix = pb_utils.get_input_tensor_by_name(request, "PREFIX_IDS").as_numpy().reshape(-1).tolist()
+            text = text_delta(self.decode, prefix, new) if new else ""
+            out = np.asarray([text.encode("utf-8")], dtype=np.object_)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("TEXT", out)]))
+        return responses
