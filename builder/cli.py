@@ -1,7 +1,8 @@
 """`dspark-build`: from checkpoints to a Triton model repository.
 
 Exit codes: 0 success · 1 invalid input (the message names the file, tensor or field, what was
-found and what was expected) · 2 bad command-line usage · 3 output exists (pass --force).
+found and what was expected) · 2 bad command-line usage · 3 output exists (pass --force) ·
+4 a missing optional dependency (TensorRT) · 5 the server failed to start.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..runtime.errors import CheckpointError
 
 EXIT_INVALID_INPUT = 1
 EXIT_OUTPUT_EXISTS = 3
+EXIT_SERVER = 5
 
 # soft_wrap: messages name files and tensors; they must stay greppable, never re-wrapped.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -252,6 +254,106 @@ def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     stdout.print(f"[green]✓[/] wrote {out}: mean ECE {mean(report['ece_before']):.4f} -> "
                  f"{mean(report['ece_after']):.4f}")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Repository to write.")
+@click.option("--layout", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: reference backend on CPU. gpu: instance groups and device ids for N GPUs.")
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(min=1), help="GPUs (gpu layout).")
+@click.option("--tp", type=click.IntRange(min=1), help="Tensor parallelism of verify (default: the checkpoint's).")
+@click.option("--num-slots", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Requests decoded together (in-flight batch); more wait in a queue.")
+@click.option("--max-prompt-tokens", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--scheduler", type=click.Choice(["paper", "production"]), default="paper", show_default=True,
+              help="Confidence scheduler: paper = Algorithm 1 on this round's confidences; production = stale "
+                   "confidences, global best, min gain.")
+@click.option("--min-gain", default=0.04, show_default=True, help="Production scheduler's minimum predicted gain.")
+@click.option("--sps-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Cost table from `dspark-build profile` (default: ENGINE_DIR/sps_table.json if present).")
+@click.option("--force", is_flag=True, help="Replace the repository if it exists.")
+@reports_errors
+def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, num_slots: int, max_prompt_tokens: int,
+         max_new_tokens: int, scheduler: str, min_gain: float, sps_table: Path | None, force: bool) -> None:
+    """Write a Triton model repository serving ENGINE_DIR.
+
+    \b
+    ensemble        text_input | input_ids (+ max_tokens, temperature, seed, stop, stop_ids,
+                    speculation, gamma) -> streamed text_output, output_ids; finish_reason and
+                    stats on the final response
+      preprocessing tokenizer
+      dspark        decoupled orchestrator: in-flight batching, confidence scheduler
+      dspark_draft  drafter (per-slot context)       dspark_verify  target (per-slot KV cache)
+      postprocessing incremental detokenisation
+    """
+    from .repo import build_repo
+
+    if sps_table is None and (engine_dir / "sps_table.json").is_file():
+        sps_table = engine_dir / "sps_table.json"
+    values = build_repo(engine_dir, out, layout=layout, gpus=gpus, tp=tp, num_slots=num_slots,
+                        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, scheduler=scheduler,
+                        min_gain=min_gain, sps_table=sps_table, force=force)
+    table = f"cost table {sps_table}" if sps_table else "no cost table (auto verifies every draft)"
+    stdout.print(f"[green]✓[/] wrote {out}: layout {layout}, verify tp={values['tp']}, {num_slots} slots, {table}")
+
+
+@main.command()
+@click.argument("repo", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (localhost unless told).")
+@click.option("--http-port", default=8000, show_default=True)
+@click.option("--grpc-port", default=8001, show_default=True)
+@click.option("--metrics-port", default=8002, show_default=True)
+@click.option("--detach", is_flag=True, help="Return once ready, leaving the server running (see `stop`).")
+@click.option("--pid-file", type=click.Path(path_type=Path), default=Path("build/tritonserver.pid"), show_default=True)
+@click.option("--log", "log_file", type=click.Path(path_type=Path), help="Server log (default: next to REPO).")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for readiness.")
+@reports_errors
+def serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path,
+          log_file: Path | None, timeout: float) -> None:
+    """Run tritonserver on REPO and wait until every model is ready.
+
+    Uses the system tritonserver if there is one, else the one bundled with nvidia-pytriton
+    (preparing its Python backend for this environment). Binds to 127.0.0.1 unless --host says
+    otherwise. Exit code 5 if the server fails to start (its log is printed).
+    """
+    from .serve import ServerError, start_server
+
+    try:
+        server = start_server(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                              log=log_file, timeout=timeout)
+    except ServerError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}")
+        sys.exit(EXIT_SERVER)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(f"{server.process.pid}\n")
+    for name, url in server.endpoints.items():
+        stdout.print(f"  {name:8s} {url}")
+    stdout.print(f"[green]✓[/] tritonserver ready (pid {server.process.pid}, log {server.log})")
+    if detach:
+        return
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
+@main.command()
+@click.option("--pid-file", type=click.Path(path_type=Path), default=Path("build/tritonserver.pid"), show_default=True)
+def stop(pid_file: Path) -> None:
+    """Stop a server started with `serve --detach`."""
+    from .serve import stop_process
+
+    if not pid_file.is_file():
+        stdout.print(f"no server running ({pid_file} not found)")
+        return
+    pid = int(pid_file.read_text())
+    stopped = stop_process(pid)
+    pid_file.unlink()
+    stdout.print(f"[green]✓[/] stopped tritonserver (pid {pid})" if stopped else f"pid {pid} was not running")
 
 
 if __name__ == "__main__":

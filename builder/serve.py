@@ -41,7 +41,14 @@ class Server:
                 "metrics": f"http://{self.host}:{self.metrics_port}/metrics"}
 
     def stop(self, timeout: float = 30) -> None:
-        stop_process(self.process.pid, timeout)
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=timeout)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            pass
+        stop_process(self.process.pid, timeout=1)  # whatever of the group is left
         self.process.wait(timeout=5)
 
 
@@ -53,7 +60,8 @@ def find_tritonserver() -> tuple[Path, Path]:
     try:
         import pytriton
     except ImportError:
-        raise ServerError("no tritonserver found: install Triton (NGC container) or `pip install nvidia-pytriton`") from None
+        raise ServerError("no tritonserver found: use an NGC Triton container or `pip install nvidia-pytriton`"
+                          ) from None
     root = Path(pytriton.__file__).parent / "tritonserver"
     return root / "bin" / "tritonserver", root / "backends"
 
@@ -114,7 +122,8 @@ def start_server(repo: Path, *, host: str = "127.0.0.1", http_port: int = 8000, 
     cmd = [str(binary), f"--model-repository={repo}", f"--backend-directory={backend_dir}",
            f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
            f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--allow-metrics=true",
-           "--allow-gpu-metrics=false", "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0"]
+           "--allow-gpu-metrics=false", "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
+           "--exit-timeout-secs=10"]
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(binary),
                                    start_new_session=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import sysconfig
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -72,13 +73,15 @@ def train_tokenizer(
     bos_token: str | None = None,
     model_max_length: int = 2048,
     tokenizer_class: str = "Qwen2Tokenizer",
+    corpus: Iterable[str] | None = None,
 ) -> Path:
     """Train and save `tokenizer.json` + `tokenizer_config.json` in `out_dir`; return tokenizer.json's path.
 
     The total vocabulary (BPE tokens + `special_tokens`) is at most `vocab_size`; the special tokens get
     the LAST ids, as in real checkpoints, so callers must look ids up (see `special_token_ids`).
     `eos_token` and `pad_token` default to `special_tokens[0]`. `bos_token` defaults to none (Qwen style);
-    when given, encoding prepends it (DeepSeek style).
+    when given, encoding prepends it (DeepSeek style). `corpus` replaces the default text (a seeded slice of
+    the standard library's top-level modules), e.g. with the train split of a model that is really trained.
     """
     if not special_tokens:
         raise ValueError("special_tokens must not be empty (eos/pad default to the first one)")
@@ -100,7 +103,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(_stdlib_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_stdlib_corpus(seed) if corpus is None else corpus, trainer=trainer)
     tok.add_special_tokens(special_tokens)
     if bos_token is not None:
         # DeepSeek style: encoding prepends BOS. The post-processor does it for both `tokenizers` and

@@ -74,7 +74,7 @@ def parse_request(inputs: dict[str, Any], limits: Limits) -> tuple[Request, list
                          f"{limits.max_prompt_tokens} (parameter max_prompt_tokens of model dspark)")
     if prompt.min() < 0 or prompt.max() >= limits.vocab_size:
         raise ParamError(f"input_ids must lie in [0, {limits.vocab_size}), got {prompt.min()}..{prompt.max()}")
-    max_tokens = _scalar(inputs, "MAX_TOKENS", int, 64)
+    max_tokens = _scalar(inputs, "MAX_TOKENS", int, min(64, limits.max_new_tokens))
     if not 1 <= max_tokens <= limits.max_new_tokens:
         raise ParamError(f"max_tokens must be in [1, {limits.max_new_tokens}], got {max_tokens}")
     temperature = _scalar(inputs, "TEMPERATURE", float, 0.0)
@@ -198,6 +198,7 @@ class _Stream:
     stops: list[str]
     sink: Sink
     text: IncrementalText | None
+    request_id: str = ""
     sent: list[int] = field(default_factory=list)
 
 
@@ -211,6 +212,8 @@ class Orchestrator:
         self.queue: queue.Queue[_Stream] = queue.Queue()
         self.streams: dict[int, _Stream] = {}
         self._stop = threading.Event()
+        self._cancelled_ids: set[str] = set()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="dspark-orchestrator", daemon=True)
 
     def start(self) -> None:
@@ -220,8 +223,19 @@ class Orchestrator:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def submit(self, request: Request, stops: list[str], sink: Sink) -> None:
-        self.queue.put(_Stream(request, stops, sink, IncrementalText(self.decode) if stops else None))
+    def submit(self, request: Request, stops: list[str], sink: Sink, request_id: str = "") -> None:
+        self.queue.put(_Stream(request, stops, sink, IncrementalText(self.decode) if stops else None, request_id))
+
+    def cancel(self, request_id: str) -> None:
+        """Stop every live or queued request with this id (how a cancelled ensemble stream is noticed:
+        Triton cancels the ensemble's next postprocessing step, which calls here)."""
+        if request_id:
+            with self._lock:
+                self._cancelled_ids.add(request_id)
+
+    def _is_cancelled(self, stream: _Stream) -> bool:
+        with self._lock:
+            return stream.sink.cancelled() or stream.request_id in self._cancelled_ids
 
     @property
     def active(self) -> int:
@@ -252,7 +266,7 @@ class Orchestrator:
                 stream = self.queue.get(timeout=0.05) if block and not waiting else self.queue.get_nowait()
             except queue.Empty:
                 break
-            if not stream.sink.cancelled():
+            if not self._is_cancelled(stream):
                 waiting.append(stream)
         if not waiting:
             return
@@ -263,9 +277,13 @@ class Orchestrator:
 
     def _drop_cancelled(self) -> None:
         for slot, stream in list(self.streams.items()):
-            if stream.sink.cancelled():
+            if self._is_cancelled(stream):
                 self.decoder.release(slot)
                 del self.streams[slot]
+                stream.sink.send([], [], "cancelled", None)
+        with self._lock:
+            live = {s.request_id for s in self.streams.values()}
+            self._cancelled_ids &= live | {s.request_id for s in list(self.queue.queue)}
 
     def _publish(self, committed: dict[int, list[int]], after_round: bool) -> None:
         for slot, tokens in committed.items():

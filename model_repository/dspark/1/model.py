@@ -46,6 +46,9 @@ class TritonSink:
         self.sender = sender
 
     def send(self, tokens, prefix, finish_reason, stats):
+        if finish_reason == "cancelled":  # nobody is listening any more: just close the stream
+            self.sender.send(flags=FINAL)
+            return
         flags = FINAL if finish_reason is not None else 0
         self.sender.send(pb_utils.InferenceResponse(_tensors(tokens, prefix, finish_reason, stats)), flags=flags)
 
@@ -117,6 +120,11 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sink = TritonSink(request.get_response_sender())
+            cancel = pb_utils.get_input_tensor_by_name(request, "CANCEL")
+            if cancel is not None:
+                self.orchestrator.cancel(cancel.as_numpy().reshape(-1)[0].decode())
+                sink.sender.send(flags=FINAL)
+                continue
             inputs = {}
             for name in INPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -127,7 +135,7 @@ class TritonPythonModel:
             except ParamError as e:
                 sink.error(str(e))
                 continue
-            self.orchestrator.submit(decoding, stops, sink)
+            self.orchestrator.submit(decoding, stops, sink, request.request_id())
         return None
 
     def finalize(self):

@@ -1,0 +1,318 @@
+"""Train a DeepSpec `Qwen3DSparkModel` drafter against a frozen target.
+
+The training forward computes, for many anchors of a sequence at once, exactly what
+`runtime.drafter.Qwen3DSparkDrafter.draft` computes for one anchor at inference, built from the
+same `runtime.layers` / `runtime.heads` functions:
+
+- an anchor p is the last committed token; its context is the target's features (HF
+  `hidden_states[l + 1]` for l in `target_layer_ids`, concatenated) of positions 0..p-1, through
+  `fc` and `hidden_norm`, fed straight into each draft layer's k_proj / v_proj (k_norm, RoPE at
+  their own positions);
+- its block is [x_p, MASK × (γ-1)] at positions p..p+γ-1: queries from the block, keys/values
+  [context; block], no causal mask inside the block; `norm` + `lm_head` give base logits U_k;
+- the Markov bias of position k comes from x_{k-1}, teacher-forced with the TRUE tokens
+  x_p, x_{p+1}, ...; the confidence logit from [h_k; W1[x_{k-1}]].
+
+All anchors of a batch share one attention call: queries are every anchor's block, keys are
+[the sequence's context; every block], and a block-sparse mask lets block a see context positions
+< p_a and its own block only (as DFlash trains).
+
+Objective (DeepSpec): per block position k, 0.1 · CE(data token) + 0.9 · TV(p_draft, p_target)
++ 1.0 · BCE(confidence, 1 − TV), where TV = ½‖p_draft − p_target‖₁ (1 − TV is the chance that
+rejection sampling at T = 1 accepts the draft), p_target is the frozen target's next-token
+distribution at the same position; positions are weighted w_k = exp(−(k−1)/γ), normalised, so
+early positions, which every later one depends on, count most.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ..runtime.heads import ConfidenceHead, MarkovHead
+from ..runtime.layers import apply_rope, attention, rms_norm, rope_tables, swiglu
+from .corpus import WindowSampler, eval_windows
+from .fixture_qwen3 import drafter_config as fixture_drafter_config
+from .fixture_qwen3 import drafter_tensors as fixture_drafter_tensors
+from .train_utils import StepBudget, adamw, console, learning_rate, progress_bar
+
+if TYPE_CHECKING:
+    from transformers import Qwen3ForCausalLM
+
+FROZEN = ("embed_tokens.weight", "lm_head.weight")  # copies of the target's
+LOSS_WEIGHTS = {"ce": 0.1, "tv": 0.9, "bce": 1.0}
+
+
+@dataclass(frozen=True)
+class DrafterRecipe:
+    layers: int = 1
+    block_size: int = 5
+    target_layer_ids: tuple[int, ...] = (0, 1, 2)
+    markov_rank: int = 128
+    seq_len: int = 256
+    batch: int = 16
+    anchors: int = 48  # per sequence and step
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    eval_windows: int = 48
+
+
+def drafter_config(target_config: dict, mask_token_id: int, recipe: DrafterRecipe) -> dict:
+    """The fixture's DeepSpec config (the target's, drafter fields added) with this recipe's sizes."""
+    config = fixture_drafter_config(target_config, mask_token_id, "vanilla")
+    config.update(num_hidden_layers=recipe.layers, block_size=recipe.block_size,
+                  target_layer_ids=list(recipe.target_layer_ids), markov_rank=recipe.markov_rank,
+                  # Without a Markov head there is no W1 embedding to feed the confidence head.
+                  confidence_head_with_markov=recipe.markov_rank > 0)
+    if isinstance(target_config.get("layer_types"), list):
+        config["layer_types"] = target_config["layer_types"][: recipe.layers]
+    return config
+
+
+def position_weights(gamma: int) -> torch.Tensor:
+    w = torch.exp(-torch.arange(gamma, dtype=torch.float32) / gamma)
+    return w / w.sum()
+
+
+class DSparkDraftModel:
+    """The drafter's tensors under their DeepSpec names, and its batched training forward."""
+
+    def __init__(self, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.config = c = config
+        self.w = {name: t.detach().float().clone() for name, t in tensors.items()}
+        for name, t in self.w.items():
+            t.requires_grad_(name not in FROZEN)
+        self.gamma, self.mask_token_id = c["block_size"], c["mask_token_id"]
+        self.layers, self.eps = c["num_hidden_layers"], c["rms_norm_eps"]
+        self.heads, self.kv_heads, self.head_dim = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+        self.theta = float(c.get("rope_theta") or c["rope_parameters"]["rope_theta"])
+        self.markov_kind = c["markov_head_type"] if c["markov_rank"] > 0 else "none"
+
+    @classmethod
+    def initialise(cls, config: dict, embed: torch.Tensor, lm_head: torch.Tensor, seed: int) -> DSparkDraftModel:
+        """Random weights as the fixture draws them; embedding and head copied from the target."""
+        gen = torch.Generator().manual_seed(seed)
+        tensors = fixture_drafter_tensors({**config, "markov_rank": max(config["markov_rank"], 1)}, embed, lm_head,
+                                          gen)
+        if config["markov_rank"] == 0:  # the ablation: no Markov tensors, confidence from h_k alone
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("markov_head.")}
+        else:  # the Markov bias starts at zero, so it only ever adds what the backbone cannot do
+            tensors["markov_head.markov_w2.weight"] = torch.zeros_like(tensors["markov_head.markov_w2.weight"])
+        return cls(config, tensors)
+
+    def trainable(self) -> list[torch.Tensor]:
+        return [t for name, t in self.w.items() if name not in FROZEN]
+
+    def save(self, drafter_dir: Path) -> None:
+        drafter_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in sorted(self.w.items())}
+        save_file(tensors, str(drafter_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    def forward(self, tokens: torch.Tensor, features: torch.Tensor, anchors: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draft every anchor of every sequence in one pass.
+
+        tokens [B, L] long, features [B, L, n_layers · hidden], anchors [B, N] with 1 <= p <= L - γ.
+        Returns hidden [B, N, γ, d], base logits U [B, N, γ, V], Markov bias [B, N, γ, V] (zeros
+        without a head) and confidence logits [B, N, γ]; block position k predicts token p + k.
+        """
+        w, gamma = self.w, self.gamma
+        batch, length = tokens.shape
+        n = anchors.shape[1]
+        offsets = torch.arange(gamma)
+        block_pos = (anchors[:, :, None] + offsets).reshape(batch, n * gamma)
+        ids = torch.full((batch, n, gamma), self.mask_token_id, dtype=torch.long)
+        ids[:, :, 0] = tokens.gather(1, anchors)
+        ids = ids.reshape(batch, n * gamma)
+
+        # Block a sees context positions < p_a and the whole of its own block, nothing else.
+        query_anchor = anchors.repeat_interleave(gamma, dim=1)  # [B, Nγ]
+        sees_context = torch.arange(length)[None, None, :] < query_anchor[:, :, None]
+        block_of = torch.arange(n).repeat_interleave(gamma)
+        sees_block = (block_of[:, None] == block_of[None, :]).expand(batch, -1, -1)
+        allowed = torch.cat([sees_context, sees_block], dim=2)
+
+        ctx = rms_norm(F.linear(features, w["fc.weight"]), w["hidden_norm.weight"], self.eps)
+        ctx_cos, ctx_sin = rope_tables(torch.arange(length)[None], self.head_dim, self.theta)
+        cos, sin = rope_tables(block_pos, self.head_dim, self.theta)
+        x = F.embedding(ids, w["embed_tokens.weight"])
+        for layer in range(self.layers):
+            p = f"layers.{layer}."
+            k_ctx = F.linear(ctx, w[p + "self_attn.k_proj.weight"]).view(batch, length, self.kv_heads, self.head_dim)
+            k_ctx = apply_rope(rms_norm(k_ctx, w[p + "self_attn.k_norm.weight"], self.eps).transpose(1, 2),
+                               ctx_cos, ctx_sin)
+            v_ctx = F.linear(ctx, w[p + "self_attn.v_proj.weight"]).view(batch, length, self.kv_heads, self.head_dim)
+            h = rms_norm(x, w[p + "input_layernorm.weight"], self.eps)
+            q = F.linear(h, w[p + "self_attn.q_proj.weight"]).view(batch, n * gamma, self.heads, self.head_dim)
+            k = F.linear(h, w[p + "self_attn.k_proj.weight"]).view(batch, n * gamma, self.kv_heads, self.head_dim)
+            v = F.linear(h, w[p + "self_attn.v_proj.weight"]).view(batch, n * gamma, self.kv_heads, self.head_dim)
+            q = apply_rope(rms_norm(q, w[p + "self_attn.q_norm.weight"], self.eps).transpose(1, 2), cos, sin)
+            k = apply_rope(rms_norm(k, w[p + "self_attn.k_norm.weight"], self.eps).transpose(1, 2), cos, sin)
+            keys = torch.cat([k_ctx, k], dim=2)
+            values = torch.cat([v_ctx, v], dim=1).transpose(1, 2)
+            out = attention(q, keys, values, allowed).transpose(1, 2).reshape(batch, n * gamma, -1)
+            x = x + F.linear(out, w[p + "self_attn.o_proj.weight"])
+            h = rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps)
+            x = x + swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+        hidden = rms_norm(x, w["norm.weight"], self.eps).view(batch, n, gamma, -1)
+        base_logits = F.linear(hidden, w["lm_head.weight"])
+
+        # The sequential heads, position by position as at inference (an rnn head carries state),
+        # with the true previous tokens in place of the drafted ones.
+        prev = tokens.gather(1, block_pos).view(batch * n, gamma)
+        flat = hidden.reshape(batch * n, gamma, -1)
+        proj = {"gated": "markov_gate", "rnn": "markov_rnn"}.get(self.markov_kind)
+        markov = MarkovHead(self.markov_kind, w.get("markov_head.markov_w1.weight"),
+                            w.get("markov_head.markov_w2.weight"), w.get(f"markov_head.{proj}.weight"),
+                            w.get(f"markov_head.{proj}.bias"))
+        confidence = ConfidenceHead(w["confidence_head.proj.weight"], w.get("confidence_head.proj.bias"),
+                                    bool(self.config["confidence_head_with_markov"]))
+        biases, conf = [], []
+        state = markov.initial_state(batch * n)
+        for k in range(gamma):
+            bias, e, state = markov.step(prev[:, k], flat[:, k], state)
+            biases.append(torch.zeros_like(base_logits[:, :, 0]).flatten(0, 1) if bias is None else bias)
+            conf.append(confidence.logit(flat[:, k], e))
+        bias = torch.stack(biases, dim=1).view_as(base_logits)
+        return hidden, base_logits, bias, torch.stack(conf, dim=1).view(batch, n, gamma)
+
+
+def target_features(target: Qwen3ForCausalLM, tokens: torch.Tensor, layer_ids: tuple[int, ...]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [B, L, n · hidden], logits [B, L, V]) of the frozen target; layer l is hidden_states[l + 1]."""
+    with torch.no_grad():
+        out = target(input_ids=tokens, output_hidden_states=True)
+    features = torch.cat([out.hidden_states[layer + 1] for layer in layer_ids], dim=-1)
+    return features.float(), out.logits.float()
+
+
+def random_anchors(batch: int, count: int, length: int, gamma: int, gen: torch.Generator) -> torch.Tensor:
+    """`count` distinct anchors per sequence in [1, length - γ - 1] (a full block of labels each), sorted."""
+    candidates = length - gamma - 1
+    picks = torch.rand(batch, candidates, generator=gen).argsort(dim=1)[:, :count] + 1
+    return picks.sort(dim=1).values
+
+
+def draft_loss(model: DSparkDraftModel, tokens: torch.Tensor, features: torch.Tensor, target_logits: torch.Tensor,
+               anchors: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted DeepSpec objective and per-position statistics ([γ] each)."""
+    gamma = model.gamma
+    _, base, bias, conf = model.forward(tokens, features, anchors)
+    positions = anchors[:, :, None] + torch.arange(gamma)  # block position k (0-based) predicts positions + 1
+    labels = tokens.gather(1, (positions + 1).flatten(1)).view_as(positions)
+    p_target = torch.softmax(target_logits[torch.arange(len(tokens))[:, None, None], positions], dim=-1)
+    logits = (base + bias).float()
+    log_draft = torch.log_softmax(logits, dim=-1)
+    ce = -log_draft.gather(-1, labels[..., None])[..., 0]
+    tv = 0.5 * (log_draft.exp() - p_target).abs().sum(-1)
+    bce = F.binary_cross_entropy_with_logits(conf.float(), (1 - tv).detach(), reduction="none")
+    per_position = {"ce": ce.mean((0, 1)), "tv": tv.mean((0, 1)), "bce": bce.mean((0, 1))}
+    loss_k = sum(LOSS_WEIGHTS[name] * value for name, value in per_position.items())
+    loss = (position_weights(gamma) * loss_k).sum()
+    with torch.no_grad():
+        # Teacher-forced acceptance proxies: greedy (argmax agreement) and T = 1 (1 - TV), and the
+        # τ they imply when every position of an anchor must survive.
+        agree = (logits.argmax(-1) == p_target.argmax(-1)).float()
+        per_position["agree"] = agree.mean((0, 1))
+        per_position["tau_t0"] = 1 + agree.cumprod(-1).sum(-1).mean()
+        per_position["tau_t1"] = 1 + (1 - tv).cumprod(-1).sum(-1).mean()
+    return loss, per_position
+
+
+@torch.no_grad()
+def evaluate(model: DSparkDraftModel, target: Qwen3ForCausalLM, windows: torch.Tensor, batch: int = 8
+             ) -> dict[str, Any]:
+    """Held-out loss and acceptance proxies, every position of every window an anchor."""
+    gamma, length = model.gamma, windows.shape[1]
+    anchors = torch.arange(1, length - gamma)[None]
+    sums: dict[str, torch.Tensor] = {}
+    chunks = windows.split(batch)
+    for chunk in chunks:
+        features, logits = target_features(target, chunk, tuple(model.config["target_layer_ids"]))
+        loss, stats = draft_loss(model, chunk, features, logits, anchors.expand(len(chunk), -1))
+        stats["loss"] = loss
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0) + value / len(chunks)
+    return {name: [round(v, 4) for v in value.tolist()] if value.dim() else round(float(value), 4)
+            for name, value in sums.items()}
+
+
+def train_drafter(
+    drafter_dir: Path,
+    target: Qwen3ForCausalLM,
+    config: dict,
+    train_stream: torch.Tensor,
+    heldout_stream: torch.Tensor,
+    *,
+    seed: int,
+    recipe: DrafterRecipe,
+    steps: int | None = None,
+    minutes: float | None = None,
+    quiet: bool = False,
+    name: str = "drafter",
+) -> dict[str, Any]:
+    """Train against the frozen `target`, save weights + config (bf16) to `drafter_dir`; return the record."""
+    import json
+
+    torch.manual_seed(seed)
+    model = DSparkDraftModel.initialise(config, target.model.embed_tokens.weight.to(torch.bfloat16),
+                                        target.lm_head.weight.to(torch.bfloat16), seed)
+    params = model.trainable()
+    optimizer = adamw(params, recipe.lr, recipe.weight_decay)
+    sampler = WindowSampler(train_stream, recipe.seq_len, seed + 1)
+    windows = eval_windows(heldout_stream, recipe.seq_len, recipe.eval_windows)
+    anchor_gen = torch.Generator().manual_seed(seed + 2)
+    layer_ids = tuple(config["target_layer_ids"])
+    budget = StepBudget(steps, minutes)
+    curve: list[dict[str, float]] = []
+    step, smooth = 0, None
+    with progress_bar(name, quiet) as reporter:
+        while budget.running(step):
+            lr = learning_rate(step, budget.total, recipe.lr, recipe.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tokens = sampler.batch(recipe.batch)
+            anchors = random_anchors(recipe.batch, recipe.anchors, recipe.seq_len, model.gamma, anchor_gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                features, logits = target_features(target, tokens, layer_ids)
+                loss, stats = draft_loss(model, tokens, features, logits, anchors)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            budget.after_step(step)
+            value = loss.item()
+            smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+            if step % 50 == 0:
+                curve.append({"step": step, "loss": round(smooth, 4), "tau_t0_proxy": round(float(stats["tau_t0"]), 3)})
+            reporter.update(step, budget.total, f"loss {smooth:.3f} τ̂(T=0) {float(stats['tau_t0']):.2f} lr {lr:.2e}")
+    minutes_spent = budget.elapsed_minutes
+
+    model.save(drafter_dir)
+    (drafter_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Evaluate what ships: the bf16-rounded weights.
+    shipped = DSparkDraftModel(config, {k: v.to(torch.bfloat16) for k, v in model.w.items()})
+    heldout = evaluate(shipped, target, windows)
+    console.print(f"{name}: {step} steps in {minutes_spent:.1f} min, held-out loss {heldout['loss']:.4f}, "
+                  f"teacher-forced τ̂ T=0 {heldout['tau_t0']:.2f} T=1 {heldout['tau_t1']:.2f}")
+    return {
+        "steps": step,
+        "minutes": round(minutes_spent, 2),
+        "anchors_seen": step * recipe.batch * recipe.anchors,
+        "parameters": sum(t.numel() for t in model.w.values()),
+        "trainable_parameters": sum(t.numel() for t in params),
+        "train_curve": curve,
+        "heldout": heldout,
+        "loss_weights": LOSS_WEIGHTS,
+        "position_weights": [round(v, 4) for v in position_weights(model.gamma).tolist()],
+        "recipe": asdict(recipe),
+        "ce_perplexity_position_1": round(math.exp(heldout["ce"][0]), 3),
+    }

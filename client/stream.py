@@ -1,0 +1,120 @@
+"""Streaming generation against the dspark ensemble over gRPC (tritonclient)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+class RequestError(RuntimeError):
+    """The server answered a request with an error."""
+
+
+@dataclass
+class Chunk:
+    """One streamed response: new token ids and their text; the last one has finish_reason and stats."""
+
+    ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    stats: dict[str, Any] | None = None
+    time: float = 0.0
+
+
+@dataclass
+class Completion:
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    chunk_times: list[float] = field(default_factory=list)  # arrival time of each chunk with tokens
+    start: float = 0.0
+
+
+def _input(name: str, value: np.ndarray) -> grpcclient.InferInput:
+    dtype = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}.get(
+        value.dtype, "BYTES")
+    tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+    tensor.set_data_from_numpy(value)
+    return tensor
+
+
+def request_inputs(prompt: str | list[int], *, max_tokens: int | None = None, temperature: float | None = None,
+                   seed: int | None = None, stop: list[str] | None = None, stop_ids: list[int] | None = None,
+                   speculation: str | None = None, gamma: int | None = None,
+                   extra: dict[str, np.ndarray] | None = None) -> list[grpcclient.InferInput]:
+    """The ensemble's input tensors; parameters left as None take the server's defaults."""
+    if isinstance(prompt, str):
+        inputs = [_input("text_input", np.asarray([prompt.encode()], dtype=np.object_))]
+    else:
+        inputs = [_input("input_ids", np.asarray(prompt, dtype=np.int32))]
+    scalars = {"max_tokens": (max_tokens, np.int32), "temperature": (temperature, np.float32),
+               "seed": (seed, np.int64), "gamma": (gamma, np.int32)}
+    for name, (value, dtype) in scalars.items():
+        if value is not None:
+            inputs.append(_input(name, np.asarray([value], dtype=dtype)))
+    if speculation is not None:
+        inputs.append(_input("speculation", np.asarray([speculation.encode()], dtype=np.object_)))
+    if stop:
+        inputs.append(_input("stop", np.asarray([s.encode() for s in stop], dtype=np.object_)))
+    if stop_ids:
+        inputs.append(_input("stop_ids", np.asarray(stop_ids, dtype=np.int32)))
+    for name, value in (extra or {}).items():
+        inputs.append(_input(name, value))
+    return inputs
+
+
+def _chunk(result: Any) -> Chunk:
+    ids = result.as_numpy("output_ids")
+    text = result.as_numpy("text_output")
+    reason = result.as_numpy("finish_reason")
+    stats = result.as_numpy("stats")
+    decode = lambda a: a.reshape(-1)[0].decode() if a is not None and a.size else ""  # noqa: E731
+    return Chunk([] if ids is None else ids.reshape(-1).tolist(), decode(text), decode(reason) or None,
+                 json.loads(decode(stats)) if decode(stats) else None, time.perf_counter())
+
+
+def stream(url: str, prompt: str | list[int], *, model: str = "ensemble", timeout: float = 120,
+           client: grpcclient.InferenceServerClient | None = None, **params: Any) -> Iterator[Chunk]:
+    """Stream one completion chunk by chunk. Raises RequestError if the server rejects the request."""
+    own = client is None
+    client = client or grpcclient.InferenceServerClient(url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(model, request_inputs(prompt, **params), request_id=uuid.uuid4().hex,
+                                  enable_empty_final_response=True)
+        while True:
+            result, error = responses.get(timeout=timeout)
+            if error is not None:
+                raise RequestError(str(error))
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            if result.as_numpy("output_ids") is not None:
+                yield _chunk(result)
+            if final:
+                return
+    finally:
+        client.stop_stream(cancel_requests=True)
+        if own:
+            client.close()
+
+
+def complete(url: str, prompt: str | list[int], **params: Any) -> Completion:
+    """Run one streamed completion to the end and gather it."""
+    out = Completion(start=time.perf_counter())
+    for chunk in stream(url, prompt, **params):
+        out.ids += chunk.ids
+        out.text += chunk.text
+        if chunk.ids:
+            out.chunk_times.append(chunk.time)
+        if chunk.finish_reason:
+            out.finish_reason, out.stats = chunk.finish_reason, chunk.stats or {}
+    return out

@@ -1,0 +1,163 @@
+"""The served path, against a real tritonserver (started once for this module, tp 2 on CPU)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from dspark_trt.builder.convert import convert
+from dspark_trt.builder.repo import build_repo
+from dspark_trt.builder.serve import start_server
+from dspark_trt.client.stream import RequestError, complete, request_inputs
+from dspark_trt.runtime.generate import Request, generate
+from dspark_trt.runtime.loader import open_checkpoint
+from dspark_trt.runtime.tp import free_port
+
+SLOTS = 8
+
+
+@pytest.fixture(scope="module")
+def served(qwen3_pair: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("served")
+    convert(qwen3_pair / "target", qwen3_pair / "drafter", root / "ckpt", tp=2, show_progress=False)
+    build_repo(root / "ckpt", root / "repo", num_slots=SLOTS, max_prompt_tokens=64, max_new_tokens=200)
+    ports = [free_port() for _ in range(3)]
+    server = start_server(root / "repo", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                          cache=root / "cache", timeout=300)
+    yield server, root / "ckpt"
+    server.stop()
+
+
+def url(server) -> str:
+    return server.endpoints["grpc"]
+
+
+def prompts(count: int, seed: int = 3) -> list[list[int]]:
+    gen = np.random.default_rng(seed)
+    return [gen.integers(0, 1000, size=2 + (5 * i) % 23).tolist() for i in range(count)]
+
+
+def reference(ckpt: Path, batch: list[list[int]], max_tokens: int) -> list[list[int]]:
+    target, drafter, _ = open_checkpoint(ckpt, num_slots=len(batch), max_len=128)
+    try:
+        results = generate(target, drafter, [Request(p, max_new_tokens=max_tokens, speculation="off") for p in batch])
+    finally:
+        target.close()
+    return [r.tokens for r in results]
+
+
+def metric(server, name: str) -> float:
+    with urllib.request.urlopen(server.endpoints["metrics"], timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, flags=re.M))
+
+
+def test_streamed_greedy_output_equals_generate_and_target_only(served) -> None:
+    server, ckpt = served
+    batch = prompts(3)
+    expected = reference(ckpt, batch, 24)
+    for mode in ("auto", "fixed", "off"):
+        for prompt, want in zip(batch, expected, strict=True):
+            got = complete(url(server), prompt, max_tokens=24, speculation=mode)
+            assert got.ids == want, mode
+            assert got.finish_reason == "length" and got.stats["tokens"] == 24
+            assert got.stats["rounds"] == 23 and got.stats["mean_tau"] >= 1
+            if mode == "off":
+                assert got.stats["verified_tokens"] == 0
+
+
+def test_text_prompt_is_tokenised_and_text_streams(served) -> None:
+    server, _ = served
+    got = complete(url(server), "def quicksort(arr):", max_tokens=12, speculation="fixed")
+    assert len(got.ids) == 12 and got.text and len(got.chunk_times) >= 2
+
+
+def test_concurrent_requests_of_mixed_lengths_all_complete(served) -> None:
+    server, ckpt = served
+    batch = prompts(SLOTS, seed=7)
+    lengths = [8 + 3 * i for i in range(SLOTS)]
+    expected = [reference(ckpt, [p], n)[0] for p, n in zip(batch, lengths, strict=True)]
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        results[i] = complete(url(server), batch[i], max_tokens=lengths[i], speculation="auto").ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(SLOTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results.get(i) for i in range(SLOTS)] == expected
+
+
+def test_stop_ids_end_the_stream(served) -> None:
+    server, ckpt = served
+    [full] = reference(ckpt, prompts(1), 24)
+    stop = full[5]
+    got = complete(url(server), prompts(1)[0], max_tokens=24, stop_ids=[stop])
+    assert got.ids == full[: full.index(stop) + 1] and got.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"max_tokens": 0}, "max_tokens must be in [1, 200]"),
+    ({"temperature": -1.0}, "temperature must be in [0, 100]"),
+    ({"speculation": "sometimes"}, "speculation must be one of auto, off, fixed"),
+    ({"gamma": 99}, "gamma must be in [1, 7]"),
+    ({"extra": {"top_k": np.asarray([5], dtype=np.int32)}}, "unexpected inference input 'top_k'"),
+])
+def test_bad_requests_get_clear_errors(served, params, message) -> None:
+    server, _ = served
+    with pytest.raises(RequestError, match=re.escape(message)):
+        complete(url(server), [1, 2, 3], **params)
+
+
+def test_prompt_longer_than_the_limit_is_refused(served) -> None:
+    server, _ = served
+    with pytest.raises(RequestError, match="the prompt has 65 tokens; this deployment accepts at most 64"):
+        complete(url(server), list(range(65)), max_tokens=4)
+    assert complete(url(server), [1, 2, 3], max_tokens=4).finish_reason == "length"  # still healthy
+
+
+def test_cancelled_stream_frees_its_slot(served) -> None:
+    server, _ = served
+    rounds_before = metric(server, "dspark_accepted_tokens_per_round_count")
+    client = grpcclient.InferenceServerClient(url(server))
+    arrived = threading.Event()
+    client.start_stream(callback=lambda result, error: arrived.set())
+    for i in range(3):
+        client.async_stream_infer("ensemble", request_inputs([5, 6, 7 + i], max_tokens=200, speculation="fixed"),
+                                  request_id=f"cancel-{i}")
+    assert arrived.wait(60)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + 30
+    while metric(server, "dspark_active_requests") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(server, "dspark_active_requests") == 0
+    # Freed by the cancellation, not by running to the end (that would take 3 x 199 rounds).
+    assert metric(server, "dspark_accepted_tokens_per_round_count") - rounds_before < 300
+    assert complete(url(server), [1, 2, 3], max_tokens=6).finish_reason == "length"
+
+
+def test_metrics_agree_with_the_responses(served) -> None:
+    server, _ = served
+    before = {name: metric(server, name) for name in (
+        "dspark_accepted_tokens_per_round_count", "dspark_accepted_tokens_per_round_sum",
+        "dspark_verified_length_sum", "dspark_position_verified_total")}
+    stats = [complete(url(server), p, max_tokens=16, speculation="fixed").stats for p in prompts(4, seed=11)]
+    rounds = sum(s["rounds"] for s in stats)
+    assert metric(server, "dspark_accepted_tokens_per_round_count") - before[
+        "dspark_accepted_tokens_per_round_count"] == rounds
+    committed = metric(server, "dspark_accepted_tokens_per_round_sum") - before["dspark_accepted_tokens_per_round_sum"]
+    assert committed == sum(s["accepted_tokens"] for s in stats) + rounds
+    verified = sum(s["verified_tokens"] for s in stats)
+    assert metric(server, "dspark_verified_length_sum") - before["dspark_verified_length_sum"] == verified
+    assert metric(server, "dspark_position_verified_total") - before["dspark_position_verified_total"] == verified
+    assert metric(server, "dspark_queued_requests") == 0
