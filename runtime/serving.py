@@ -53,13 +53,14 @@ def _scalar(inputs: dict[str, Any], name: str, kind: type, default: Any) -> Any:
     if value is None:
         return default
     array = np.asarray(value).reshape(-1)
+    public = name.lower()  # the ensemble's input name, which is what users send
     if array.size != 1:
-        raise ParamError(f"{name} must hold one value, got {array.size}")
+        raise ParamError(f"{public} must hold one value, got {array.size}")
     item = array[0]
     if kind is str:
         return item.decode() if isinstance(item, bytes) else str(item)
     if kind is int and not np.issubdtype(array.dtype, np.integer):
-        raise ParamError(f"{name} must be an integer, got {array.dtype}")
+        raise ParamError(f"{public} must be an integer, got {array.dtype}")
     return kind(item)
 
 

@@ -1,0 +1,163 @@
+"""Serving logic without a server: detokenisation, validation, the orchestrator, repository layouts."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from dspark_trt.builder.repo import build_repo
+from dspark_trt.runtime.detok import CONTEXT_TOKENS, IncrementalText, text_delta
+from dspark_trt.runtime.generate import Request, generate
+from dspark_trt.runtime.loader import open_checkpoint
+from dspark_trt.runtime.model_handlers import DraftHandler, VerifyHandler
+from dspark_trt.runtime.serving import Limits, Orchestrator, ParamError, RemoteDrafter, RemoteTarget, parse_request
+
+TEXT = "naïve café — 東京 ✓ 🚀 ok"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(qwen3_ckpt: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(qwen3_ckpt / "tokenizer" / "tokenizer.json"))
+
+
+def test_streamed_text_is_exact_across_multibyte_characters(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode(TEXT).ids
+    decode = tokenizer.decode
+    # Byte-level BPE splits some characters over several tokens: that is what this test is about.
+    assert any("\ufffd" in decode(ids[:k]) for k in range(1, len(ids)))
+    for chunk in (1, 2, 3):
+        text, sent = "", []
+        for start in range(0, len(ids), chunk):
+            new = ids[start: start + chunk]
+            text += text_delta(decode, sent[-CONTEXT_TOKENS:], new)
+            sent += new
+        assert text == TEXT, f"chunks of {chunk}"
+    incremental = IncrementalText(decode)
+    for token in ids:
+        incremental.add([token])
+    assert incremental.text == TEXT
+
+
+LIMITS = Limits(max_prompt_tokens=8, max_new_tokens=32, block_size=5, vocab_size=100)
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({}, "the prompt is empty"),
+    ({"INPUT_IDS": np.arange(9)}, "the prompt has 9 tokens; this deployment accepts at most 8"),
+    ({"INPUT_IDS": np.array([1, 100])}, "input_ids must lie in [0, 100)"),
+    ({"MAX_TOKENS": np.array([33])}, "max_tokens must be in [1, 32], got 33"),
+    ({"MAX_TOKENS": np.array([1.5], dtype=np.float32)}, "max_tokens must be an integer"),
+    ({"TEMPERATURE": np.array([np.nan], dtype=np.float32)}, "temperature must be in [0, 100]"),
+    ({"SPECULATION": np.array([b"maybe"], dtype=object)}, "speculation must be one of auto, off, fixed"),
+    ({"GAMMA": np.array([6])}, "gamma must be in [1, 5]"),
+    ({"STOP_IDS": np.array([-1])}, "stop_ids must lie in [0, 100)"),
+    ({"STOP": np.array([b""], dtype=object)}, "stop strings must not be empty"),
+])
+def test_bad_parameters_are_named(inputs: dict, message: str) -> None:
+    inputs = {"INPUT_IDS": np.array([1, 2, 3]), **inputs} if "INPUT_IDS" in inputs or inputs else inputs
+    with pytest.raises(ParamError, match=re.escape(message)):
+        parse_request(inputs, LIMITS)
+
+
+def test_defaults() -> None:
+    request, stops = parse_request({"INPUT_IDS": np.array([1, 2])}, LIMITS)
+    assert (request.max_new_tokens, request.temperature, request.speculation, request.gamma) == (32, 0.0, "auto", 5)
+    assert stops == []
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.ids, self.done, self.reason, self.stats, self.errors = [], threading.Event(), None, None, []
+        self.chunks = 0
+
+    def send(self, tokens, prefix, finish_reason, stats):
+        self.ids += tokens
+        self.chunks += 1
+        if finish_reason is not None:
+            self.reason, self.stats = finish_reason, stats
+            self.done.set()
+
+    def error(self, message):
+        self.errors.append(message)
+        self.done.set()
+
+    def cancelled(self):
+        return False
+
+
+@pytest.fixture(scope="module")
+def orchestrator(qwen3_ckpt: Path, tokenizer: Tokenizer):
+    handlers = {"dspark_verify": VerifyHandler(qwen3_ckpt, num_slots=4, max_len=128),
+                "dspark_draft": DraftHandler(qwen3_ckpt, num_slots=4, max_len=128)}
+
+    def call(model, inputs):
+        return handlers[model].handle(inputs)
+
+    orch = Orchestrator(RemoteTarget(call, 4), RemoteDrafter(call, 4, 7, (1, 2, 4)), num_slots=4,
+                        decode=tokenizer.decode)
+    orch.start()
+    yield orch
+    orch.stop()
+
+
+def test_orchestrator_over_the_wire_protocol_equals_generate(qwen3_ckpt: Path, orchestrator) -> None:
+    gen = np.random.default_rng(0)
+    batch = [gen.integers(0, 1000, size=3 + 4 * i).tolist() for i in range(7)]  # more requests than slots
+    sinks = [Collector() for _ in batch]
+    for i, (prompt, sink) in enumerate(zip(batch, sinks, strict=True)):
+        orchestrator.submit(Request(prompt, max_new_tokens=15, speculation=("auto", "fixed", "off")[i % 3]), [], sink)
+    assert all(s.done.wait(60) for s in sinks)
+    target, drafter, _ = open_checkpoint(qwen3_ckpt, num_slots=7, max_len=128)
+    expected = generate(target, drafter, [Request(p, max_new_tokens=15, speculation="off") for p in batch])
+    assert [s.ids for s in sinks] == [r.tokens for r in expected]
+    assert all(s.reason == "length" and s.stats["tokens"] == 15 and s.chunks > 2 for s in sinks)
+
+
+def test_stop_strings_end_after_the_completing_token(orchestrator, tokenizer: Tokenizer) -> None:
+    full = Collector()
+    orchestrator.submit(Request([11, 12, 13], max_new_tokens=20), [], full)
+    assert full.done.wait(60)
+    text = tokenizer.decode(full.ids)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip()
+    stopped = Collector()
+    orchestrator.submit(Request([11, 12, 13], max_new_tokens=20), [stop], stopped)
+    assert stopped.done.wait(60)
+    assert stopped.reason == "stop" and stop in tokenizer.decode(stopped.ids)
+    assert stop not in tokenizer.decode(stopped.ids[:-1]) and full.ids[: len(stopped.ids)] == stopped.ids
+
+
+def test_cancel_by_request_id_frees_the_slot(orchestrator) -> None:
+    sink = Collector()
+    orchestrator.submit(Request([1, 2, 3], max_new_tokens=120), [], sink, request_id="abc")
+    while sink.chunks < 2:
+        threading.Event().wait(0.01)
+    orchestrator.cancel("abc")
+    assert sink.done.wait(30) and sink.reason == "cancelled" and len(sink.ids) < 120
+    assert orchestrator.active == 0
+
+
+def _config(repo: Path, model: str) -> str:
+    return (repo / model / "config.pbtxt").read_text()
+
+
+def test_eight_gpu_layout(qwen3_pair: Path, tmp_path: Path) -> None:
+    from dspark_trt.builder.convert import convert
+
+    convert(qwen3_pair / "target", qwen3_pair / "drafter", tmp_path / "ckpt", tp=8, show_progress=False)
+    build_repo(tmp_path / "ckpt", tmp_path / "repo", layout="gpu", gpus=8, tp=8)
+    verify, draft = _config(tmp_path / "repo", "dspark_verify"), _config(tmp_path / "repo", "dspark_draft")
+    assert "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0, 1, 2, 3, 4, 5, 6, 7 ] } ]" in verify
+    assert re.search(r'key: "tp" value: \{ string_value: "8" \}', verify)
+    assert "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]" in draft  # beside verify's rank 0
+    assert "decoupled: true" in _config(tmp_path / "repo", "dspark")
+    for model in ("preprocessing", "postprocessing", "dspark"):
+        assert "KIND_CPU" in _config(tmp_path / "repo", model)
+    assert not list((tmp_path / "repo").rglob("*.template"))
+    with pytest.raises(Exception, match="--tp 2 differs from the checkpoint's tensor parallelism"):
+        build_repo(tmp_path / "ckpt", tmp_path / "repo2", layout="gpu", gpus=8, tp=2)
