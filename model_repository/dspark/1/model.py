@@ -1,6 +1,7 @@
 """dspark: decoupled orchestrator running in-flight batched DSpark decoding (dspark_trt.runtime.serving)."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,18 +88,37 @@ class TritonMetrics:
                                   for k in range(block_size)]
         self.active = f["active"].Metric(labels)
         self.queued = f["queued"].Metric(labels)
+        self.pending_rounds, self.flushed, self.last_load = [], time.monotonic(), None
 
     def round(self, verified, accepted):
-        self.tau.observe(accepted + 1)
-        self.verified.observe(verified)
-        for k in range(verified):
-            self.position_verified[k].increment(1)
-        for k in range(accepted):
-            self.position_accepted[k].increment(1)
+        # Each metric update is a message to the server; buffer them and flush a few times a second.
+        self.pending_rounds.append((verified, accepted))
+        if time.monotonic() - self.flushed > 0.25:
+            self.flush()
+
+    def flush(self):
+        verified_counts, accepted_counts = [0] * len(self.position_verified), [0] * len(self.position_accepted)
+        for verified, accepted in self.pending_rounds:
+            self.tau.observe(accepted + 1)
+            self.verified.observe(verified)
+            for k in range(verified):
+                verified_counts[k] += 1
+            for k in range(accepted):
+                accepted_counts[k] += 1
+        counts = verified_counts + accepted_counts
+        for metric, count in zip(self.position_verified + self.position_accepted, counts, strict=True):
+            if count:
+                metric.increment(count)
+        self.pending_rounds.clear()
+        self.flushed = time.monotonic()
 
     def load(self, active, queued):
-        self.active.set(active)
-        self.queued.set(queued)
+        if active == 0:
+            self.flush()  # idle: make every finished round visible
+        if (active, queued) != self.last_load:
+            self.active.set(active)
+            self.queued.set(queued)
+            self.last_load = (active, queued)
 
 
 class TritonPythonModel:
