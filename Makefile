@@ -9,14 +9,20 @@ TP      ?= 2
 # torch is pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch pulls GBs of CUDA.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup test demo lint bench-convert clean help
+PAIR    := $(BUILD)/fixture-$(FAMILY)
+CKPT    := $(BUILD)/ckpt-$(FAMILY)
+REPO    := $(BUILD)/repo-$(FAMILY)
+DRAFTER := $(if $(filter qwen3,$(FAMILY)),--drafter $(PAIR)/drafter)
+
+.PHONY: setup test demo lint serve stop bench-convert bench-generate bench-serve soak clean help
 
 help:
-	@echo "make setup         create $(VENV) with torch ($(TORCH)) and dspark-trt[dev] (editable)"
-	@echo "make demo          fixture -> inspect -> convert, for FAMILY=$(FAMILY) (qwen3 | deepseek-v4), TP=$(TP)"
-	@echo "make test          the test suite (creates the venv first if missing)"
-	@echo "make lint          ruff"
-	@echo "make bench-convert convert throughput / peak RSS on a >= 2 GB synthetic checkpoint"
+	@echo "make setup          create $(VENV) with torch ($(TORCH)) and dspark-trt[dev] (editable)"
+	@echo "make demo           fixture -> inspect -> convert (FAMILY=qwen3|deepseek-v4, TP=$(TP))"
+	@echo "make test           the test suite (creates the venv first if missing)"
+	@echo "make serve / stop   profile -> model repository -> tritonserver on 127.0.0.1 (detached) / stop it"
+	@echo "make lint           ruff"
+	@echo "make bench-convert | bench-generate | bench-serve | soak   benchmarks (bench/*.py)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,17 +39,36 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
+$(CKPT)/manifest.json: | setup
+	$(BIN)/dspark-build fixture $(FAMILY) $(PAIR) --force
+	$(BIN)/dspark-build inspect $(PAIR)/target $(if $(DRAFTER),$(PAIR)/drafter)
+	$(BIN)/dspark-build convert --target $(PAIR)/target $(DRAFTER) --tp $(TP) -o $(CKPT) --force
+
 demo: setup
-	$(BIN)/dspark-build fixture $(FAMILY) $(BUILD)/fixture-$(FAMILY) --force
-	$(BIN)/dspark-build inspect $(BUILD)/fixture-$(FAMILY)/target $(if $(filter qwen3,$(FAMILY)),$(BUILD)/fixture-$(FAMILY)/drafter)
-	$(BIN)/dspark-build convert --target $(BUILD)/fixture-$(FAMILY)/target \
-		$(if $(filter qwen3,$(FAMILY)),--drafter $(BUILD)/fixture-$(FAMILY)/drafter) \
-		--tp $(TP) -o $(BUILD)/ckpt-$(FAMILY) --force
+	rm -f $(CKPT)/manifest.json
+	$(MAKE) --no-print-directory $(CKPT)/manifest.json
 	@echo
 	@echo "Converted checkpoint:"; cd $(BUILD) && find ckpt-$(FAMILY) -maxdepth 2 | sort
 
+serve: setup $(CKPT)/manifest.json
+	$(BIN)/dspark-build profile $(CKPT) -o $(CKPT)/sps_table.json --batch-sizes 1,2,4,8 --force
+	$(BIN)/dspark-build repo $(CKPT) -o $(REPO) --num-slots 16 --force
+	$(BIN)/dspark-build serve $(REPO) --detach
+
+stop:
+	$(BIN)/dspark-build stop
+
 bench-convert: setup
 	$(PY) bench/convert.py
+
+bench-generate: setup
+	$(PY) bench/generate.py
+
+bench-serve: setup
+	cd bench && ../$(PY) serve.py
+
+soak: setup
+	cd bench && ../$(PY) soak.py
 
 clean:
 	rm -rf $(BUILD) .pytest_cache

@@ -25,6 +25,7 @@ def main() -> None:
 
     \b
     dspark-client health                      # is the server up, which models are ready?
+    dspark-client generate "def quicksort(" --stream
     """
 
 
@@ -48,6 +49,49 @@ def health(url: str, timeout: float) -> None:
         stdout.print(f"  {model.get('name')} {model.get('version', '')} {model.get('state', 'UNKNOWN')}")
     if not (live and ready):
         sys.exit(EXIT_NOT_READY)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--url", default="127.0.0.1:8001", show_default=True, help="Triton gRPC endpoint (host:port).")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="Print text as it arrives.")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--speculation", type=click.Choice(["auto", "off", "fixed"]), default="auto", show_default=True)
+@click.option("--gamma", type=click.IntRange(min=1), help="Drafts per round with --speculation fixed.")
+@click.option("--stop", "stops", multiple=True, help="Stop string (repeatable).")
+def generate(prompt: str, url: str, stream: bool, max_tokens: int, temperature: float, seed: int, speculation: str,
+             gamma: int | None, stops: tuple[str, ...]) -> None:
+    """Generate a completion of PROMPT and print a one-line summary (tokens, tok/s, τ)."""
+    import time
+
+    from tritonclient.utils import InferenceServerException
+
+    from .stream import RequestError
+    from .stream import stream as stream_chunks
+
+    start, text, ids, final = time.perf_counter(), "", [], None
+    try:
+        for chunk in stream_chunks(url, prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                   speculation=speculation, gamma=gamma, stop=list(stops) or None):
+            text, ids = text + chunk.text, ids + chunk.ids
+            if stream and chunk.text:
+                click.echo(chunk.text, nl=False)
+            final = chunk if chunk.finish_reason else final
+    except RequestError as e:
+        err.print(f"[red]error:[/] {e}")
+        sys.exit(EXIT_NOT_READY)
+    except (InferenceServerException, OSError) as e:
+        err.print(f"[red]error:[/] no Triton server reachable at {url} ({e})")
+        sys.exit(EXIT_UNREACHABLE)
+    elapsed = time.perf_counter() - start
+    if not stream:
+        click.echo(text, nl=False)
+    stats = final.stats if final and final.stats else {}
+    click.echo()
+    err.print(f"[dim]{len(ids)} tokens in {elapsed:.2f} s ({len(ids) / elapsed:.1f} tok/s), "
+              f"τ {stats.get('mean_tau', 0):.2f}, finish: {final.finish_reason if final else '?'}[/]")
 
 
 if __name__ == "__main__":
