@@ -356,5 +356,14 @@ def stop(pid_file: Path) -> None:
     stdout.print(f"[green]✓[/] stopped tritonserver (pid {pid})" if stopped else f"pid {pid} was not running")
 
 
+def _register_engine_commands() -> None:
+    from .cli_engine import engine, export, plugins
+
+    for command in (plugins, export, engine):
+        main.add_command(command)
+
+
+_register_engine_commands()
+
 if __name__ == "__main__":
     main()

@@ -105,7 +105,7 @@ def export(ckpt: Path, out: Path, schedule_mode: str, force: bool) -> None:
 
     with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx reports every step on stdout
         manifest = export_onnx(ckpt, out, force=force, schedule_mode=schedule_mode)
-    for name, graph in manifest["graphs"].items():
+    for graph in manifest["graphs"].values():
         check_onnx(out / graph["file"])
         ops = ", ".join(n["op"] for n in graph["plugin_nodes"]) or "no plugin nodes"
         _out.print(f"  {graph['file']}: {ops}")

@@ -23,8 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..plugins.deps import MissingDependencyError, has_module, require_tensorrt, require_trtllm_build
-from ..plugins.deps import TENSORRT_LLM_PYTORCH_INSTALL
+from ..plugins.deps import (
+    TENSORRT_LLM_PYTORCH_INSTALL,
+    MissingDependencyError,
+    has_module,
+    require_tensorrt,
+    require_trtllm_build,
+)
 from ..runtime.atomic import atomic_directory
 from ..runtime.errors import CheckpointError
 from ..runtime.manifest import read_manifest, write_manifest

@@ -86,8 +86,8 @@ class DraftGraph(_Qwen3Graph):
         super().__init__(drafter)
         markov, confidence = drafter.markov, drafter.confidence
         if markov.kind not in ("vanilla", "gated", "rnn"):
-            raise CheckpointError("draft/config.json", "MarkovSample needs a Markov head",
-                                  subject="dspark.markov_head_type", found=markov.kind, expected="vanilla | gated | rnn")
+            raise CheckpointError("draft/config.json", "MarkovSample needs a Markov head", found=markov.kind,
+                                  subject="dspark.markov_head_type", expected="vanilla | gated | rnn")
         self.kind = markov.kind
         self.with_markov = int(bool(confidence.with_markov))
         temps = confidence.temperatures or [1.0] * self.gamma
