@@ -96,6 +96,8 @@ def server_env(binary: Path) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env["DSPARK_PYTHON"] = sys.executable  # for tensor-parallel worker processes started inside models
+    # Several model processes share the cores: OpenMP threads that spin while waiting steal them.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     libs = []
     root = _bundled_root(binary)
     if root is not None:

@@ -7,6 +7,7 @@ Exit codes: 0 success · 1 the server answered with an error or is not ready · 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -92,6 +93,69 @@ def generate(prompt: str, url: str, stream: bool, max_tokens: int, temperature: 
     click.echo()
     err.print(f"[dim]{len(ids)} tokens in {elapsed:.2f} s ({len(ids) / elapsed:.1f} tok/s), "
               f"τ {stats.get('mean_tau', 0):.2f}, finish: {final.finish_reason if final else '?'}[/]")
+
+
+@main.command()
+@click.option("--url", default="127.0.0.1:8001", show_default=True, help="Triton gRPC endpoint.")
+@click.option("--metrics-url", default="http://127.0.0.1:8002/metrics", show_default=True)
+@click.option("--concurrency", default="1,4,16,64", show_default=True, help="Comma-separated concurrencies.")
+@click.option("--modes", default="off,fixed,auto", show_default=True, help="Comma-separated speculation modes.")
+@click.option("--prompts", default="code", show_default=True,
+              help="Built-in set (code | chat) or a file (JSON list of strings, or one prompt per line).")
+@click.option("--requests", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Requests per (mode, concurrency) cell; at least the concurrency.")
+@click.option("--duration", type=click.FloatRange(min=0), help="Seconds per cell (stops starting new requests).")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("-o", "--output", "out_dir", default=Path("bench/results/client"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Directory for bench.json and bench.png.")
+def bench(url: str, metrics_url: str, concurrency: str, modes: str, prompts: str, requests: int,
+          duration: float | None, max_tokens: int, temperature: float, out_dir: Path) -> None:
+    """Measure a running deployment: TTFT, inter-token latency, tokens/s per user and system, τ.
+
+    For each mode and concurrency: TTFT and inter-token latency p50/p90/p99, per-user and system
+    tokens/s, mean τ, the verified-length histogram and per-position acceptance (from the server's
+    metrics). Writes JSON and a PNG plot (tokens/s vs concurrency per mode; acceptance per block
+    position).
+    """
+    from rich.table import Table
+    from tritonclient.utils import InferenceServerException
+
+    from . import prompts as prompt_sets
+    from .bench import BenchConfig, run_bench, scrape, write
+    from .stream import RequestError
+
+    try:
+        texts = prompt_sets.load(prompts)
+        scrape(metrics_url)
+    except (OSError, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        sys.exit(EXIT_UNREACHABLE if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else 2)
+    config = BenchConfig(url, metrics_url, modes.split(","), [int(c) for c in concurrency.split(",")], texts,
+                         requests, max_tokens, temperature, duration)
+    try:
+        result = run_bench(config)
+    except RequestError as e:
+        err.print(f"[red]error:[/] a request failed: {e}")
+        sys.exit(EXIT_NOT_READY)
+    except (InferenceServerException, OSError) as e:
+        err.print(f"[red]error:[/] no Triton server reachable at {url} ({e})")
+        sys.exit(EXIT_UNREACHABLE)
+    table = Table("mode", "conc.", "tok/s user", "tok/s system", "TTFT p50 ms", "ITL p50/p90/p99 ms", "mean τ",
+                  title=f"dspark bench ({prompts} prompts, {max_tokens} tokens)")
+    for c in result["cells"]:
+        itl = c["itl_ms"]
+        table.add_row(c["mode"], str(c["concurrency"]), f"{c['per_user_tokens_per_s']:.1f}",
+                      f"{c['system_tokens_per_s']:.1f}", f"{c['ttft_ms']['p50']:.0f}",
+                      f"{itl['p50']:.0f}/{itl['p90']:.0f}/{itl['p99']:.0f}", f"{c['mean_tau']:.2f}")
+    stdout.print(table)
+    by_cell = {(c["mode"], c["concurrency"]): c for c in result["cells"]}
+    for c in config.concurrencies:
+        if ("auto", c) in by_cell and ("off", c) in by_cell:
+            ratio = by_cell[("auto", c)]["per_user_tokens_per_s"] / by_cell[("off", c)]["per_user_tokens_per_s"]
+            stdout.print(f"concurrency {c}: auto / off per-user tokens/s = {ratio:.2f}x")
+    json_path, png_path = write(result, out_dir)
+    stdout.print(f"wrote {json_path} and {png_path}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class Completion:
     finish_reason: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     chunk_times: list[float] = field(default_factory=list)  # arrival time of each chunk with tokens
+    chunk_sizes: list[int] = field(default_factory=list)  # tokens in each of those chunks
     start: float = 0.0
 
 
@@ -72,7 +73,8 @@ def request_inputs(prompt: str | list[int], *, max_tokens: int | None = None, te
     return inputs
 
 
-def _chunk(result: Any) -> Chunk:
+def chunk_of(result: Any) -> Chunk:
+    """A streamed ensemble response as a Chunk."""
     ids = result.as_numpy("output_ids")
     text = result.as_numpy("text_output")
     reason = result.as_numpy("finish_reason")
@@ -98,7 +100,7 @@ def stream(url: str, prompt: str | list[int], *, model: str = "ensemble", timeou
                 raise RequestError(str(error))
             final = result.get_response().parameters["triton_final_response"].bool_param
             if result.as_numpy("output_ids") is not None:
-                yield _chunk(result)
+                yield chunk_of(result)
             if final:
                 return
     finally:
@@ -115,6 +117,7 @@ def complete(url: str, prompt: str | list[int], **params: Any) -> Completion:
         out.text += chunk.text
         if chunk.ids:
             out.chunk_times.append(chunk.time)
+            out.chunk_sizes.append(len(chunk.ids))
         if chunk.finish_reason:
             out.finish_reason, out.stats = chunk.finish_reason, chunk.stats or {}
     return out

@@ -60,6 +60,7 @@ class _Live:
     result: Result
     generator: torch.Generator
     anchor: int  # the last committed token: not yet run through the target
+    cached: int = 0  # tokens of this request in the target's cache (all committed ones but the anchor)
     stale_survival: torch.Tensor | None = None  # last round's, for the production scheduler
 
 
@@ -87,13 +88,13 @@ class SpeculativeDecoder:
             raise ValueError("empty prompt")
         slots = [self.free.pop() for _ in requests]
         for slot in slots:
-            self.target.reset(slot)
             self.drafter.reset(slot)
         logits, features = self.target.forward(slots, [r.prompt for r in requests],
-                                               capture=self.drafter.target_layer_ids)
+                                               capture=self.drafter.target_layer_ids, start=[0] * len(slots))
         for i, (slot, request) in enumerate(zip(slots, requests, strict=True)):
             self.drafter.add_context(slot, features[i])
-            live = _Live(request, Result(), torch.Generator().manual_seed(request.seed), anchor=-1)
+            live = _Live(request, Result(), torch.Generator().manual_seed(request.seed), anchor=-1,
+                         cached=len(request.prompt))
             self.live[slot] = live
             self._commit(slot, [self._sample(logits[i][-1], live)])
         return slots
@@ -113,7 +114,8 @@ class SpeculativeDecoder:
         lengths, draft = self._plan(slots)
         verify_tokens = [[self.live[s].anchor] + draft.tokens[i, : lengths[i]].tolist() if lengths[i] else
                          [self.live[s].anchor] for i, s in enumerate(slots)]
-        logits, features = self.target.forward(slots, verify_tokens, capture=self.drafter.target_layer_ids)
+        logits, features = self.target.forward(slots, verify_tokens, capture=self.drafter.target_layer_ids,
+                                               start=[self.live[s].cached for s in slots])
         committed: dict[int, list[int]] = {}
         for i, slot in enumerate(slots):
             live, n = self.live[slot], lengths[i]
@@ -130,9 +132,9 @@ class SpeculativeDecoder:
                 live.stale_survival = draft.survival[i]
             else:
                 accepted, new = 0, [self._sample(logits[i][0], live)]
-            # Keep x0 and the accepted drafts in the target cache; their features join the context.
-            base = int(self.target.lengths[slot]) - len(verify_tokens[i])
-            self.target.rollback(slot, base + 1 + accepted)
+            # x0 and the accepted drafts stay cached (the rest is rolled back by the next call's
+            # `start`); their features join the drafter's context.
+            live.cached += 1 + accepted
             self.drafter.add_context(slot, features[i][: 1 + accepted])
             live.result.taus.append(accepted + 1)
             live.result.verified.append(n)

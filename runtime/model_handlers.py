@@ -36,10 +36,8 @@ class VerifyHandler:
             held = int(self.target.lengths[slot])
             if start > held:
                 raise OutOfSync(f"slot {slot}: asked to continue at {start} but the cache holds {held} tokens")
-            if start != held:
-                self.target.rollback(slot, start)
         tokens = [row[:n].tolist() for row, n in zip(inputs["TOKENS"], counts, strict=True)]
-        logits, features = self.target.forward(slots, tokens, capture=self.capture)
+        logits, features = self.target.forward(slots, tokens, capture=self.capture, start=starts)
         width = max(counts)
         out_logits = np.zeros((len(slots), width, logits[0].shape[-1]), dtype=np.float32)
         out_features = np.zeros((len(slots), width, features[0].shape[-1]), dtype=np.float32)

@@ -94,9 +94,13 @@ class Qwen3Target:
     # -- forward -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, slots: list[int], tokens: list[list[int]], capture: tuple[int, ...] = ()
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(self, slots: list[int], tokens: list[list[int]], capture: tuple[int, ...] = (),
+                start: list[int] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Append `tokens[i]` to slot `slots[i]` and run them.
+
+        `start`, when given, is each slot's cache length to continue from: shorter than what the slot
+        holds rolls back (rejected drafts), 0 starts afresh. One call then carries the rollback, which
+        matters with tensor parallelism where every call is a broadcast to the other ranks.
 
         Returns per slot the logits of its new tokens [n_i, vocab] (float32) and, when `capture`
         lists layer ids, the outputs of those layers concatenated [n_i, len(capture) * hidden]
@@ -106,6 +110,9 @@ class Qwen3Target:
         batch, n_new = len(slots), [len(t) for t in tokens]
         width = max(n_new)
         slot_idx = torch.tensor(slots)
+        if start is not None:
+            for slot, length in zip(slots, start, strict=True):
+                self.rollback(slot, length)
         start = self.lengths[slot_idx]
         if int((start + torch.tensor(n_new)).max()) > self.max_len:
             raise ValueError(f"a slot would exceed the cache length {self.max_len}")

@@ -111,24 +111,19 @@ def _pad(rows: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 class RemoteTarget:
-    """The target runner as seen from the orchestrator: cache lengths here, caches in dspark_verify."""
+    """The target runner as seen from the orchestrator; the caches live in dspark_verify."""
 
-    def __init__(self, call: Call, num_slots: int) -> None:
-        self.call, self.lengths = call, torch.zeros(num_slots, dtype=torch.long)
+    def __init__(self, call: Call) -> None:
+        self.call = call
 
-    def reset(self, slot: int) -> None:
-        self.lengths[slot] = 0
-
-    def rollback(self, slot: int, length: int) -> None:
-        self.lengths[slot] = length
-
-    def forward(self, slots: list[int], tokens: list[list[int]], capture: tuple[int, ...] = ()
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(self, slots: list[int], tokens: list[list[int]], capture: tuple[int, ...] = (),
+                start: list[int] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if start is None:
+            raise ValueError("the remote target needs each slot's start position")
         counts = [len(t) for t in tokens]
         out = self.call("dspark_verify", {
-            "SLOTS": np.asarray(slots, dtype=np.int32), "START": self.lengths[slots].numpy().astype(np.int32),
+            "SLOTS": np.asarray(slots, dtype=np.int32), "START": np.asarray(start, dtype=np.int32),
             "TOKENS": _pad(tokens), "COUNTS": np.asarray(counts, dtype=np.int32)})
-        self.lengths[slots] += torch.tensor(counts)
         logits, features = torch.from_numpy(out["LOGITS"]), torch.from_numpy(out["FEATURES"])
         return [logits[b, :n] for b, n in enumerate(counts)], [features[b, :n] for b, n in enumerate(counts)]
 

@@ -49,6 +49,10 @@ def _build(kind: str, path: Path, rank: int, kwargs: dict[str, Any]) -> Any:
         from .qwen3 import Qwen3Target
 
         return Qwen3Target(path, rank=rank, **kwargs)
+    if kind == "deepseek-v4":
+        from .deepseek_v4 import DeepseekV4Target
+
+        return DeepseekV4Target(path, rank=rank, **kwargs)
     raise ValueError(f"unknown target kind {kind!r}")
 
 

@@ -98,7 +98,7 @@ def orchestrator(qwen3_ckpt: Path, tokenizer: Tokenizer):
     def call(model, inputs):
         return handlers[model].handle(inputs)
 
-    orch = Orchestrator(RemoteTarget(call, 4), RemoteDrafter(call, 4, 7, (1, 2, 4)), num_slots=4,
+    orch = Orchestrator(RemoteTarget(call), RemoteDrafter(call, 4, 7, (1, 2, 4)), num_slots=4,
                         decode=tokenizer.decode)
     orch.start()
     yield orch

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
@@ -123,6 +124,7 @@ class TritonMetrics:
 
 class TritonPythonModel:
     def initialize(self, args):
+        torch.set_num_threads(1)  # the orchestrator does bookkeeping; the cores belong to draft and verify
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         manifest = read_manifest(resolve_checkpoint(Path(params["engine_dir"])), "checkpoint")
         dspark, slots = manifest["dspark"], int(params["num_slots"])
@@ -131,7 +133,7 @@ class TritonPythonModel:
                              tokenizer.get_vocab_size(with_added_tokens=True))
         cost_table = CostTable.load(params["sps_table"]) if params["sps_table"] else None
         self.orchestrator = Orchestrator(
-            RemoteTarget(bls, slots), RemoteDrafter(bls, slots, dspark["block_size"], dspark["target_layer_ids"]),
+            RemoteTarget(bls), RemoteDrafter(bls, slots, dspark["block_size"], dspark["target_layer_ids"]),
             num_slots=slots, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             metrics=TritonMetrics(dspark["block_size"]), cost_table=cost_table, scheduler=params["scheduler"],
             min_gain=float(params["min_gain"]))

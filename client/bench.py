@@ -1,0 +1,177 @@
+"""`dspark-client bench`: concurrency sweeps of a running dspark deployment.
+
+For every mode (off / fixed / auto) and concurrency c, c workers each send requests back to back
+(one event loop, one gRPC stream per request) until the cell's request count is reached. Per cell:
+time to first token, inter-token latency percentiles (a chunk of k tokens arriving g seconds after
+the previous one counts as k gaps of g / k), tokens/s per user and for the system, mean τ from the
+responses, and — from the server's metrics, scraped before and after — the verified-length
+histogram and the acceptance rate of each block position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from rich.progress import Progress
+
+from .aio import acomplete
+from .stream import Completion
+
+
+@dataclass
+class BenchConfig:
+    url: str
+    metrics_url: str
+    modes: list[str]
+    concurrencies: list[int]
+    prompts: list[str]
+    requests: int  # per cell; at least the concurrency
+    max_tokens: int = 64
+    temperature: float = 0.0
+    duration: float | None = None  # per cell: stop starting requests after this many seconds
+
+
+def scrape(metrics_url: str) -> dict[str, float]:
+    """The dspark_* series of the server's metrics, keyed by name and labels."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(dspark_\S+) (\S+)$", text, flags=re.M)}
+
+
+def _delta(after: dict[str, float], before: dict[str, float], prefix: str) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(prefix)}
+
+
+def _position(key: str) -> int:
+    return int(re.search(r'position="(\d+)"', key).group(1))
+
+
+async def _cell(config: BenchConfig, mode: str, concurrency: int, advance) -> tuple[list[Completion], float]:
+    client = grpcaio.InferenceServerClient(config.url)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(max(config.requests, concurrency)):
+        queue.put_nowait(i)
+    done: list[Completion] = []
+
+    deadline = time.perf_counter() + config.duration if config.duration else float("inf")
+
+    async def worker() -> None:
+        while not queue.empty() and time.perf_counter() < deadline:
+            i = queue.get_nowait()
+            prompt = config.prompts[i % len(config.prompts)]
+            done.append(await acomplete(client, prompt, max_tokens=config.max_tokens, speculation=mode,
+                                        temperature=config.temperature, seed=i))
+            advance()
+
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await client.close()
+    return done, time.perf_counter() - start
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def summarise(done: list[Completion], wall: float, before: dict, after: dict) -> dict[str, Any]:
+    ttft = [(c.chunk_times[0] - c.start) * 1000 for c in done if c.chunk_times]
+    itl = []
+    for c in done:
+        for prev, now, size in zip(c.chunk_times, c.chunk_times[1:], c.chunk_sizes[1:], strict=False):
+            itl += [(now - prev) * 1000 / size] * size
+    verified = _delta(after, before, "dspark_position_verified_total")
+    accepted = _delta(after, before, "dspark_position_accepted_total")
+    positions = sorted({_position(k) for k in verified})
+    acceptance = [sum(v for k, v in accepted.items() if _position(k) == p)
+                  / max(1.0, sum(v for k, v in verified.items() if _position(k) == p)) for p in positions]
+    buckets = _delta(after, before, "dspark_verified_length_bucket")
+    cumulative = sorted((float(re.search(r'le="([^"]+)"', k).group(1)), v) for k, v in buckets.items())
+    histogram, previous = {}, 0.0
+    for edge, count in cumulative:
+        if edge != float("inf"):
+            histogram[str(int(edge + 0.5))] = count - previous
+            previous = count
+    tokens = sum(len(c.ids) for c in done)
+    return {
+        "requests": len(done), "tokens": tokens, "wall_s": wall,
+        "per_user_tokens_per_s": float(np.mean([len(c.ids) / (c.chunk_times[-1] - c.start)
+                                                for c in done if c.chunk_times])),
+        "system_tokens_per_s": tokens / wall,
+        "ttft_ms": _percentiles(ttft), "itl_ms": _percentiles(itl),
+        "mean_tau": float(np.mean([c.stats.get("mean_tau", 0.0) for c in done])),
+        "verified_length_histogram": histogram, "position_acceptance": acceptance,
+    }
+
+
+def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
+    cells = []
+    total = sum(max(config.requests, c) for c in config.concurrencies) * len(config.modes)
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task("bench", total=total)
+        for mode in config.modes:
+            for concurrency in config.concurrencies:
+                bar.update(task, description=f"{mode:5s} c={concurrency}")
+                before = scrape(config.metrics_url)
+                done, wall = asyncio.run(_cell(config, mode, concurrency, lambda: bar.advance(task)))
+                time.sleep(0.5)  # the server buffers metric updates for up to 0.25 s
+                cell = summarise(done, wall, before, scrape(config.metrics_url))
+                cells.append({"mode": mode, "concurrency": concurrency, **cell})
+    return {"config": {k: v for k, v in config.__dict__.items() if k != "prompts"} | {"prompts": len(config.prompts)},
+            "cells": cells}
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Tokens/s per user and per system versus concurrency for each mode; acceptance per block position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = result["cells"]
+    modes = list(dict.fromkeys(c["mode"] for c in cells))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for mode in modes:
+        rows = [c for c in cells if c["mode"] == mode]
+        xs = [c["concurrency"] for c in rows]
+        axes[0].plot(xs, [c["per_user_tokens_per_s"] for c in rows], marker="o", label=mode)
+        axes[1].plot(xs, [c["system_tokens_per_s"] for c in rows], marker="o", label=mode)
+        first = rows[0]
+        if first["position_acceptance"]:
+            k = range(1, len(first["position_acceptance"]) + 1)
+            axes[2].plot(k, first["position_acceptance"], marker="o", label=f"{mode}, c={first['concurrency']}")
+    for ax, title, ylabel in ((axes[0], "per user", "tokens/s per user"), (axes[1], "system", "tokens/s"),
+                              (axes[2], "acceptance by block position", "accepted / verified")):
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax in axes[:2]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+    axes[2].set_xlabel("block position k")
+    axes[2].set_ylim(0, 1.05)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    return out_dir / "bench.json", plot(result, out_dir / "bench.png")

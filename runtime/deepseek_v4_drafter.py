@@ -1,0 +1,149 @@
+"""DSpark drafter of DeepSeek-V4 (the `mtp.0..N-1.*` stages inside the target checkpoint), reference backend.
+
+Mirrors the Qwen3 drafter (runtime/drafter.py) with V4 blocks; one round for a batch of requests:
+  1. context features: the target's features at `target_layer_ids` (see `target_feature` in
+     runtime/deepseek_v4.py), concatenated, through `mtp.0.main_proj` and `mtp.0.main_norm`; each stage
+     turns them into its shared K = V (`wkv`, `attn.norm`, main RoPE at the token's position), cached
+     per slot and appended as tokens are committed (the anchor's features arrive with the next verify);
+  2. the parallel backbone: the block [x0, MASK × (γ-1)] at positions ctx_len .. ctx_len+γ-1. Its
+     embeddings (the target's `embed`) are copied into the `hc_mult` mHC streams, exactly as the target
+     forms its residual from token embeddings. Each stage is a full V4 block (mHC, MQA with sinks, MoE):
+     queries from the block; keys/values [context; block]; no causal mask inside the block; context
+     positions obey the stage's sliding window relative to each query (key p visible iff
+     p > ctx_len + k - window, the target's window rule). The stages are sliding-attention blocks, so
+     no compressor runs. Then the last stage's `hc_head` and `norm`, and the target's `head` give the
+     base logits of all γ positions at once;
+  3. the shared sequential heads (runtime/drafter.py `sequential_heads`): Markov head from the last
+     stage's `markov_head` (older `embed`/`head` names are canonicalised by the converter and accepted
+     here too), bias-free confidence head, STS calibration from `sts.json` when present.
+
+Sharded drafts (convert --tp N writes the `mtp.*` shards like the target's) are reassembled into one
+unsharded drafter on the calling process: the drafter is small next to the target, and that keeps it
+out of the collective schedule of the verify ranks. The shared embedding and head are read from the
+target's rank files (`shared_with_target` names them; the vocabulary-sharded head is concatenated).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .calibration import read_calibration
+from .deepseek_v4 import (
+    Rope,
+    V4Config,
+    attend,
+    hc_head,
+    hc_post,
+    hc_pre,
+    moe,
+    project_out,
+    queries,
+    read_merged,
+    shared_kv,
+)
+from .drafter import CALIBRATION_FILE, Draft, sequential_heads
+from .errors import CheckpointError
+from .heads import ConfidenceHead, MarkovHead
+from .layers import rms_norm
+
+_OLD_MARKOV = {"markov_head.embed.weight": "markov_head.markov_w1.weight",
+               "markov_head.head.weight": "markov_head.markov_w2.weight"}
+
+
+class DeepseekV4DSparkDrafter:
+    def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
+                 dtype: torch.dtype = torch.float32) -> None:
+        draft_dir = Path(draft_dir)
+        c = json.loads((draft_dir / "config.json").read_text())
+        dspark = c["dspark"]
+        self.cfg = cfg = V4Config.from_source(c["source_config"])  # unsharded here, whatever the files say
+        w = read_merged(draft_dir, c["mapping"]["tp_size"], dtype)
+        for old, new in _OLD_MARKOV.items():
+            for name in [n for n in w if n.endswith(old)]:
+                w[name[: -len(old)] + new] = w.pop(name)
+        self.stages = c.get("mtp_stages") or 1 + max(int(m.group(1)) for n in w if (m := re.match(r"mtp\.(\d+)\.", n)))
+        target_dir = draft_dir.parent / "target"
+        shared = c.get("shared_with_target") or {"embed": "embed.weight", "head": "head.weight"}
+        target_tp = json.loads((target_dir / "config.json").read_text())["mapping"]["tp_size"]
+        wanted = re.compile("^(" + "|".join(re.escape(n) for n in shared.values()) + ")$")
+        from_target = read_merged(target_dir, target_tp, dtype, keep=wanted)
+        missing = [n for n in shared.values() if n not in from_target]
+        if missing:
+            raise CheckpointError(target_dir, "the drafter's shared tensors are missing from the target",
+                                  subject=", ".join(missing), expected="embed and head of the target")
+        self.embed, self.head = from_target[shared["embed"]], from_target[shared["head"]]
+        self.w = w
+
+        self.block_size, self.mask_token_id = dspark["block_size"], dspark["mask_token_id"]
+        self.target_layer_ids = tuple(dspark["target_layer_ids"])
+        last = f"mtp.{self.stages - 1}."
+        self.last = last
+        kind = dspark.get("markov_head_type", "vanilla")
+        proj = {"gated": "markov_gate", "rnn": "markov_rnn"}.get(kind)
+        self.markov = MarkovHead(kind, w.get(last + "markov_head.markov_w1.weight"),
+                                 w.get(last + "markov_head.markov_w2.weight"),
+                                 w.get(f"{last}markov_head.{proj}.weight"), w.get(f"{last}markov_head.{proj}.bias"))
+        calibration = draft_dir / CALIBRATION_FILE
+        temperatures = read_calibration(calibration, self.block_size) if calibration.is_file() else None
+        self.confidence = ConfidenceHead(w[last + "confidence_head.proj.weight"],
+                                         w.get(last + "confidence_head.proj.bias"),
+                                         dspark.get("confidence_head_with_markov", True), temperatures)
+        self.rope = Rope(cfg)
+        self.experts = range(cfg.num_experts)
+        self.ctx_kv = torch.zeros(self.stages, num_slots, max_len, cfg.head_dim, dtype=dtype)
+        self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
+        self.max_len, self.dtype = max_len, dtype
+
+    def reset(self, slot: int) -> None:
+        self.ctx_len[slot] = 0
+
+    @torch.inference_mode()
+    def add_context(self, slot: int, features: torch.Tensor) -> None:
+        """Append target features [n, len(target_layer_ids) * hidden] of newly committed tokens."""
+        cfg, w, start, n = self.cfg, self.w, int(self.ctx_len[slot]), features.shape[0]
+        if start + n > self.max_len:
+            raise ValueError(f"slot {slot}: context would exceed {self.max_len} tokens")
+        ctx = rms_norm(F.linear(features.to(self.dtype), w["mtp.0.main_proj.weight"]), w["mtp.0.main_norm.weight"],
+                       cfg.eps)
+        cos, sin = self.rope("main", torch.arange(start, start + n))
+        for stage in range(self.stages):
+            self.ctx_kv[stage, slot, start: start + n] = shared_kv(ctx, w, f"mtp.{stage}.attn.", cfg, cos, sin)
+        self.ctx_len[slot] = start + n
+
+    @torch.inference_mode()
+    def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
+              generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
+        cfg, w, gamma = self.cfg, self.w, gamma or self.block_size
+        batch, slot_idx = len(slots), torch.tensor(slots)
+        ctx_len = self.ctx_len[slot_idx]
+        ids = torch.full((batch, gamma), self.mask_token_id, dtype=torch.long)
+        ids[:, 0] = torch.tensor(anchors)
+        positions = ctx_len[:, None] + torch.arange(gamma)
+        cos, sin = self.rope("main", positions)
+        # Context keys: the slot's own, inside each query's window; block keys: all of them.
+        low, high = max(0, int(ctx_len.min()) - cfg.window + 1), int(ctx_len.max())
+        keys = torch.arange(low, high)
+        in_context = (keys < ctx_len[:, None, None]) & (keys > positions[..., None] - cfg.window)
+        allowed = torch.cat([in_context, torch.ones(batch, gamma, gamma, dtype=torch.bool)], dim=-1)
+
+        streams = F.embedding(ids, self.embed)[:, :, None].expand(-1, -1, cfg.hc, -1).contiguous()
+        for stage in range(self.stages):
+            p = f"mtp.{stage}."
+            post, comb, collapsed = hc_pre(streams, w, p + "hc_attn_", cfg)
+            h = rms_norm(collapsed, w[p + "attn_norm.weight"], cfg.eps)
+            q, _ = queries(h, w, p + "attn.", cfg, cos, sin)
+            kv = torch.cat([self.ctx_kv[stage, slot_idx, low:high], shared_kv(h, w, p + "attn.", cfg, cos, sin)], 1)
+            out = attend(q, kv, allowed, w[p + "attn.attn_sink"])
+            streams = hc_post(project_out(out, w, p + "attn.", cfg, cos, sin), post, comb, streams)
+            post, comb, collapsed = hc_pre(streams, w, p + "hc_ffn_", cfg)
+            h = rms_norm(collapsed, w[p + "ffn_norm.weight"], cfg.eps)
+            ffn = moe(h.flatten(0, 1), ids.flatten(), w, p + "ffn.", cfg, self.experts).view_as(h)
+            streams = hc_post(ffn, post, comb, streams)
+        hidden = rms_norm(hc_head(streams, w, self.last, cfg), w[self.last + "norm.weight"], cfg.eps)
+        base_logits = F.linear(hidden, self.head).float()
+        return sequential_heads(self.markov, self.confidence, hidden, base_logits, ids[:, 0], temperatures, generators)

@@ -1,0 +1,304 @@
+"""DeepSeek-V4 on the reference backend: the target runner against transformers (fresh, incremental and
+after rollbacks, > 128 tokens so the compressed branches work), tp/ep 2 and 8 against tp 1, the built-in
+`mtp.*` DSpark drafter, lossless greedy speculation, and the served path through tritonserver.
+
+The oracle is transformers' `DeepseekV4ForCausalLM` in float32 loaded (by transformers' own renaming
+rules) from a dequantised copy of the fixture, so it sees exactly the weights our runner dequantises.
+It runs with `ties_to_earlier`: the lightning indexer keeps the top-k of scores that are sums of ReLUs,
+often exactly 0, and torch.topk orders ties arbitrarily (transformers' own full and incremental passes
+then disagree by ~0.3 in the logits on this fixture); the runner's documented rule is "ties go to the
+earlier entry", and the oracle is given the same rule.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dspark_trt.builder.convert import convert
+from dspark_trt.runtime.deepseek_v4 import DeepseekV4Target
+from dspark_trt.runtime.deepseek_v4_drafter import DeepseekV4DSparkDrafter
+from dspark_trt.runtime.drafter import Draft
+from dspark_trt.runtime.fp8 import dequantize_fp8_block
+from dspark_trt.runtime.generate import Request, generate
+from dspark_trt.runtime.loader import open_checkpoint
+from dspark_trt.runtime.tp import open_target
+
+CAPTURE = (1, 2, 3)  # the fixture's dspark_target_layer_ids
+TOL = 1e-4  # fp32 vs transformers; measured ~2e-6 on logits of magnitude ~1.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Small tensors on a shared 2-core machine run much faster (and steadier) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def v4_ckpt(v4_pair: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("v4ckpt") / "tp1"
+    convert(v4_pair / "target", None, out, tp=1, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def oracle(v4_pair: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    src, dst = v4_pair / "target", tmp_path_factory.mktemp("v4hf")
+    config = json.loads((src / "config.json").read_text())
+    del config["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(config))
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted(src.glob("*.safetensors")):
+        shard = load_file(str(path))
+        for name, t in shard.items():
+            if name.endswith("_scale_inv") or name.startswith("mtp."):
+                continue
+            if t.dtype == torch.float8_e4m3fn:
+                t = dequantize_fp8_block(t, shard[name + "_scale_inv"], 128, torch.float32)
+            weights[name] = t.float()
+    save_file(weights, str(dst / "model.safetensors"))
+    return AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def ties_to_earlier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensor.topk with ties broken towards the lower index (only the indexer uses the method form)."""
+
+    def topk(self: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+        values, indices = self.sort(dim=dim, descending=largest, stable=True)
+        return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+    monkeypatch.setattr(torch.Tensor, "topk", topk)
+
+
+def tokens(n: int, gen: torch.Generator) -> list[int]:
+    return torch.randint(0, 1000, (n,), generator=gen).tolist()  # ordinary tokens (specials are 1020+)
+
+
+def prompts(count: int = 8, seed: int = 0) -> list[list[int]]:
+    """Lengths 1 .. 150: some prompts start past the 128-token window, the HCA rate and many CSA windows."""
+    gen = torch.Generator().manual_seed(seed)
+    return [tokens(1 + (37 * i) % 151, gen) for i in range(count)]
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+# ------------------------------------------------------------------------------------------ target
+
+
+def test_target_matches_transformers(v4_ckpt: Path, oracle: torch.nn.Module, ties_to_earlier: None) -> None:
+    target = DeepseekV4Target(v4_ckpt / "target", num_slots=4, max_len=256)
+    gen = torch.Generator().manual_seed(0)
+    batch = [tokens(n, gen) for n in (200, 37, 140)]
+    logits, features = target.forward([2, 0, 1], batch, capture=CAPTURE)  # slots out of order on purpose
+    with torch.no_grad():
+        for i, seq in enumerate(batch):
+            ref = oracle(torch.tensor([seq]), output_hidden_states=True)
+            assert max_err(logits[i], ref.logits[0]) <= TOL
+            # Features: the mean over the mHC streams of each chosen layer's input (hidden_states[l]).
+            expected = torch.cat([ref.hidden_states[layer][0].mean(-2) for layer in CAPTURE], dim=-1)
+            assert max_err(features[i], expected) <= TOL
+
+
+def test_incremental_decoding_with_rollbacks_matches_transformers(v4_ckpt: Path, oracle: torch.nn.Module,
+                                                                 ties_to_earlier: None) -> None:
+    """Verify-style steps of 1..4 tokens on two slots, with rejected tokens rolled back, across position 128
+    (the window, the first HCA entry) and many CSA windows, each step checked against a fresh full forward."""
+    target = DeepseekV4Target(v4_ckpt / "target", num_slots=2, max_len=256)
+    gen = torch.Generator().manual_seed(1)
+    seqs = [tokens(118, gen), tokens(5, gen)]
+    target.forward([0, 1], seqs)
+    for step in range(14):
+        new = [tokens(1 + step % 4, gen), tokens(1 + (3 * step) % 4, gen)]
+        logits, _ = target.forward([1, 0], new[::-1])
+        for slot in (0, 1):
+            seqs[slot] += new[slot]
+            with torch.no_grad():
+                ref = oracle(torch.tensor([seqs[slot]])).logits[0, -len(new[slot]):]
+            assert max_err(logits[1 - slot], ref) <= TOL, f"step {step} slot {slot}"
+        keep = len(seqs[0]) - len(new[0]) + 1  # slot 0 accepts only the first of its new tokens
+        target.rollback(0, keep)
+        seqs[0] = seqs[0][:keep]
+    # A rollback from past 128 to before it drops the first HCA entry; what follows must not see it.
+    target.rollback(0, 125)
+    seqs[0] = seqs[0][:125]
+    more = tokens(6, gen)
+    logits, _ = target.forward([0], [more])
+    with torch.no_grad():
+        ref = oracle(torch.tensor([seqs[0] + more])).logits[0, -6:]
+    assert max_err(logits[0], ref) <= TOL
+
+
+def test_tensor_and_expert_parallel_logits_equal_tp1(v4_pair: Path, v4_ckpt: Path, tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(2)
+    batch = [tokens(n, gen) for n in (150, 9, 64)]
+    single = DeepseekV4Target(v4_ckpt / "target", num_slots=4, max_len=192)
+    ref, ref_features = single.forward([0, 1, 2], batch, capture=CAPTURE)
+    single.rollback(0, 140)
+    ref_next, _ = single.forward([0, 1], [[3, 4, 5], [6]])
+    for tp in (2, 8):
+        ckpt = tmp_path / f"tp{tp}"
+        convert(v4_pair / "target", None, ckpt, tp=tp, show_progress=False)
+        with open_target("deepseek-v4", ckpt / "target", num_slots=4, max_len=192) as target:
+            logits, features = target.forward([0, 1, 2], batch, capture=CAPTURE)
+            target.rollback(0, 140)
+            nxt, _ = target.forward([0, 1], [[3, 4, 5], [6]])
+        for a, b in zip(logits + features + nxt, ref + ref_features + ref_next, strict=True):
+            assert max_err(a, b) <= TOL, f"tp={tp}"
+        if tp == 2:  # the drafter reassembles its shards (and the vocabulary-sharded head) into tp-1 weights
+            sharded = DeepseekV4DSparkDrafter(ckpt / "draft", num_slots=2, max_len=192)
+            plain = DeepseekV4DSparkDrafter(v4_ckpt / "draft", num_slots=2, max_len=192)
+            for drafter in (sharded, plain):
+                drafter.add_context(0, ref_features[0])
+            a, b = (d.draft([0], [7], [1.0], [torch.Generator().manual_seed(0)]) for d in (sharded, plain))
+            assert max_err(a.probs, b.probs) <= 1e-5 and torch.equal(a.tokens, b.tokens)
+
+
+# ----------------------------------------------------------------------------------------- drafter
+
+
+def test_drafter_batches_slots_and_slides_its_context_window(v4_ckpt: Path) -> None:
+    target = DeepseekV4Target(v4_ckpt / "target", num_slots=3, max_len=256)
+    drafter = DeepseekV4DSparkDrafter(v4_ckpt / "draft", num_slots=3, max_len=256)
+    assert (drafter.block_size, drafter.target_layer_ids, drafter.stages) == (5, CAPTURE, 3)
+    assert drafter.confidence.bias is None and drafter.markov.kind == "vanilla"
+    gen = torch.Generator().manual_seed(3)
+    batch = [tokens(n, gen) for n in (170, 3, 60)]
+    _, features = target.forward([0, 1, 2], batch, capture=CAPTURE)
+    for slot, f in enumerate(features):
+        drafter.add_context(slot, f)
+    together = drafter.draft([2, 0, 1], [11, 12, 13], [0.0] * 3, [None] * 3)
+    assert together.tokens.shape == (3, 5) and together.probs.shape == (3, 5, 1024)
+    assert bool(((together.confidence > 0) & (together.confidence < 1)).all())
+    for row, (slot, anchor) in enumerate(zip([2, 0, 1], [11, 12, 13], strict=True)):
+        alone = drafter.draft([slot], [anchor], [0.0], [None])
+        assert torch.equal(alone.tokens[0], together.tokens[row])
+        assert max_err(alone.conf_logits[0], together.conf_logits[row]) <= 1e-5
+    # Slot 0 holds 170 context tokens: the block (positions 170..174) sees context positions > 170 + k - 128.
+    before = drafter.draft([0], [11], [1.0], [torch.Generator().manual_seed(0)])
+    changed = features[0].clone()
+    changed[:40] += 3.0  # positions 0..39: outside every block query's window
+    drafter.reset(0)
+    drafter.add_context(0, changed)
+    after = drafter.draft([0], [11], [1.0], [torch.Generator().manual_seed(0)])
+    assert max_err(before.probs, after.probs) == 0.0
+    changed[-1] += 3.0  # the newest context position is inside the window
+    drafter.reset(0)
+    drafter.add_context(0, changed)
+    assert max_err(before.probs, drafter.draft([0], [11], [1.0], [None]).probs) > 1e-4
+
+
+def test_drafter_reads_the_older_markov_names(v4_ckpt: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(v4_ckpt, ckpt)
+    path = ckpt / "draft" / "rank0.safetensors"
+    weights = load_file(str(path))
+    for new, old in (("markov_w1", "embed"), ("markov_w2", "head")):
+        weights[f"mtp.2.markov_head.{old}.weight"] = weights.pop(f"mtp.2.markov_head.{new}.weight")
+    save_file(weights, str(path))
+    features = torch.randn(20, 3 * 256, generator=torch.Generator().manual_seed(0))
+    drafts = []
+    for directory in (v4_ckpt, ckpt):
+        drafter = DeepseekV4DSparkDrafter(directory / "draft", num_slots=1, max_len=64)
+        drafter.add_context(0, features)
+        drafts.append(drafter.draft([0], [5], [0.0], [None]))
+    assert torch.equal(drafts[0].tokens, drafts[1].tokens) and torch.equal(drafts[0].probs, drafts[1].probs)
+
+
+# ------------------------------------------------------------------------------- lossless decoding
+
+
+def greedy(target, drafter, batch: list[list[int]], mode: str, **options) -> list:
+    requests = [Request(p, max_new_tokens=16 + i % 5, speculation=mode, stop_ids=(7,) if i % 4 == 0 else ())
+                for i, p in enumerate(batch)]
+    return generate(target, drafter, requests, num_slots=8, **options)
+
+
+class OracleDrafter:
+    """The real drafter, but proposing the target's own greedy continuation with one token in three blocks
+    corrupted: long acceptances, partial ones and rollbacks across compressed windows all happen."""
+
+    def __init__(self, drafter: DeepseekV4DSparkDrafter, sequences: list[list[int]]) -> None:
+        self.inner, self.sequences, self.admitted = drafter, sequences, 0
+        self.slot_sequence: dict[int, list[int]] = {}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def reset(self, slot: int) -> None:  # generate() admits requests in order
+        self.slot_sequence[slot] = self.sequences[self.admitted]
+        self.admitted += 1
+        self.inner.reset(slot)
+
+    def draft(self, slots, anchors, temperatures, generators, gamma=None) -> Draft:
+        draft = self.inner.draft(slots, anchors, temperatures, generators, gamma)
+        draft.tokens = draft.tokens.clone()
+        for row, slot in enumerate(slots):
+            pos = int(self.inner.ctx_len[slot])
+            truth = self.slot_sequence[slot][pos + 1: pos + 1 + draft.tokens.shape[1]]
+            draft.tokens[row, : len(truth)] = torch.tensor(truth, dtype=torch.long)
+            if torch.rand((), generator=self.gen) < 1 / 3:
+                k = int(torch.randint(0, draft.tokens.shape[1], (), generator=self.gen))
+                draft.tokens[row, k] = (draft.tokens[row, k] + 1) % 1000
+        return draft
+
+
+def test_greedy_speculation_is_token_identical(v4_ckpt: Path) -> None:
+    target, drafter, manifest = open_checkpoint(v4_ckpt, num_slots=8, max_len=256)
+    assert manifest["family"] == "deepseek-v4" and isinstance(target, DeepseekV4Target)
+    batch = prompts()
+    reference = greedy(target, drafter, batch, "off")
+    for mode, options in (("fixed", {}), ("auto", {"scheduler": "paper"})):
+        results = greedy(target, drafter, batch, mode, **options)
+        for ref, got in zip(reference, results, strict=True):
+            assert got.tokens == ref.tokens and got.finish_reason == ref.finish_reason, f"{mode} {options}"
+            assert sum(got.taus) == len(got.tokens) - 1
+    sequences = [p + r.tokens + [0] * 8 for p, r in zip(batch, reference, strict=True)]
+    for mode in ("fixed", "auto"):
+        results = greedy(target, OracleDrafter(drafter, sequences), batch, mode,
+                         scheduler="paper" if mode == "fixed" else "production", min_gain=0.0)
+        assert [r.tokens for r in results] == [r.tokens for r in reference], mode
+        taus = [t for r in results for t in r.taus]
+        assert sum(taus) / len(taus) > 2.5 and max(taus) == 6  # full blocks of γ = 5 were accepted
+
+
+# ----------------------------------------------------------------------------------------- serving
+
+
+def test_served_stream_equals_target_only_greedy(v4_ckpt: Path, tmp_path: Path) -> None:
+    from dspark_trt.builder.engine import build_engine
+    from dspark_trt.builder.repo import build_repo
+    from dspark_trt.builder.serve import start_server
+    from dspark_trt.client.stream import complete
+    from dspark_trt.runtime.tp import free_port
+
+    batch = prompts(3, seed=5)
+    target, drafter, _ = open_checkpoint(v4_ckpt, num_slots=3, max_len=256)
+    expected = [r.tokens for r in generate(target, drafter, [Request(p, max_new_tokens=12, speculation="off")
+                                                             for p in batch])]
+    build_engine(v4_ckpt, tmp_path / "engine", backend="reference")
+    build_repo(tmp_path / "engine", tmp_path / "repo", num_slots=4, max_prompt_tokens=160, max_new_tokens=32)
+    ports = [free_port() for _ in range(3)]
+    server = start_server(tmp_path / "repo", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                          cache=tmp_path / "cache", timeout=300)
+    try:
+        for mode in ("auto", "fixed"):
+            for prompt, want in zip(batch, expected, strict=True):
+                got = complete(server.endpoints["grpc"], prompt, max_tokens=12, speculation=mode)
+                assert got.ids == want and got.finish_reason == "length", mode
+    finally:
+        server.stop()
