@@ -9,16 +9,20 @@ TP      ?= 2
 # torch is pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch pulls GBs of CUDA.
 TORCH   ?= torch==2.13.0
 
-PAIR    := $(BUILD)/fixture-$(FAMILY)
+# The demo uses the trained pair shipped in examples/ (qwen3), else a random fixture.
+TRAINED := examples/tiny-qwen3-dspark
+PAIR    := $(if $(and $(filter qwen3,$(FAMILY)),$(wildcard $(TRAINED)/target/config.json)),$(TRAINED),$(BUILD)/fixture-$(FAMILY))
 CKPT    := $(BUILD)/ckpt-$(FAMILY)
+ENGINES := $(BUILD)/engines-$(FAMILY)
 REPO    := $(BUILD)/repo-$(FAMILY)
 DRAFTER := $(if $(filter qwen3,$(FAMILY)),--drafter $(PAIR)/drafter)
+CLIENT  := $(BIN)/dspark-client
 
 .PHONY: setup test demo lint serve stop bench-convert bench-generate bench-serve soak clean help
 
 help:
 	@echo "make setup          create $(VENV) with torch ($(TORCH)) and dspark-trt[dev] (editable)"
-	@echo "make demo           fixture -> inspect -> convert (FAMILY=qwen3|deepseek-v4, TP=$(TP))"
+	@echo "make demo           checkpoints -> engines -> SPS table -> repository -> tritonserver -> stream -> bench"
 	@echo "make test           the test suite (creates the venv first if missing)"
 	@echo "make serve / stop   profile -> model repository -> tritonserver on 127.0.0.1 (detached) / stop it"
 	@echo "make lint           ruff"
@@ -40,15 +44,23 @@ lint: setup
 	$(BIN)/ruff check .
 
 $(CKPT)/manifest.json: | setup
-	$(BIN)/dspark-build fixture $(FAMILY) $(PAIR) --force
+	$(if $(filter $(BUILD)/%,$(PAIR)),$(BIN)/dspark-build fixture $(FAMILY) $(PAIR) --force)
 	$(BIN)/dspark-build inspect $(PAIR)/target $(if $(DRAFTER),$(PAIR)/drafter)
 	$(BIN)/dspark-build convert --target $(PAIR)/target $(DRAFTER) --tp $(TP) -o $(CKPT) --force
 
+# The whole pipeline on CPU: checkpoints -> engines -> cost table -> repository -> tritonserver ->
+# one streamed completion -> auto versus off -> stop. The server is stopped even if a step fails.
 demo: setup
 	rm -f $(CKPT)/manifest.json
 	$(MAKE) --no-print-directory $(CKPT)/manifest.json
-	@echo
-	@echo "Converted checkpoint:"; cd $(BUILD) && find ckpt-$(FAMILY) -maxdepth 2 | sort
+	$(BIN)/dspark-build engine $(CKPT) --backend reference -o $(ENGINES) --force
+	$(BIN)/dspark-build profile $(ENGINES) -o $(ENGINES)/sps_table.json --batch-sizes 1,2,4,8 --force
+	$(BIN)/dspark-build repo $(ENGINES) -o $(REPO) --num-slots 16 --force
+	@set -e; trap '$(BIN)/dspark-build stop' EXIT; \
+	$(BIN)/dspark-build serve $(REPO) --detach; \
+	echo; echo '$$ dspark-client generate "def quicksort(arr):" --max-tokens 48'; \
+	$(CLIENT) generate "def quicksort(arr):" --max-tokens 48; echo; \
+	$(CLIENT) bench --concurrency 1,4 --modes off,auto --requests 8 --max-tokens 48 -o $(BUILD)/demo-bench
 
 serve: setup $(CKPT)/manifest.json
 	$(BIN)/dspark-build profile $(CKPT) -o $(CKPT)/sps_table.json --batch-sizes 1,2,4,8 --force

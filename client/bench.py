@@ -95,7 +95,7 @@ def summarise(done: list[Completion], wall: float, before: dict, after: dict) ->
             itl += [(now - prev) * 1000 / size] * size
     verified = _delta(after, before, "dspark_position_verified_total")
     accepted = _delta(after, before, "dspark_position_accepted_total")
-    positions = sorted({_position(k) for k in verified})
+    positions = sorted({_position(k) for k, v in verified.items() if v > 0})  # none for `off`
     acceptance = [sum(v for k, v in accepted.items() if _position(k) == p)
                   / max(1.0, sum(v for k, v in verified.items() if _position(k) == p)) for p in positions]
     buckets = _delta(after, before, "dspark_verified_length_bucket")
