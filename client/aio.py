@@ -32,11 +32,5 @@ async def astream(client: grpcaio.InferenceServerClient, prompt: str | list[int]
 async def acomplete(client: grpcaio.InferenceServerClient, prompt: str | list[int], **params: Any) -> Completion:
     out = Completion(start=time.perf_counter())
     async for chunk in astream(client, prompt, **params):
-        out.ids += chunk.ids
-        out.text += chunk.text
-        if chunk.ids:
-            out.chunk_times.append(chunk.time)
-            out.chunk_sizes.append(len(chunk.ids))
-        if chunk.finish_reason:
-            out.finish_reason, out.stats = chunk.finish_reason, chunk.stats or {}
+        out.add(chunk)
     return out

@@ -39,6 +39,15 @@ class Completion:
     chunk_sizes: list[int] = field(default_factory=list)  # tokens in each of those chunks
     start: float = 0.0
 
+    def add(self, chunk: Chunk) -> None:
+        self.ids += chunk.ids
+        self.text += chunk.text
+        if chunk.ids:
+            self.chunk_times.append(chunk.time)
+            self.chunk_sizes.append(len(chunk.ids))
+        if chunk.finish_reason:
+            self.finish_reason, self.stats = chunk.finish_reason, chunk.stats or {}
+
 
 def _input(name: str, value: np.ndarray) -> grpcclient.InferInput:
     dtype = {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}.get(
@@ -113,11 +122,5 @@ def complete(url: str, prompt: str | list[int], **params: Any) -> Completion:
     """Run one streamed completion to the end and gather it."""
     out = Completion(start=time.perf_counter())
     for chunk in stream(url, prompt, **params):
-        out.ids += chunk.ids
-        out.text += chunk.text
-        if chunk.ids:
-            out.chunk_times.append(chunk.time)
-            out.chunk_sizes.append(len(chunk.ids))
-        if chunk.finish_reason:
-            out.finish_reason, out.stats = chunk.finish_reason, chunk.stats or {}
+        out.add(chunk)
     return out

@@ -21,6 +21,30 @@ class OutputExistsError(Exception):
         self.path = path
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old content or the complete new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory, so os.replace is a rename within one filesystem and therefore atomic.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's private 0600 would otherwise outlive the rename
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -50,9 +74,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's private 0700 would otherwise outlive the rename
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise outlive the rename
     try:
         yield tmp
         if out.exists():

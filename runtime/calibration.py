@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .atomic import write_text_atomic
 from .errors import CheckpointError
 
 FORMAT = "dspark-trt/sts"
@@ -184,21 +183,7 @@ def write_calibration(
     }
     text = json.dumps(document, indent=2, allow_nan=False) + "\n"  # strict JSON for non-Python readers
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so os.replace is a rename within one filesystem and therefore atomic.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise outlive the rename
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def read_calibration(path: Path, block_size: int | None = None) -> list[float]:

@@ -78,3 +78,18 @@ class DraftHandler:
         return {"TOKENS": draft.tokens.numpy().astype(np.int32), "PROBS": draft.probs.numpy().astype(np.float32),
                 "CONF_LOGITS": draft.conf_logits.numpy().astype(np.float32),
                 "CONFIDENCE": draft.confidence.numpy().astype(np.float32)}
+
+
+def execute_batched(handler: VerifyHandler | DraftHandler, requests: list, input_names: tuple[str, ...],
+                    pb_utils: object, model: str) -> list:
+    """The `execute` of the dspark_verify / dspark_draft Triton models (pb_utils is passed in because
+    it only exists inside Triton's Python backend). A failure answers its request, the model stays up."""
+    responses = []
+    for request in requests:
+        try:
+            inputs = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in input_names}
+            outputs = handler.handle(inputs)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]))
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{model}: {e}")))
+    return responses

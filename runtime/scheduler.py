@@ -26,8 +26,6 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .atomic import write_text_atomic
 from .errors import CheckpointError
 
 FORMAT = "dspark-trt/sps-table"
@@ -188,21 +187,7 @@ class CostTable:
         """Write the JSON atomically: a reader sees the old file or the complete new one, never half."""
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"  # strict JSON for non-Python readers
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Same directory, so os.replace is a rename within one filesystem and therefore atomic.
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise outlive the rename
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, text)
 
 
 def _is_number(value: object) -> bool:

@@ -4,7 +4,7 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from dspark_trt.runtime.model_handlers import VerifyHandler
+from dspark_trt.runtime.model_handlers import VerifyHandler, execute_batched
 
 INPUTS = ("SLOTS", "START", "TOKENS", "COUNTS")
 
@@ -20,15 +20,7 @@ class TritonPythonModel:
                                      max_len=int(params["max_len"]))
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                inputs = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in INPUTS}
-                outputs = self.handler.handle(inputs)
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]))
-            except Exception as e:  # noqa: BLE001 - reported to the caller, the model stays up
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"dspark_verify: {e}")))
-        return responses
+        return execute_batched(self.handler, requests, INPUTS, pb_utils, "dspark_verify")
 
     def finalize(self):
         self.handler.close()
