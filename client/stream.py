@@ -124,3 +124,31 @@ def complete(url: str, prompt: str | list[int], **params: Any) -> Completion:
     for chunk in stream(url, prompt, **params):
         out.add(chunk)
     return out
+
+
+def complete_http(url: str, prompt: str | list[int], *, model: str = "ensemble", timeout: float = 120,
+                  **params: Any) -> Completion:
+    """One-shot completion over HTTP (Triton's generate_stream endpoint), gathered from its events."""
+    import urllib.error
+    import urllib.request
+
+    body: dict[str, Any] = {"text_input": prompt} if isinstance(prompt, str) else {"input_ids": list(prompt)}
+    body.update({k: v for k, v in params.items() if v is not None})
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream", method="POST",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    out = Completion(start=time.perf_counter())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            for line in response:
+                if not line.startswith(b"data: "):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RequestError(event["error"])
+                ids = event.get("output_ids", [])
+                out.add(Chunk(ids if isinstance(ids, list) else [ids], event.get("text_output", ""),
+                              event.get("finish_reason") or None,
+                              json.loads(event["stats"]) if event.get("stats") else None, time.perf_counter()))
+    except urllib.error.HTTPError as e:
+        raise RequestError(e.read().decode(errors="replace")) from None
+    return out

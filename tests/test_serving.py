@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from dspark_trt.builder.convert import convert
 from dspark_trt.builder.repo import build_repo
 from dspark_trt.builder.serve import start_server
-from dspark_trt.client.stream import RequestError, complete, request_inputs
+from dspark_trt.client.stream import RequestError, complete, complete_http, request_inputs
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.loader import open_checkpoint
 from dspark_trt.runtime.tp import free_port
@@ -77,6 +77,10 @@ def test_text_prompt_is_tokenised_and_text_streams(served) -> None:
     server, _ = served
     got = complete(url(server), "def quicksort(arr):", max_tokens=12, speculation="fixed")
     assert len(got.ids) == 12 and got.text and len(got.chunk_times) >= 2
+    over_http = complete_http(server.endpoints["http"], "def quicksort(arr):", max_tokens=12, speculation="fixed")
+    assert (over_http.ids, over_http.text, over_http.stats["tokens"]) == (got.ids, got.text, 12)
+    with pytest.raises(RequestError, match="max_tokens must be in"):
+        complete_http(server.endpoints["http"], [1, 2], max_tokens=0)
 
 
 def test_concurrent_requests_of_mixed_lengths_all_complete(served) -> None:
