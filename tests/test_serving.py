@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -169,3 +170,23 @@ def test_metrics_agree_with_the_responses(served) -> None:
         time.sleep(0.2)
     assert delta == expected
     assert metric(server, "dspark_queued_requests") == 0
+
+
+def test_bench_measures_and_plots(served, tmp_path: Path) -> None:
+    from dspark_trt.client.bench import BenchConfig, run_bench, write
+
+    server, _ = served
+    config = BenchConfig(url(server), server.endpoints["metrics"], ["off", "fixed"], [1, 2], ["def f(x):", "import os"],
+                         requests=2, max_tokens=16)
+    result = run_bench(config, progress=False)
+    cells = {(c["mode"], c["concurrency"]): c for c in result["cells"]}
+    assert set(cells) == {("off", 1), ("off", 2), ("fixed", 1), ("fixed", 2)}
+    for cell in cells.values():
+        assert cell["requests"] == 2 and cell["tokens"] == 32 and cell["system_tokens_per_s"] > 0
+        assert cell["ttft_ms"]["p50"] > 0 and cell["itl_ms"]["p99"] >= cell["itl_ms"]["p50"]
+    assert cells[("off", 1)]["position_acceptance"] == []
+    assert len(cells[("fixed", 1)]["position_acceptance"]) == 7  # γ positions verified in fixed mode
+    histogram = cells[("fixed", 1)]["verified_length_histogram"]
+    assert histogram["7"] >= 2 and sum(histogram.values()) >= 2 * 7  # full blocks first, one count per round
+    json_path, png_path = write(result, tmp_path)
+    assert json.loads(json_path.read_text())["cells"] and png_path.read_bytes()[:4] == b"\x89PNG"
