@@ -89,16 +89,17 @@ class V4Config:
     @classmethod
     def from_source(cls, c: dict[str, Any], tp: int = 1) -> V4Config:
         """From the original HF config (`source_config` in a converted config.json); HF's defaults."""
-        n = c["num_hidden_layers"]
-        return cls(c["vocab_size"], c["hidden_size"], n, c["num_attention_heads"], c.get("head_dim", 512),
-                   c.get("q_lora_rank", 1024), c.get("o_groups", 8), c.get("o_lora_rank", 1024),
-                   c["n_routed_experts"], c["num_experts_per_tok"], c.get("hc_mult", 4), c.get("hc_sinkhorn_iters", 20),
-                   c.get("hc_eps", 1e-6), c.get("rms_norm_eps", 1e-6), tuple(c["layer_types"]),
-                   tuple(c["mlp_layer_types"]),
-                   c.get("compress_rates") or {CSA: 4, HCA: 128}, c.get("sliding_window", 128),
-                   c.get("index_n_heads", 64), c.get("index_head_dim", 128), c.get("index_topk", 512),
-                   c.get("scoring_func", "sqrtsoftplus"), c.get("routed_scaling_factor", 1.5),
-                   c.get("swiglu_limit", 10.0), tp, c)
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+            num_heads=c["num_attention_heads"], head_dim=c.get("head_dim", 512), q_rank=c.get("q_lora_rank", 1024),
+            o_groups=c.get("o_groups", 8), o_rank=c.get("o_lora_rank", 1024), num_experts=c["n_routed_experts"],
+            experts_per_token=c["num_experts_per_tok"], hc=c.get("hc_mult", 4), hc_iters=c.get("hc_sinkhorn_iters", 20),
+            hc_eps=c.get("hc_eps", 1e-6), eps=c.get("rms_norm_eps", 1e-6), layer_types=tuple(c["layer_types"]),
+            mlp_types=tuple(c["mlp_layer_types"]), compress_rates=c.get("compress_rates") or {CSA: 4, HCA: 128},
+            window=c.get("sliding_window", 128), index_heads=c.get("index_n_heads", 64),
+            index_dim=c.get("index_head_dim", 128), index_topk=c.get("index_topk", 512),
+            scoring=c.get("scoring_func", "sqrtsoftplus"), routed_scale=c.get("routed_scaling_factor", 1.5),
+            swiglu_limit=c.get("swiglu_limit", 10.0), tp=tp, source=c)
 
     @classmethod
     def from_checkpoint(cls, directory: Path) -> V4Config:

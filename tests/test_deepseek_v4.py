@@ -276,17 +276,102 @@ def test_greedy_speculation_is_token_identical(v4_ckpt: Path) -> None:
         assert sum(taus) / len(taus) > 2.5 and max(taus) == 6  # full blocks of γ = 5 were accepted
 
 
+VOCAB, PROMPT, SAMPLES = 16, [3, 1, 4], 2000
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A 16-token V4 (CSA, HCA, hash and routed MoE) with peaked distributions and its 3-stage mtp drafter,
+    converted. The stages come from a throw-away sliding-window V4 saved by transformers, as in the fixture."""
+    from transformers import AutoModelForCausalLM
+
+    from dspark_trt.builder.fixture_deepseek_v4 import BOS, EOS, MASK, PAD, v4_config
+
+    root = tmp_path_factory.mktemp("v4-small-vocab")
+    ids = {BOS: 12, EOS: 13, PAD: 14, MASK: 15}
+    dims = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, head_dim=32, q_lora_rank=32, o_groups=2,
+                o_lora_rank=16, n_routed_experts=4, moe_intermediate_size=32, index_n_heads=2, index_head_dim=16,
+                num_hidden_layers=3, dspark_target_layer_ids=[0, 1, 2], dspark_markov_rank=8)
+    config = v4_config(ids, layer_types=["sliding_attention", "compressed_sparse_attention",
+                                         "heavily_compressed_attention"], mlp_layer_types=["hash_moe", "moe", "moe"],
+                       **dims)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init gives near-uniform logits; sharpen them so the test has teeth
+        model.lm_head.weight.mul_(60)
+        model.model.layers[0].mlp.gate.tid2eid.copy_(torch.stack([torch.arange(VOCAB) % 4,
+                                                                  (torch.arange(VOCAB) + 1) % 4], 1))
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(root / "target")
+    donor = v4_config(ids, layer_types=["sliding_attention"] * 3, mlp_layer_types=["moe"] * 3, **dims)
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(donor, dtype=torch.bfloat16).save_pretrained(root / "donor")
+    stages = load_file(str(root / "donor" / "model.safetensors"))
+    weights = load_file(str(root / "target" / "model.safetensors"))
+    weights.update({"mtp." + n.removeprefix("model.layers."): t for n, t in stages.items()
+                    if n.startswith("model.layers.")})
+    weights["mtp.2.norm.weight"] = stages["model.norm.weight"]
+    weights.update({f"mtp.2.hc_head_{part}": stages[f"model.hc_head.hc_{part}"] for part in ("fn", "base", "scale")})
+    gen = torch.Generator().manual_seed(2)
+    for name, shape in (("mtp.0.main_proj.weight", (64, 3 * 64)), ("mtp.2.markov_head.markov_w1.weight", (VOCAB, 8)),
+                        ("mtp.2.markov_head.markov_w2.weight", (VOCAB, 8)),
+                        ("mtp.2.confidence_head.proj.weight", (1, 64 + 8))):
+        weights[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    weights["mtp.0.main_norm.weight"] = torch.ones(64)
+    save_file(weights, str(root / "target" / "model.safetensors"), metadata={"format": "pt"})
+    convert(root / "target", None, root / "ckpt", show_progress=False)
+    return root / "ckpt", model.float().eval()
+
+
+def test_speculative_sampling_keeps_the_target_distribution(small_vocab, monkeypatch) -> None:
+    """As tests/test_sampling.py for Qwen3: the exact P(2nd, 3rd token) from transformers vs 2000 seeded
+    speculative samples (fixed γ, so every round verifies a draft), chi-square p > 1e-3; a verifier that
+    accepts every draft is caught (p < 1e-6) with a quarter of the samples."""
+    from test_sampling import chi_square_p
+
+    from dspark_trt.runtime import generate as generate_module
+
+    ckpt, model = small_vocab
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([PROMPT])).logits[0, -1], -1)
+        p2 = torch.softmax(model(torch.tensor([PROMPT + [a] for a in range(VOCAB)])).logits[:, -1], -1)
+        seqs = torch.tensor([PROMPT + [a, b] for a in range(VOCAB) for b in range(VOCAB)])
+        p3 = torch.softmax(model(seqs).logits[:, -1], -1).view(VOCAB, VOCAB, VOCAB)
+    exact = torch.einsum("a,ab,abc->bc", p1.double(), p2.double(), p3.double())
+
+    def counts(samples: int) -> tuple[torch.Tensor, float]:
+        target, drafter, _ = open_checkpoint(ckpt, num_slots=64, max_len=16)
+        results = generate(target, drafter, [Request(PROMPT, max_new_tokens=3, temperature=1.0, seed=s,
+                                                     speculation="fixed") for s in range(samples)], num_slots=64)
+        table = torch.zeros(VOCAB, VOCAB)
+        for r in results:
+            table[r.tokens[1], r.tokens[2]] += 1
+        return table, sum(sum(r.verified) for r in results) / sum(r.rounds for r in results)
+
+    table, mean_verified = counts(SAMPLES)
+    assert chi_square_p(table, exact) > 1e-3 and mean_verified > 0.5
+
+    def accept_everything(drafts, draft_probs, target_logits, temperature, generator):
+        probs = torch.softmax(target_logits[len(drafts)].float() / temperature, -1)
+        return len(drafts), int(torch.multinomial(probs, 1, generator=generator)[0])
+
+    monkeypatch.setattr(generate_module, "verify_sampling", accept_everything)
+    assert chi_square_p(counts(SAMPLES // 4)[0], exact) < 1e-6
+
+
 # ----------------------------------------------------------------------------------------- serving
 
 
 def test_served_stream_equals_target_only_greedy(v4_ckpt: Path, tmp_path: Path) -> None:
+    """fixture -> convert -> reference engine -> repo -> tritonserver; streamed greedy output equals in-process
+    target-only greedy decoding (tp 1: gloo ranks inside Triton are covered by tests/test_serving.py)."""
     from dspark_trt.builder.engine import build_engine
     from dspark_trt.builder.repo import build_repo
     from dspark_trt.builder.serve import start_server
     from dspark_trt.client.stream import complete
     from dspark_trt.runtime.tp import free_port
 
-    batch = prompts(3, seed=5)
+    batch = prompts(5, seed=5)[2:]  # 75, 112 and 149 tokens
     target, drafter, _ = open_checkpoint(v4_ckpt, num_slots=3, max_len=256)
     expected = [r.tokens for r in generate(target, drafter, [Request(p, max_new_tokens=12, speculation="off")
                                                              for p in batch])]
