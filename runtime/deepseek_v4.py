@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from .errors import CheckpointError
 from .fp8 import dequantize_fp8_block
 from .layers import rms_norm
+from .runner import SlotRunner
 from .safetensors_io import SafetensorsCheckpoint
 
 SCALE_SUFFIX = "_scale_inv"
@@ -381,7 +382,7 @@ def _select_indexed(cache: _Compressed, h: torch.Tensor, q_res: torch.Tensor, sl
 # ------------------------------------------------------------------------------------------ target
 
 
-class DeepseekV4Target:
+class DeepseekV4Target(SlotRunner):
     """One tensor/expert-parallel rank of a DeepSeek-V4 target, with a cache of `num_slots` sequences."""
 
     def __init__(self, target_dir: Path, *, rank: int = 0, num_slots: int = 8, max_len: int = 1024,
@@ -410,24 +411,6 @@ class DeepseekV4Target:
                 self.indexers[layer] = _Compressed.empty(rate, cfg.index_dim, True, num_slots, max_len, dtype)
         self.lengths = torch.zeros(num_slots, dtype=torch.long)
 
-    def close(self) -> None:
-        """Nothing to release in-process (DistributedTarget stops its workers here)."""
-
-    def __enter__(self) -> DeepseekV4Target:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def reset(self, slot: int) -> None:
-        self.lengths[slot] = 0
-
-    def rollback(self, slot: int, length: int) -> None:
-        """Keep the first `length` tokens of `slot`; exact, see the module docstring."""
-        if not 0 <= length <= self.lengths[slot]:
-            raise ValueError(f"slot {slot}: cannot roll back to {length}, it holds {int(self.lengths[slot])}")
-        self.lengths[slot] = length
-
     @torch.inference_mode()
     def forward(self, slots: list[int], tokens: list[list[int]], capture: tuple[int, ...] = (),
                 start: list[int] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -446,9 +429,7 @@ class DeepseekV4Target:
         batch, n_new = len(slots), torch.tensor([len(t) for t in tokens])
         width = int(n_new.max())
         slot_idx = torch.tensor(slots)
-        if start is not None:
-            for slot, length in zip(slots, start, strict=True):
-                self.rollback(slot, length)
+        self.continue_from(slots, start)
         start = self.lengths[slot_idx]
         if int((start + n_new).max()) > self.max_len:
             raise ValueError(f"a slot would exceed the cache length {self.max_len}")

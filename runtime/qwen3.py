@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .errors import CheckpointError
 from .layers import apply_rope, attention, rms_norm, rope_tables, swiglu
+from .runner import SlotRunner
 from .safetensors_io import SafetensorsCheckpoint
 
 
@@ -51,7 +52,7 @@ class Qwen3Config:
                    float(c["rotary_base"]), c["max_position_embeddings"], c["mapping"]["tp_size"])
 
 
-class Qwen3Target:
+class Qwen3Target(SlotRunner):
     """One tensor-parallel rank of a Qwen3 target, with a KV cache of `num_slots` sequences."""
 
     def __init__(self, target_dir: Path, *, rank: int = 0, num_slots: int = 8, max_len: int = 1024,
@@ -70,26 +71,6 @@ class Qwen3Target:
         self.v_cache = torch.zeros(shape, dtype=dtype)
         self.lengths = torch.zeros(num_slots, dtype=torch.long)
         self.max_len = max_len
-
-    def close(self) -> None:
-        """Nothing to release in-process (DistributedTarget stops its workers here)."""
-
-    def __enter__(self) -> Qwen3Target:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- cache management --------------------------------------------------------------------
-
-    def reset(self, slot: int) -> None:
-        self.lengths[slot] = 0
-
-    def rollback(self, slot: int, length: int) -> None:
-        """Keep the first `length` cached tokens of `slot` (drops rejected draft tokens)."""
-        if not 0 <= length <= self.lengths[slot]:
-            raise ValueError(f"slot {slot}: cannot roll back to {length}, it holds {int(self.lengths[slot])}")
-        self.lengths[slot] = length
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -110,9 +91,7 @@ class Qwen3Target:
         batch, n_new = len(slots), [len(t) for t in tokens]
         width = max(n_new)
         slot_idx = torch.tensor(slots)
-        if start is not None:
-            for slot, length in zip(slots, start, strict=True):
-                self.rollback(slot, length)
+        self.continue_from(slots, start)
         start = self.lengths[slot_idx]
         if int((start + torch.tensor(n_new)).max()) > self.max_len:
             raise ValueError(f"a slot would exceed the cache length {self.max_len}")

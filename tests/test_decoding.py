@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import OracleDrafter  # tests/oracle.py
 from safetensors.torch import load_file, save_file
 
 from dspark_trt.builder.convert import convert
-from dspark_trt.runtime.drafter import Draft, Qwen3DSparkDrafter
+from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.qwen3 import Qwen3Target
 from dspark_trt.runtime.tp import open_target
@@ -91,36 +92,6 @@ def test_greedy_speculation_is_token_identical(markov_ckpts: dict[str, Path], ma
             assert got.tokens == ref.tokens, f"{markov} {mode} {options}"
             assert got.finish_reason == ref.finish_reason
             assert sum(got.taus) == len(got.tokens) - 1  # every token after the first came from a round
-
-
-class OracleDrafter:
-    """Wraps the real drafter but proposes the target's own greedy continuation, with one token in
-    three blocks corrupted, so that long acceptances, partial acceptances and rollbacks all happen."""
-
-    def __init__(self, drafter: Qwen3DSparkDrafter, sequences: list[list[int]]) -> None:
-        self.inner, self.sequences, self.admitted = drafter, sequences, 0
-        self.slot_sequence: dict[int, list[int]] = {}
-        self.gen = torch.Generator().manual_seed(0)
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def reset(self, slot: int) -> None:  # generate() admits requests in order
-        self.slot_sequence[slot] = self.sequences[self.admitted]
-        self.admitted += 1
-        self.inner.reset(slot)
-
-    def draft(self, slots, anchors, temperatures, generators, gamma=None) -> Draft:
-        draft = self.inner.draft(slots, anchors, temperatures, generators, gamma)
-        draft.tokens = draft.tokens.clone()  # an inference tensor; edits need a normal one
-        for row, slot in enumerate(slots):
-            pos = int(self.inner.ctx_len[slot])  # index of the anchor in prompt + output
-            truth = self.slot_sequence[slot][pos + 1: pos + 1 + draft.tokens.shape[1]]
-            draft.tokens[row, : len(truth)] = torch.tensor(truth, dtype=torch.long)
-            if torch.rand((), generator=self.gen) < 1 / 3:
-                k = int(torch.randint(0, draft.tokens.shape[1], (), generator=self.gen))
-                draft.tokens[row, k] = (draft.tokens[row, k] + 1) % 1000
-        return draft
 
 
 def test_greedy_identity_when_drafts_are_often_right(qwen3_ckpt: Path) -> None:

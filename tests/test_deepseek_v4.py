@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import OracleDrafter  # tests/oracle.py
 from safetensors.torch import load_file, save_file
 
 from dspark_trt.builder.convert import convert
 from dspark_trt.runtime.deepseek_v4 import DeepseekV4Target
 from dspark_trt.runtime.deepseek_v4_drafter import DeepseekV4DSparkDrafter
-from dspark_trt.runtime.drafter import Draft
 from dspark_trt.runtime.fp8 import dequantize_fp8_block
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.loader import open_checkpoint
@@ -225,36 +225,6 @@ def greedy(target, drafter, batch: list[list[int]], mode: str, **options) -> lis
     requests = [Request(p, max_new_tokens=16 + i % 5, speculation=mode, stop_ids=(7,) if i % 4 == 0 else ())
                 for i, p in enumerate(batch)]
     return generate(target, drafter, requests, num_slots=8, **options)
-
-
-class OracleDrafter:
-    """The real drafter, but proposing the target's own greedy continuation with one token in three blocks
-    corrupted: long acceptances, partial ones and rollbacks across compressed windows all happen."""
-
-    def __init__(self, drafter: DeepseekV4DSparkDrafter, sequences: list[list[int]]) -> None:
-        self.inner, self.sequences, self.admitted = drafter, sequences, 0
-        self.slot_sequence: dict[int, list[int]] = {}
-        self.gen = torch.Generator().manual_seed(0)
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def reset(self, slot: int) -> None:  # generate() admits requests in order
-        self.slot_sequence[slot] = self.sequences[self.admitted]
-        self.admitted += 1
-        self.inner.reset(slot)
-
-    def draft(self, slots, anchors, temperatures, generators, gamma=None) -> Draft:
-        draft = self.inner.draft(slots, anchors, temperatures, generators, gamma)
-        draft.tokens = draft.tokens.clone()
-        for row, slot in enumerate(slots):
-            pos = int(self.inner.ctx_len[slot])
-            truth = self.slot_sequence[slot][pos + 1: pos + 1 + draft.tokens.shape[1]]
-            draft.tokens[row, : len(truth)] = torch.tensor(truth, dtype=torch.long)
-            if torch.rand((), generator=self.gen) < 1 / 3:
-                k = int(torch.randint(0, draft.tokens.shape[1], (), generator=self.gen))
-                draft.tokens[row, k] = (draft.tokens[row, k] + 1) % 1000
-        return draft
 
 
 def test_greedy_speculation_is_token_identical(v4_ckpt: Path) -> None:
