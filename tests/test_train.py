@@ -15,8 +15,6 @@ from dspark_trt.builder.train_target import TargetRecipe, train_target
 from dspark_trt.runtime import drafter as drafter_module
 from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
 
-SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-qwen3-dspark"
-
 
 def _hf_target(pair: Path):
     from transformers import AutoModelForCausalLM
@@ -151,39 +149,3 @@ def test_target_steps_are_deterministic(tmp_path: Path) -> None:
     assert losses[0] == losses[1]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert json.loads((tmp_path / "a" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
-
-
-# ------------------------------------------------------------------------------------ shipped pair
-
-
-def test_shipped_pair_is_valid(tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from dspark_trt.builder.cli import main
-
-    result = CliRunner().invoke(main, ["inspect", str(SHIPPED / "target"), str(SHIPPED / "drafter"), "--json"])
-    assert result.exit_code == 0, result.output
-    drafter = json.loads(result.output)["drafter"]
-    assert drafter["block_size"] == 5 and drafter["markov_head_type"] == "vanilla" and drafter["calibration"]
-    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
-    assert size <= 20 * 1000**2
-
-
-def test_shipped_pair_greedy_speculation_equals_greedy_decoding(tmp_path: Path) -> None:
-    from dspark_trt.builder.calibrate import encode
-    from dspark_trt.builder.convert import convert
-    from dspark_trt.builder.corpus import heldout_prompts
-    from dspark_trt.runtime.generate import Request, generate
-    from dspark_trt.runtime.loader import open_checkpoint
-
-    ckpt = tmp_path / "ckpt"
-    convert(SHIPPED / "target", SHIPPED / "drafter", ckpt, show_progress=False)
-    prompts = encode(ckpt, heldout_prompts(4, part=1))
-    outputs = {}
-    for mode in ("off", "fixed"):
-        target, drafter, _ = open_checkpoint(ckpt, num_slots=4, max_len=256)
-        results = generate(target, drafter, [Request(p, max_new_tokens=40, speculation=mode) for p in prompts])
-        outputs[mode] = [r.tokens for r in results]
-        if mode == "fixed":  # a trained drafter: most rounds accept more than the bonus token
-            assert sum(t for r in results for t in r.taus) / sum(r.rounds for r in results) > 2
-    assert outputs["fixed"] == outputs["off"]
