@@ -507,18 +507,6 @@ class DeepseekV4Target(SlotRunner):
             visible = _select_indexed(index, h, q_res, slot_idx, visible, w, p, cfg, cos, sin)
         return comp.entries[slot_idx, :count], visible
 
-    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.tp > 1:
-            dist.all_reduce(x)
-        return x
-
-    def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.config.tp == 1:
-            return logits
-        parts = [torch.empty_like(logits) for _ in range(self.config.tp)]
-        dist.all_gather(parts, logits.contiguous())
-        return torch.cat(parts, dim=-1)
-
 
 def _manifest_feature(ckpt_dir: Path) -> str:
     """The checkpoint's `dspark.target_feature` (the converter records it), else the spec's default."""

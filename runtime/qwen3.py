@@ -141,15 +141,3 @@ class Qwen3Target(SlotRunner):
         features = torch.cat(order, dim=-1) if capture else None
         return ([logits[b, : n_new[b]] for b in range(batch)],
                 [features[b, : n_new[b]] for b in range(batch)] if capture else [])
-
-    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.tp > 1:
-            dist.all_reduce(x)
-        return x
-
-    def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.config.tp == 1:
-            return logits
-        parts = [torch.empty_like(logits) for _ in range(self.config.tp)]
-        dist.all_gather(parts, logits.contiguous())
-        return torch.cat(parts, dim=-1)

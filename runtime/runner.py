@@ -3,13 +3,18 @@ that lets `runtime.tp.DistributedTarget` stand in for a runner."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 
 
 class SlotRunner:
-    """Base of the target runners. Subclasses set `self.lengths` (cached tokens per slot)."""
+    """Base of the target runners. Subclasses set `self.lengths` (cached tokens per slot) and
+    `self.config` (with `tp`, the number of tensor-parallel ranks)."""
 
     lengths: torch.Tensor
+    config: Any
 
     def close(self) -> None:
         """Nothing to release in-process (DistributedTarget stops its workers here)."""
@@ -34,3 +39,19 @@ class SlotRunner:
         if start is not None:
             for slot, length in zip(slots, start, strict=True):
                 self.rollback(slot, length)
+
+    # Tensor parallelism: where TensorRT-LLM communicates, so do the reference runners.
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum the partial outputs of a row-parallel layer over the ranks."""
+        if self.config.tp > 1:
+            dist.all_reduce(x)
+        return x
+
+    def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Concatenate the vocabulary shards of the logits."""
+        if self.config.tp == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.config.tp)]
+        dist.all_gather(parts, logits.contiguous())
+        return torch.cat(parts, dim=-1)
