@@ -107,6 +107,35 @@ def fixture(family: str, out: Path, seed: int, markov_head: str, scale: int, for
     stdout.print(f"[green]✓[/] wrote {family} fixture to {out}")
 
 
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="One seed for every stage.")
+@click.option("--target-steps", type=click.IntRange(min=1), help="Exact optimiser steps (else --target-minutes).")
+@click.option("--drafter-steps", type=click.IntRange(min=1), help="Exact optimiser steps (else --drafter-minutes).")
+@click.option("--target-minutes", default=20.0, show_default=True, help="Wall-clock budget for the target.")
+@click.option("--drafter-minutes", default=20.0, show_default=True, help="Wall-clock budget per drafter.")
+@click.option("--ablation", type=click.Path(path_type=Path), help="Also train the no-Markov (markov_rank 0) drafter.")
+@click.option("--resume", is_flag=True, help="Keep the finished stages of an earlier run in OUT.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@reports_errors
+def train(out: Path, seed: int, target_steps: int | None, drafter_steps: int | None, target_minutes: float,
+          drafter_minutes: float, ablation: Path | None, resume: bool, force: bool) -> None:
+    """Train a tiny Qwen3 target + DSpark drafter on CPU from the Python standard library's source.
+
+    \b
+    OUT/target         Qwen3ForCausalLM + byte-level BPE tokenizer (with <|mask|>)
+    OUT/drafter        DeepSpec Qwen3DSparkModel (γ 5, vanilla Markov head, confidence head, sts.json)
+    OUT/training.json  steps, minutes, losses, held-out acceptance and calibration error
+
+    This is how examples/tiny-qwen3-dspark was made (`make fixture` repeats it with its step counts).
+    More knobs: python -m dspark_trt.builder.train --help.
+    """
+    from .train import train_pair
+
+    train_pair(out, seed=seed, steps_target=target_steps, steps_drafter=drafter_steps, minutes_target=target_minutes,
+               minutes_drafter=drafter_minutes, ablation=ablation, resume=resume, force=force)
+
+
 @main.command("inspect")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")

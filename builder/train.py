@@ -22,13 +22,11 @@ import argparse
 import json
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..runtime.atomic import atomic_directory
+from ..runtime.atomic import OutputExistsError, atomic_directory
 from .corpus import HELD_OUT_PERCENT, corpus_texts, heldout_prompts, token_stream
 from .tokenizer import QWEN3_SPECIAL_TOKENS, TOKENIZER_FILES, special_token_ids, train_tokenizer
 from .train_drafter import DrafterRecipe, drafter_config, train_drafter
@@ -54,7 +52,7 @@ def calibrate_drafter(target_dir: Path, drafter_dir: Path, *, seed: int) -> dict
         prompts = encode(ckpt, heldout_prompts(CALIBRATION_PROMPTS, part=0, seed=seed))
         report = calibrate(ckpt, prompts, drafter_dir / "sts.json", max_new_tokens=CALIBRATION_NEW_TOKENS)
     mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
-    console.print(f"STS for {drafter_dir.name}: ECE {mean(report['ece_before'])} -> {mean(report['ece_after'])}")
+    console.print(f"STS: ECE {mean(report['ece_before'])} -> {mean(report['ece_after'])}")
     return {"temperatures": [round(t, 4) for t in report["temperatures"]], "rounds": report["rounds"],
             "acceptance_t0": [round(a, 4) for a in report["acceptance"]],
             "ece_before": [round(e, 4) for e in report["ece_before"]],
@@ -73,67 +71,84 @@ def train_pair(
     ablation: Path | None = None,
     target_recipe: TargetRecipe | None = None,
     drafter_recipe: DrafterRecipe | None = None,
-    reuse_target: Path | None = None,
-    threads: int = 2,
+    target_threads: int = 2,
+    drafter_threads: int = 1,
     force: bool = False,
+    resume: bool = False,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Train and write OUT/{target,drafter,training.json} (+ the no-Markov ablation drafter at `ablation`).
 
-    Step counts, when given, override the minutes. `reuse_target` takes the tokenizer and target of an
-    earlier run's OUT instead of training them (for iterating on the drafter). OUT appears whole or not
-    at all; so does `ablation`.
+    Step counts, when given, override the minutes. Each stage's directory appears whole or not at all
+    and OUT/training.json is updated after each stage, so an interrupted run loses one stage at most:
+    `resume` keeps the finished stages of an earlier run with the same seed and recipes (it is also how
+    to retrain only the drafter: delete OUT/drafter and resume).
     """
+    from tokenizers import Tokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # ours is enough
     target_recipe, drafter_recipe = target_recipe or TargetRecipe(), drafter_recipe or DrafterRecipe()
-    set_determinism(seed, threads)
-    record: dict[str, Any] = {"seed": seed, "threads": threads, "vocab_size": VOCAB_SIZE,
-                              "corpus": f"Python {_python_version()} standard library, {HELD_OUT_PERCENT}% of files "
-                                        "held out by path hash"}
-    with atomic_directory(out, force=force) as tmp:
-        target_dir, drafter_dir = tmp / "target", tmp / "drafter"
-        if reuse_target is not None:
-            shutil.copytree(Path(reuse_target) / "target", target_dir)
-            previous = Path(reuse_target) / "training.json"
-            record["target"] = json.loads(previous.read_text())["target"] if previous.is_file() else {}
-        else:
-            train_tokenizer(target_dir, VOCAB_SIZE, QWEN3_SPECIAL_TOKENS, seed=seed, eos_token="<|im_end|>",
+    out, record_path = Path(out), Path(out) / "training.json"
+    if out.exists() and not resume:
+        if not force:
+            raise OutputExistsError(out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record and record.get("seed") != seed:
+        raise ValueError(f"{record_path}: seed {record.get('seed')} differs from {seed}; cannot resume")
+    record.update(seed=seed, vocab_size=VOCAB_SIZE,
+                  corpus=f"Python {_python_version()} standard library, {HELD_OUT_PERCENT}% of files held out "
+                         "by path hash")
+
+    def done(name: str, directory: Path, recipe: Any) -> bool:
+        same_recipe = record.get(name, {}).get("recipe") == json.loads(json.dumps(asdict(recipe)))
+        finished = directory.is_dir() and same_recipe
+        if finished:
+            console.print(f"{name}: kept from the earlier run ({directory})")
+        return finished
+
+    def save_record() -> None:
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+
+    target_dir = out / "target"
+    if not done("target", target_dir, target_recipe):
+        set_determinism(seed, target_threads)
+        with atomic_directory(target_dir, force=True) as tmp:
+            train_tokenizer(tmp, VOCAB_SIZE, QWEN3_SPECIAL_TOKENS, seed=seed, eos_token="<|im_end|>",
                             pad_token="<|endoftext|>", model_max_length=2048, corpus=corpus_texts("train"))
-        tokenizer_path = target_dir / "tokenizer.json"
-        token_ids = special_token_ids(tokenizer_path, QWEN3_SPECIAL_TOKENS)
-        from tokenizers import Tokenizer
+            tokenizer = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+            config = target_config(tokenizer.get_vocab_size(), special_token_ids(tmp / "tokenizer.json",
+                                                                                 QWEN3_SPECIAL_TOKENS), target_recipe)
+            record["target"] = train_target(tmp, config, token_stream(tokenizer, "train"),
+                                            token_stream(tokenizer, "heldout"), seed=seed, recipe=target_recipe,
+                                            steps=steps_target, minutes=minutes_target, quiet=quiet)
+            record["target"]["threads"] = target_threads
+        save_record()
 
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        train_stream, heldout_stream = token_stream(tokenizer, "train"), token_stream(tokenizer, "heldout")
-        if reuse_target is None:
-            config = target_config(tokenizer.get_vocab_size(), token_ids, target_recipe)
-            record["target"] = train_target(target_dir, config, train_stream, heldout_stream, seed=seed,
-                                            recipe=target_recipe, steps=steps_target, minutes=minutes_target,
-                                            quiet=quiet)
-
-        target = load_target(target_dir)
-        target_cfg = json.loads((target_dir / "config.json").read_text())
-        drafters = [("drafter", drafter_dir, drafter_recipe)]
-        if ablation is not None:
-            drafters.append(("ablation", tmp / "ablation", replace(drafter_recipe, markov_rank=0)))
-        for name, directory, recipe in drafters:
-            config = drafter_config(target_cfg, token_ids[MASK_TOKEN], recipe)
-            directory.mkdir()
+    tokenizer = Tokenizer.from_file(str(target_dir / "tokenizer.json"))
+    mask_id = special_token_ids(target_dir / "tokenizer.json", [MASK_TOKEN])[MASK_TOKEN]
+    train_stream, heldout_stream = token_stream(tokenizer, "train"), token_stream(tokenizer, "heldout")
+    target = load_target(target_dir)
+    target_cfg = json.loads((target_dir / "config.json").read_text())
+    drafters = [("drafter", out / "drafter", drafter_recipe)]
+    if ablation is not None:
+        drafters.append(("ablation", Path(ablation), replace(drafter_recipe, markov_rank=0)))
+    for name, directory, recipe in drafters:
+        if done(name, directory, recipe):
+            continue
+        set_determinism(seed, drafter_threads)
+        with atomic_directory(directory, force=True) as tmp:
             for file in TOKENIZER_FILES:
-                shutil.copyfile(target_dir / file, directory / file)
-            record[name] = train_drafter(directory, target, config, train_stream, heldout_stream,
+                shutil.copyfile(target_dir / file, tmp / file)
+            config = drafter_config(target_cfg, mask_id, recipe)
+            record[name] = train_drafter(tmp, target, config, train_stream, heldout_stream,
                                          seed=seed + _DRAFTER_SEED_OFFSET, recipe=recipe, steps=steps_drafter,
                                          minutes=minutes_drafter, quiet=quiet, name=name)
-            torch.manual_seed(seed)  # so that the next stage does not depend on how much this one drew
-            record[name]["sts"] = calibrate_drafter(target_dir, directory, seed=seed)
-
-        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if ablation is not None:
-            with atomic_directory(ablation, force=True) as ablation_tmp:
-                shutil.rmtree(ablation_tmp)
-                shutil.move(tmp / "ablation", ablation_tmp)
+            record[name]["threads"] = drafter_threads
+            record[name]["sts"] = calibrate_drafter(target_dir, tmp, seed=seed)
+        save_record()
     console.print(f"[green]✓[/] wrote {out}" + (f" and {ablation}" if ablation else ""))
     return record
 
@@ -156,15 +171,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablation", type=Path, help="also train the no-Markov (markov_rank 0) drafter here")
     parser.add_argument("--draft-layers", type=int, default=DrafterRecipe.layers)
     parser.add_argument("--markov-rank", type=int, default=DrafterRecipe.markov_rank)
-    parser.add_argument("--reuse-target", type=Path, help="take tokenizer + target from this earlier OUT")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (part of the determinism recipe)")
+    parser.add_argument("--random-init", action="store_true", help="draft layers from noise, not the target's")
+    parser.add_argument("--distill-rows", type=int, default=DrafterRecipe.distill_rows,
+                        help="windows continued by the target itself, mixed into the drafter's batches")
+    parser.add_argument("--resume", action="store_true", help="keep the finished stages of an earlier run in OUT")
+    # Thread counts are part of the determinism recipe; the shipped pair used 2 for the target, 1 per drafter.
+    parser.add_argument("--target-threads", type=int, default=2, help="torch threads while training the target")
+    parser.add_argument("--drafter-threads", type=int, default=1, help="torch threads while training a drafter")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     train_pair(args.out, seed=args.seed, minutes_target=args.target_minutes, minutes_drafter=args.drafter_minutes,
                steps_target=args.target_steps, steps_drafter=args.drafter_steps, ablation=args.ablation,
-               drafter_recipe=DrafterRecipe(layers=args.draft_layers, markov_rank=args.markov_rank),
-               reuse_target=args.reuse_target, threads=args.threads, force=args.force, quiet=args.quiet)
+               drafter_recipe=DrafterRecipe(layers=args.draft_layers, markov_rank=args.markov_rank,
+                                            distill_rows=args.distill_rows, init_from_target=not args.random_init),
+               target_threads=args.target_threads, drafter_threads=args.drafter_threads, force=args.force,
+               resume=args.resume, quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,10 @@ LOSS_WEIGHTS = {"ce": 0.1, "tv": 0.9, "bce": 1.0}
 
 @dataclass(frozen=True)
 class DrafterRecipe:
-    layers: int = 1
+    layers: int = 2
     block_size: int = 5
     target_layer_ids: tuple[int, ...] = (0, 1, 2)
-    markov_rank: int = 128
+    markov_rank: int = 64
     seq_len: int = 256
     batch: int = 16
     anchors: int = 48  # per sequence and step
@@ -62,6 +62,12 @@ class DrafterRecipe:
     warmup: int = 100
     weight_decay: float = 0.01
     eval_windows: int = 48
+    # Self-distillation: this many windows whose tail the target wrote itself (greedy and sampled),
+    # making up `distill_share` of every batch; what the drafter faces at inference is exactly that.
+    distill_rows: int = 3072
+    distill_share: float = 0.5
+    distill_prompt: int = 64
+    init_from_target: bool = True
 
 
 def drafter_config(target_config: dict, mask_token_id: int, recipe: DrafterRecipe) -> dict:
@@ -96,15 +102,36 @@ class DSparkDraftModel:
         self.markov_kind = c["markov_head_type"] if c["markov_rank"] > 0 else "none"
 
     @classmethod
-    def initialise(cls, config: dict, embed: torch.Tensor, lm_head: torch.Tensor, seed: int) -> DSparkDraftModel:
-        """Random weights as the fixture draws them; embedding and head copied from the target."""
+    def initialise(cls, config: dict, target: Qwen3ForCausalLM, seed: int, from_target: bool = True
+                   ) -> DSparkDraftModel:
+        """Embedding and head copied from the target; the rest drawn as the fixture draws it, or from the target.
+
+        `from_target` starts the draft layers as copies of the target's last layers, with `fc` selecting the
+        deepest feature layer and `hidden_norm` set to the first copied layer's input norm: the context's
+        keys and values are then exactly what that target layer computes, and training starts from a
+        drafter that already "continues" the target instead of from noise.
+        """
         gen = torch.Generator().manual_seed(seed)
+        embed, lm_head = (t.detach().to(torch.bfloat16) for t in (target.model.embed_tokens.weight,
+                                                                   target.lm_head.weight))
         tensors = fixture_drafter_tensors({**config, "markov_rank": max(config["markov_rank"], 1)}, embed, lm_head,
                                           gen)
         if config["markov_rank"] == 0:  # the ablation: no Markov tensors, confidence from h_k alone
             tensors = {k: v for k, v in tensors.items() if not k.startswith("markov_head.")}
         else:  # the Markov bias starts at zero, so it only ever adds what the backbone cannot do
             tensors["markov_head.markov_w2.weight"] = torch.zeros_like(tensors["markov_head.markov_w2.weight"])
+        if from_target:
+            source = target.model.layers[-config["num_hidden_layers"]:]
+            for i, layer in enumerate(source):
+                for name, param in layer.named_parameters():
+                    tensors[f"layers.{i}.{name}"] = param.detach().to(torch.bfloat16)
+            ids, hidden = config["target_layer_ids"], config["hidden_size"]
+            deepest = ids.index(max(ids))
+            fc = torch.zeros(hidden, len(ids) * hidden)
+            fc[:, deepest * hidden: (deepest + 1) * hidden] = torch.eye(hidden)
+            tensors["fc.weight"] = fc.to(torch.bfloat16)
+            tensors["hidden_norm.weight"] = source[0].input_layernorm.weight.detach().to(torch.bfloat16)
+            tensors["norm.weight"] = target.model.norm.weight.detach().to(torch.bfloat16)
         return cls(config, tensors)
 
     def trainable(self) -> list[torch.Tensor]:
@@ -244,6 +271,34 @@ def evaluate(model: DSparkDraftModel, target: Qwen3ForCausalLM, windows: torch.T
             for name, value in sums.items()}
 
 
+@torch.no_grad()
+def target_continuations(target: Qwen3ForCausalLM, stream: torch.Tensor, count: int, prompt_len: int,
+                         length: int, seed: int, batch: int = 64, quiet: bool = False) -> torch.Tensor:
+    """[count, length] windows: `prompt_len` corpus tokens, then the target's own continuation.
+
+    Even rows continue greedily (what T = 0 decoding produces), odd rows sample at T = 1 (T = 1 decoding).
+    """
+    sampler = WindowSampler(stream, prompt_len, seed)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    with progress_bar("continuations", quiet) as reporter:
+        for start in range(0, count, batch):
+            prompts = sampler.batch(min(batch, count - start))
+            greedy = torch.arange(start, start + len(prompts)) % 2 == 0
+            tokens = [prompts]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = target(input_ids=prompts, use_cache=True)
+                for _ in range(length - prompt_len):
+                    logits = out.logits[:, -1].float()
+                    sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
+                    nxt = torch.where(greedy, logits.argmax(-1), sampled)[:, None]
+                    tokens.append(nxt)
+                    out = target(input_ids=nxt, cache=out.cache, use_cache=True)
+            rows.append(torch.cat(tokens, dim=1))
+            reporter.update(start + len(prompts), count, "")
+    return torch.cat(rows)
+
+
 def train_drafter(
     drafter_dir: Path,
     target: Qwen3ForCausalLM,
@@ -262,11 +317,14 @@ def train_drafter(
     import json
 
     torch.manual_seed(seed)
-    model = DSparkDraftModel.initialise(config, target.model.embed_tokens.weight.to(torch.bfloat16),
-                                        target.lm_head.weight.to(torch.bfloat16), seed)
+    model = DSparkDraftModel.initialise(config, target, seed, from_target=recipe.init_from_target)
     params = model.trainable()
     optimizer = adamw(params, recipe.lr, recipe.weight_decay)
     sampler = WindowSampler(train_stream, recipe.seq_len, seed + 1)
+    distilled = (target_continuations(target, train_stream, recipe.distill_rows, recipe.distill_prompt,
+                                      recipe.seq_len, seed + 3, quiet=quiet) if recipe.distill_rows else None)
+    n_distilled = round(recipe.batch * recipe.distill_share) if distilled is not None else 0
+    row_gen = torch.Generator().manual_seed(seed + 4)
     windows = eval_windows(heldout_stream, recipe.seq_len, recipe.eval_windows)
     anchor_gen = torch.Generator().manual_seed(seed + 2)
     layer_ids = tuple(config["target_layer_ids"])
@@ -278,7 +336,10 @@ def train_drafter(
             lr = learning_rate(step, budget.total, recipe.lr, recipe.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            tokens = sampler.batch(recipe.batch)
+            tokens = sampler.batch(recipe.batch - n_distilled)
+            if n_distilled:
+                rows = torch.randint(len(distilled), (n_distilled,), generator=row_gen)
+                tokens = torch.cat([tokens, distilled[rows]])
             anchors = random_anchors(recipe.batch, recipe.anchors, recipe.seq_len, model.gamma, anchor_gen)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 features, logits = target_features(target, tokens, layer_ids)

@@ -82,13 +82,12 @@ def sample(logits: torch.Tensor, temperatures: list[float], generators: list[tor
     Temperature 0 means argmax (the distribution is then one-hot). Each row draws from its own
     generator so that a request's output depends only on its own seed, not on its batch mates.
     """
-    tokens = torch.empty(logits.shape[0], dtype=torch.long)
-    probs = torch.empty_like(logits, dtype=torch.float32)
-    for b, (temperature, gen) in enumerate(zip(temperatures, generators, strict=True)):
-        if temperature <= 0:
-            tokens[b] = logits[b].argmax()
-            probs[b] = F.one_hot(tokens[b], logits.shape[-1]).float()
-        else:
-            probs[b] = torch.softmax(logits[b].float() / temperature, dim=-1)
-            tokens[b] = torch.multinomial(probs[b], 1, generator=gen)[0]
+    greedy = torch.tensor([t <= 0 for t in temperatures], dtype=torch.bool)
+    tokens = logits.argmax(dim=-1)
+    probs = torch.zeros_like(logits, dtype=torch.float32)
+    probs[greedy] = F.one_hot(tokens[greedy], logits.shape[-1]).float()
+    # Sampled rows one at a time: each has its own generator.
+    for b in (~greedy).nonzero()[:, 0].tolist():
+        probs[b] = torch.softmax(logits[b].float() / temperatures[b], dim=-1)
+        tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
     return tokens, probs
