@@ -6,13 +6,16 @@ BIN     := $(VENV)/bin
 BUILD   ?= build
 FAMILY  ?= qwen3
 TP      ?= 2
+# Requests decoded together by the served orchestrator; more wait in its queue.
+SLOTS   ?= 32
 # torch is pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch pulls GBs of CUDA.
 TORCH   ?= torch==2.13.0
 
 # The demo uses the trained pair shipped in examples/ (qwen3), else a random fixture.
 TRAINED := examples/tiny-qwen3-dspark
 PAIR    := $(if $(and $(filter qwen3,$(FAMILY)),$(wildcard $(TRAINED)/target/config.json)),$(TRAINED),$(BUILD)/fixture-$(FAMILY))
-CKPT    := $(BUILD)/ckpt-$(FAMILY)
+# Named after the pair and tp, so that switching either never reuses a stale conversion.
+CKPT    := $(BUILD)/ckpt-$(notdir $(PAIR))-tp$(TP)
 ENGINES := $(BUILD)/engines-$(FAMILY)
 REPO    := $(BUILD)/repo-$(FAMILY)
 DRAFTER := $(if $(filter qwen3,$(FAMILY)),--drafter $(PAIR)/drafter)
@@ -45,14 +48,14 @@ test: setup
 # FIXTURE_OUT=examples/tiny-qwen3-dspark replaces the shipped pair.
 FIXTURE_OUT ?= $(BUILD)/tiny-qwen3-dspark
 fixture: setup
-	$(BIN)/dspark-build train $(FIXTURE_OUT) --seed 0 --target-steps 2214 --drafter-steps 1600 \
+	$(BIN)/dspark-build train $(FIXTURE_OUT) --seed 0 --target-steps 2214 --drafter-steps 1600,800 \
 		--ablation $(BUILD)/tiny-qwen3-dspark-no-markov --resume
 	$(PY) bench/tau.py --pair $(FIXTURE_OUT) --ablation $(BUILD)/tiny-qwen3-dspark-no-markov
 
 lint: setup
 	$(BIN)/ruff check .
 
-$(CKPT)/manifest.json: | setup
+$(CKPT)/manifest.json: $(wildcard $(PAIR)/target/* $(PAIR)/drafter/*) | setup
 	$(if $(filter $(BUILD)/%,$(PAIR)),$(BIN)/dspark-build fixture $(FAMILY) $(PAIR) --force)
 	$(BIN)/dspark-build inspect $(PAIR)/target $(if $(DRAFTER),$(PAIR)/drafter)
 	$(BIN)/dspark-build convert --target $(PAIR)/target $(DRAFTER) --tp $(TP) -o $(CKPT) --force
@@ -64,7 +67,7 @@ demo: setup
 	$(MAKE) --no-print-directory $(CKPT)/manifest.json
 	$(BIN)/dspark-build engine $(CKPT) --backend reference -o $(ENGINES) --force
 	$(BIN)/dspark-build profile $(ENGINES) -o $(ENGINES)/sps_table.json --batch-sizes 1,2,4,8 --force
-	$(BIN)/dspark-build repo $(ENGINES) -o $(REPO) --num-slots 16 --force
+	$(BIN)/dspark-build repo $(ENGINES) -o $(REPO) --num-slots $(SLOTS) --force
 	@set -e; trap '$(BIN)/dspark-build stop' EXIT; \
 	$(BIN)/dspark-build serve $(REPO) --detach; \
 	echo; echo '$$ dspark-client generate "def quicksort(arr):" --max-tokens 48'; \
@@ -72,8 +75,8 @@ demo: setup
 	$(CLIENT) bench --concurrency 1,4 --modes off,auto --requests 8 --max-tokens 48 -o $(BUILD)/demo-bench
 
 serve: setup $(CKPT)/manifest.json
-	$(BIN)/dspark-build profile $(CKPT) -o $(CKPT)/sps_table.json --batch-sizes 1,2,4,8 --force
-	$(BIN)/dspark-build repo $(CKPT) -o $(REPO) --num-slots 16 --force
+	$(BIN)/dspark-build profile $(CKPT) -o $(CKPT)/sps_table.json --batch-sizes 1,4,16,$(SLOTS) --force
+	$(BIN)/dspark-build repo $(CKPT) -o $(REPO) --num-slots $(SLOTS) --force
 	$(BIN)/dspark-build serve $(REPO) --detach
 
 stop:

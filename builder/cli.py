@@ -111,14 +111,14 @@ def fixture(family: str, out: Path, seed: int, markov_head: str, scale: int, for
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="One seed for every stage.")
 @click.option("--target-steps", type=click.IntRange(min=1), help="Exact optimiser steps (else --target-minutes).")
-@click.option("--drafter-steps", type=click.IntRange(min=1), help="Exact optimiser steps (else --drafter-minutes).")
+@click.option("--drafter-steps", help="Optimiser steps per warm-restart cycle, e.g. 1600,800 (else --drafter-minutes).")
 @click.option("--target-minutes", default=20.0, show_default=True, help="Wall-clock budget for the target.")
 @click.option("--drafter-minutes", default=20.0, show_default=True, help="Wall-clock budget per drafter.")
 @click.option("--ablation", type=click.Path(path_type=Path), help="Also train the no-Markov (markov_rank 0) drafter.")
 @click.option("--resume", is_flag=True, help="Keep the finished stages of an earlier run in OUT.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @reports_errors
-def train(out: Path, seed: int, target_steps: int | None, drafter_steps: int | None, target_minutes: float,
+def train(out: Path, seed: int, target_steps: int | None, drafter_steps: str | None, target_minutes: float,
           drafter_minutes: float, ablation: Path | None, resume: bool, force: bool) -> None:
     """Train a tiny Qwen3 target + DSpark drafter on CPU from the Python standard library's source.
 
@@ -132,7 +132,8 @@ def train(out: Path, seed: int, target_steps: int | None, drafter_steps: int | N
     """
     from .train import train_pair
 
-    train_pair(out, seed=seed, steps_target=target_steps, steps_drafter=drafter_steps, minutes_target=target_minutes,
+    train_pair(out, seed=seed, steps_target=target_steps, minutes_target=target_minutes,
+               steps_drafter=_ints(drafter_steps) if drafter_steps else None,
                minutes_drafter=drafter_minutes, ablation=ablation, resume=resume, force=force)
 
 

@@ -67,7 +67,7 @@ def train_pair(
     minutes_target: float | None = 20.0,
     minutes_drafter: float | None = 20.0,
     steps_target: int | None = None,
-    steps_drafter: int | None = None,
+    steps_drafter: int | list[int] | None = None,
     ablation: Path | None = None,
     target_recipe: TargetRecipe | None = None,
     drafter_recipe: DrafterRecipe | None = None,
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-minutes", type=float, default=20.0, help="wall-clock budget for the target")
     parser.add_argument("--drafter-minutes", type=float, default=20.0, help="wall-clock budget per drafter")
     parser.add_argument("--target-steps", type=int, help="exact optimiser steps (overrides --target-minutes)")
-    parser.add_argument("--drafter-steps", type=int, help="exact optimiser steps (overrides --drafter-minutes)")
+    parser.add_argument("--drafter-steps", type=lambda text: [int(n) for n in text.split(",")],
+                        help="exact optimiser steps per cycle, e.g. 1600,800 (overrides --drafter-minutes)")
     parser.add_argument("--ablation", type=Path, help="also train the no-Markov (markov_rank 0) drafter here")
     parser.add_argument("--draft-layers", type=int, default=DrafterRecipe.layers)
     parser.add_argument("--markov-rank", type=int, default=DrafterRecipe.markov_rank)

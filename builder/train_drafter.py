@@ -27,13 +27,15 @@ early positions, which every later one depends on, count most.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..runtime.heads import ConfidenceHead, MarkovHead
 from ..runtime.layers import apply_rope, attention, rms_norm, rope_tables, swiglu
@@ -68,6 +70,8 @@ class DrafterRecipe:
     distill_share: float = 0.5
     distill_prompt: int = 64
     init_from_target: bool = True
+    # Warm restarts: each cycle runs the step budget again from the last one's bf16 weights at half its peak lr.
+    cycles: int = 2
 
 
 def drafter_config(target_config: dict, mask_token_id: int, recipe: DrafterRecipe) -> dict:
@@ -308,34 +312,80 @@ def train_drafter(
     *,
     seed: int,
     recipe: DrafterRecipe,
-    steps: int | None = None,
+    steps: int | Sequence[int] | None = None,
     minutes: float | None = None,
     quiet: bool = False,
     name: str = "drafter",
+    first_cycle: int = 0,
 ) -> dict[str, Any]:
-    """Train against the frozen `target`, save weights + config (bf16) to `drafter_dir`; return the record."""
+    """Train against the frozen `target`, save weights + config (bf16) to `drafter_dir`; return the record.
+
+    `steps` (one count for every cycle, or one per cycle) and `minutes` are per cycle. Every cycle after
+    the first is a warm restart: it starts from the previous cycle's weights rounded to bf16 (what a
+    saved drafter holds), with a fresh optimiser, its own random streams and half the previous peak
+    learning rate. So a run can be continued from a saved
+    drafter (`first_cycle` > 0, weights already in `drafter_dir`) and equal an uninterrupted one.
+    """
     import json
 
     torch.manual_seed(seed)
-    model = DSparkDraftModel.initialise(config, target, seed, from_target=recipe.init_from_target)
-    params = model.trainable()
-    optimizer = adamw(params, recipe.lr, recipe.weight_decay)
-    sampler = WindowSampler(train_stream, recipe.seq_len, seed + 1)
+    if first_cycle:
+        model = DSparkDraftModel(config, load_file(drafter_dir / "model.safetensors"))
+    else:
+        model = DSparkDraftModel.initialise(config, target, seed, from_target=recipe.init_from_target)
     distilled = (target_continuations(target, train_stream, recipe.distill_rows, recipe.distill_prompt,
                                       recipe.seq_len, seed + 3, quiet=quiet) if recipe.distill_rows else None)
+    windows = eval_windows(heldout_stream, recipe.seq_len, recipe.eval_windows)
+    per_cycle = list(steps) if isinstance(steps, Sequence) else [steps]
+    per_cycle *= recipe.cycles if len(per_cycle) == 1 else 1
+    if len(per_cycle) != recipe.cycles:
+        raise ValueError(f"{len(per_cycle)} step counts for {recipe.cycles} cycles")
+    cycles, started = [], time.monotonic()
+    for cycle in range(first_cycle, recipe.cycles):
+        if cycle:
+            model = DSparkDraftModel(config, {k: v.to(torch.bfloat16) for k, v in model.w.items()})
+        cycles.append(_train_cycle(model, target, train_stream, distilled, recipe, seed=seed + 10 * cycle,
+                                   lr=recipe.lr * 0.5 ** cycle, budget=StepBudget(per_cycle[cycle], minutes),
+                                   label=f"{name} {cycle + 1}/{recipe.cycles}", quiet=quiet))
+
+    model.save(drafter_dir)
+    (drafter_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Evaluate what ships: the bf16-rounded weights.
+    shipped = DSparkDraftModel(config, {k: v.to(torch.bfloat16) for k, v in model.w.items()})
+    heldout = evaluate(shipped, target, windows)
+    total = sum(c["steps"] for c in cycles)
+    console.print(f"{name}: {total} steps in {(time.monotonic() - started) / 60:.1f} min, held-out loss "
+                  f"{heldout['loss']:.4f}, teacher-forced τ̂ T=0 {heldout['tau_t0']:.2f} T=1 {heldout['tau_t1']:.2f}")
+    return {
+        "cycles": cycles,
+        "parameters": sum(t.numel() for t in model.w.values()),
+        "trainable_parameters": sum(t.numel() for t in model.trainable()),
+        "heldout": heldout,
+        "loss_weights": LOSS_WEIGHTS,
+        "position_weights": [round(v, 4) for v in position_weights(model.gamma).tolist()],
+        "recipe": asdict(recipe),
+        "ce_perplexity_position_1": round(math.exp(heldout["ce"][0]), 3),
+    }
+
+
+def _train_cycle(model: DSparkDraftModel, target: Qwen3ForCausalLM, train_stream: torch.Tensor,
+                 distilled: torch.Tensor | None, recipe: DrafterRecipe, *, seed: int, lr: float, budget: StepBudget,
+                 label: str, quiet: bool) -> dict[str, Any]:
+    """One warm-up + cosine cycle of optimiser steps on `model`, in place; returns its record."""
+    params = model.trainable()
+    optimizer = adamw(params, lr, recipe.weight_decay)
+    sampler = WindowSampler(train_stream, recipe.seq_len, seed + 1)
     n_distilled = round(recipe.batch * recipe.distill_share) if distilled is not None else 0
     row_gen = torch.Generator().manual_seed(seed + 4)
-    windows = eval_windows(heldout_stream, recipe.seq_len, recipe.eval_windows)
     anchor_gen = torch.Generator().manual_seed(seed + 2)
-    layer_ids = tuple(config["target_layer_ids"])
-    budget = StepBudget(steps, minutes)
+    layer_ids = tuple(model.config["target_layer_ids"])
     curve: list[dict[str, float]] = []
     step, smooth = 0, None
-    with progress_bar(name, quiet) as reporter:
+    with progress_bar(label, quiet) as reporter:
         while budget.running(step):
-            lr = learning_rate(step, budget.total, recipe.lr, recipe.warmup)
+            step_lr = learning_rate(step, budget.total, lr, recipe.warmup)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = step_lr
             tokens = sampler.batch(recipe.batch - n_distilled)
             if n_distilled:
                 rows = torch.randint(len(distilled), (n_distilled,), generator=row_gen)
@@ -354,26 +404,7 @@ def train_drafter(
             smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
             if step % 50 == 0:
                 curve.append({"step": step, "loss": round(smooth, 4), "tau_t0_proxy": round(float(stats["tau_t0"]), 3)})
-            reporter.update(step, budget.total, f"loss {smooth:.3f} τ̂(T=0) {float(stats['tau_t0']):.2f} lr {lr:.2e}")
-    minutes_spent = budget.elapsed_minutes
-
-    model.save(drafter_dir)
-    (drafter_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    # Evaluate what ships: the bf16-rounded weights.
-    shipped = DSparkDraftModel(config, {k: v.to(torch.bfloat16) for k, v in model.w.items()})
-    heldout = evaluate(shipped, target, windows)
-    console.print(f"{name}: {step} steps in {minutes_spent:.1f} min, held-out loss {heldout['loss']:.4f}, "
-                  f"teacher-forced τ̂ T=0 {heldout['tau_t0']:.2f} T=1 {heldout['tau_t1']:.2f}")
-    return {
-        "steps": step,
-        "minutes": round(minutes_spent, 2),
-        "anchors_seen": step * recipe.batch * recipe.anchors,
-        "parameters": sum(t.numel() for t in model.w.values()),
-        "trainable_parameters": sum(t.numel() for t in params),
-        "train_curve": curve,
-        "heldout": heldout,
-        "loss_weights": LOSS_WEIGHTS,
-        "position_weights": [round(v, 4) for v in position_weights(model.gamma).tolist()],
-        "recipe": asdict(recipe),
-        "ce_perplexity_position_1": round(math.exp(heldout["ce"][0]), 3),
-    }
+            reporter.update(step, budget.total,
+                            f"loss {smooth:.3f} τ̂(T=0) {float(stats['tau_t0']):.2f} lr {step_lr:.2e}")
+    return {"steps": step, "minutes": round(budget.elapsed_minutes, 2), "peak_lr": lr,
+            "anchors_seen": step * recipe.batch * recipe.anchors, "train_curve": curve}

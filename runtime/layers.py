@@ -29,10 +29,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Grouped-query attention. q [B, Hq, T, D]; k, v [B, Hkv, L, D]; allowed [B, T, L] bool."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+    # enable_gqa shares each kv head with its query group without materialising the repeated cache.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=q.shape[1] != k.shape[1])
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
