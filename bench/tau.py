@@ -28,7 +28,7 @@ from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.loader import open_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-console = Console()
+console = Console(width=120)
 
 
 def decode(ckpt: Path, prompts: list[list[int]], temperature: float, mode: str, max_new_tokens: int,

@@ -32,12 +32,13 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
     2. A profiled grid has B = R·(1 + ℓ), so rows for different R may share no B at all and the split
        between their α and θ is then not determined by the data. Weak extra equations asking θ's slope
        to change little from one segment to the next settle it: the smoothest θ wins.
-    3. α is shifted so its minimum is 0 (θ absorbs the shift, the sums are unchanged); θ is forced
-       non-decreasing (running max, done by CostTable itself).
-    4. fixed = θ extended to B = 0 along its first segment, kept within [0, θ(first B)], and
+    3. A cell slower than both its neighbours in its row by 15 % (a stalled step) is left out.
+    4. α is shifted so its minimum is 0 (θ absorbs the shift, the sums are unchanged); θ is made
+       non-decreasing by isotonic regression (a spike is averaged with its neighbours, not carried on).
+    5. fixed = θ extended to B = 0 along its first segment, kept within [0, θ(first B)], and
        subtracted from θ: the part of a step that no amount of tokens removes.
 
-    Only step 3's running max can change predictions, when the data say more tokens got cheaper. The
+    Steps 3 and 4 change predictions only where the data are inconsistent with a separable, monotone cost. The
     largest relative error over the samples is recorded in `meta["fit"]`.
     """
     if not samples:
@@ -49,6 +50,7 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
             raise ValueError(f"sample ({rows}, {tokens}): step time must be positive seconds, got {seconds}")
 
     keys = list(samples)
+    spikes = _spikes(samples)
     batch_sizes = sorted({r for r, _ in keys})
     token_counts = sorted({b for _, b in keys})
     times = torch.tensor([samples[k] * 1000.0 for k in keys], dtype=torch.float64)
@@ -63,7 +65,7 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
         if r in alpha_col:
             data[row, alpha_col[r]] = 1.0
     # Dividing each row by its own time turns the squared error into a squared relative error.
-    system, target = [data / times[:, None]], [torch.ones(len(keys), dtype=torch.float64)]
+    system = [data / times[:, None]]
 
     # Slope change at each inner token count, scaled by the local spacing (so it is in milliseconds)
     # and by a typical step time (so it is relative, like the data rows).
@@ -76,8 +78,10 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
         row[k] = -spacing / (b1 - b0) - spacing / (b2 - b1)
         row[k + 1] = spacing / (b2 - b1)
         system.append(scale * row[None])
-        target.append(torch.zeros(1, dtype=torch.float64))
+    keep = torch.tensor([(r, b) not in spikes for r, b in keys])
+    system[0] = system[0][keep]
     # gelsd (SVD) still answers with the minimum-norm solution if a tiny grid leaves a direction free.
+    target = [torch.ones(int(keep.sum()), dtype=torch.float64)] + [torch.zeros(len(system) - 1, dtype=torch.float64)]
     solution = torch.linalg.lstsq(torch.cat(system), torch.cat(target)[:, None], driver="gelsd").solution[:, 0]
 
     theta = solution[:n_theta].tolist()
@@ -86,13 +90,13 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
     alpha = [a - shift for a in alpha]
     theta = [t + shift for t in theta]
 
+    theta = _isotonic(theta)
     if n_theta > 1:
-        # Slope clamped at 0 because CostTable will force θ non-decreasing anyway (running max).
+        # θ is non-decreasing by now, so the slope is >= 0 but for float noise.
         slope = max((theta[1] - theta[0]) / (token_counts[1] - token_counts[0]), 0.0)
         fixed = min(max(theta[0] - slope * token_counts[0], 0.0), theta[0])
     else:
         fixed = theta[0]
-    # Values below fixed can only come from θ dipping below θ(first B), which the running max removes.
     theta = [max(t - fixed, 0.0) for t in theta]
 
     table = CostTable(
@@ -103,13 +107,46 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
         batch_overhead_ms=alpha,
         meta=dict(meta),
     )
-    errors = [abs(table.step_ms(r, b) - samples[(r, b)] * 1000.0) / (samples[(r, b)] * 1000.0) for r, b in keys]
+    errors = [abs(table.step_ms(r, b) - samples[(r, b)] * 1000.0) / (samples[(r, b)] * 1000.0)
+              for (r, b), kept in zip(keys, keep.tolist(), strict=True) if kept]
     table.meta["fit"] = {
-        "method": "separable least squares (relative error, smooth theta), alpha >= 0, theta running max",
+        "method": "separable least squares (relative error, smooth theta, spikes left out), alpha >= 0, "
+                  "theta isotonic",
         "samples": len(keys),
-        "max_rel_error": max(errors),
+        "outliers": [list(k) for k, kept in zip(keys, keep.tolist(), strict=True) if not kept],
+        "max_rel_error": max(errors),  # over the samples kept
     }
     return table
+
+
+def _spikes(samples: dict[tuple[int, int], float], ratio: float = 1.15) -> set[tuple[int, int]]:
+    """Cells slower than both neighbours in their batch-size row by `ratio`: a stalled step, not a cost.
+
+    Such a cell is often the only sample of its token count, so a fit would follow it exactly; it is
+    left out instead and the smoothness rows fill its gap.
+    """
+    spikes = set()
+    for rows in {r for r, _ in samples}:
+        row = sorted((b, t) for (r, b), t in samples.items() if r == rows)
+        for (_, left), (tokens, seconds), (_, right) in zip(row, row[1:], row[2:], strict=False):
+            if seconds > ratio * max(left, right):
+                spikes.add((rows, tokens))
+    return spikes
+
+
+def _isotonic(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators).
+
+    A running max would carry one high value to every larger token count; pooling averages it with
+    its neighbours instead.
+    """
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks.pop(-2), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [mean for mean, count in blocks for _ in range(int(count))]
 
 
 def profile_grid(
@@ -123,24 +160,25 @@ def profile_grid(
     """Median verify-step time in seconds for every batch size R × verify length ℓ, keyed by (R, B).
 
     `measure(R, tokens_per_request)` runs ONE verify step of R requests with 1 + ℓ tokens each and
-    returns its duration in seconds; B = R·(1 + ℓ). Per cell, `warmup` calls are discarded (allocator,
-    autotuning and cache effects) and the median of the next `steps` is kept (robust to the odd
-    stall).
+    returns its duration in seconds; B = R·(1 + ℓ). The grid is swept `warmup` times unmeasured
+    (allocator, autotuning and cache effects), then `steps` times; each cell keeps its median.
     """
     if warmup < 0 or steps < 1:
         raise ValueError(f"need warmup >= 0 and steps >= 1, got {warmup=}, {steps=}")
     if any(r < 1 for r in batch_sizes) or any(ell < 0 for ell in verify_lengths):
         raise ValueError(f"need batch sizes >= 1 and verify lengths >= 0, got {batch_sizes}, {verify_lengths}")
-    samples: dict[tuple[int, int], float] = {}
+    cells = [(rows, 1 + length) for rows in batch_sizes for length in verify_lengths]
+    timings: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("profile", total=len(batch_sizes) * len(verify_lengths))
-        for rows in batch_sizes:
-            for length in verify_lengths:
-                bar.update(task, description=f"profile R={rows} ℓ={length}")
-                tokens = 1 + length
-                for _ in range(warmup):
-                    measure(rows, tokens)
-                samples[(rows, rows * tokens)] = statistics.median(measure(rows, tokens) for _ in range(steps))
+        task = bar.add_task("profile", total=(warmup + steps) * len(cells))
+        # Pass after pass over the whole grid, not cell after cell: a burst of load from elsewhere on
+        # the machine then spoils one sample of many cells (which the median drops), not one cell.
+        for sweep in range(warmup + steps):
+            bar.update(task, description=f"profile pass {sweep + 1}/{warmup + steps}")
+            for rows, tokens in cells:
+                seconds = measure(rows, tokens)
+                if sweep >= warmup:
+                    timings[(rows, tokens)].append(seconds)
                 bar.advance(task)
-    return samples
+    return {(rows, rows * tokens): statistics.median(times) for (rows, tokens), times in timings.items()}

@@ -327,6 +327,17 @@ def test_fit_on_noisy_data_stays_monotone_and_close() -> None:
     assert table.meta["fit"]["max_rel_error"] < 0.05
 
 
+def test_one_stalled_cell_does_not_raise_the_cost_of_every_longer_step() -> None:
+    """A single slow sample (a stall from elsewhere on the machine) is dropped, not carried on by θ."""
+    batch_sizes, verify_lengths = [1, 4, 16, 32], list(range(6))
+    samples = {(r, r * (1 + ell)): true_step_seconds(r, r * (1 + ell)) for r in batch_sizes for ell in verify_lengths}
+    samples[(1, 2)] *= 1.5
+    table = fit_cost_table(samples, {})
+    assert table.meta["fit"]["outliers"] == [[1, 2]]
+    for tokens in range(1, 7):
+        assert table.step_ms(1, tokens) == pytest.approx(true_step_seconds(1, tokens) * 1000.0, rel=0.05)
+
+
 def test_fit_rejects_bad_samples() -> None:
     with pytest.raises(ValueError):
         fit_cost_table({}, {})
