@@ -3,12 +3,15 @@
 Times real verify steps of the target on this machine: for each batch size R and verify length l,
 R slots that each hold `context` tokens run a forward of 1 + l tokens (the step the scheduler
 sizes), then roll back. Warm-up steps are discarded and the median of the steady ones kept; the
-grid is fitted to fixed + α(R) + θ(B) with θ forced monotone (builder/profile_table.py).
+grid is fitted to fixed + α(R) + θ(B) with θ forced monotone (builder/profile_table.py). The
+drafter's round (context update + one block) is timed per R too, so `auto` can tell when drafting
+costs more than it brings.
 """
 
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +21,8 @@ import torch
 from ..runtime.loader import open_checkpoint
 from ..runtime.scheduler import CostTable
 from .profile_table import fit_cost_table, profile_grid
+
+_NEW_CONTEXT = 3  # features a drafting round adds per request (τ ≈ 3 tokens committed per round)
 
 
 def profile_checkpoint(ckpt: Path, *, batch_sizes: list[int], verify_lengths: list[int] | None = None,
@@ -30,7 +35,10 @@ def profile_checkpoint(ckpt: Path, *, batch_sizes: list[int], verify_lengths: li
         gen = torch.Generator().manual_seed(0)
         slots = list(range(max(batch_sizes)))
         vocab = target.config.vocab_size
-        target.forward(slots, [torch.randint(0, vocab, (context,), generator=gen).tolist() for _ in slots])
+        prompts = [torch.randint(0, vocab, (context,), generator=gen).tolist() for _ in slots]
+        _, features = target.forward(slots, prompts, capture=drafter.target_layer_ids)
+        for slot in slots:
+            drafter.add_context(slot, features[slot][:-_NEW_CONTEXT])
 
         def measure(batch: int, tokens: int) -> float:
             begin = time.perf_counter()  # every step continues from the same `context` cached tokens
@@ -38,11 +46,27 @@ def profile_checkpoint(ckpt: Path, *, batch_sizes: list[int], verify_lengths: li
                            start=[context] * batch)
             return time.perf_counter() - begin
 
+        def measure_draft(batch: int) -> float:
+            # A round's drafting: the last verify's features join each context, then one block per request.
+            begin = time.perf_counter()
+            for slot in slots[:batch]:
+                drafter.add_context(slot, features[slot][-_NEW_CONTEXT:])
+            drafter.draft(slots[:batch], [1] * batch, [0.0] * batch, [None] * batch, gamma)
+            seconds = time.perf_counter() - begin
+            for slot in slots[:batch]:
+                drafter.ctx_len[slot] -= _NEW_CONTEXT
+            return seconds
+
         samples = profile_grid(measure, batch_sizes, verify_lengths, warmup=warmup, steps=steps, progress=progress)
+        for _ in range(warmup):
+            measure_draft(max(batch_sizes))
+        draft_ms = [1000 * statistics.median(measure_draft(r) for _ in range(steps)) for r in batch_sizes]
     finally:
         target.close()
     meta = {"backend": "reference", "family": manifest["family"], "tp": manifest["tp"], "context_tokens": context,
             "torch_threads": torch.get_num_threads(), "host": platform.node(), "machine": platform.machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "checkpoint": str(Path(ckpt).absolute()),
             "warmup_steps": warmup, "measured_steps": steps}
-    return fit_cost_table(samples, meta)
+    table = fit_cost_table(samples, meta)
+    table.draft_step_ms = draft_ms
+    return table

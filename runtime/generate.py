@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from .drafter import Draft
-from .scheduler import CostTable, schedule_paper, schedule_production
+from .scheduler import CostTable, drafting_pays, schedule_paper, schedule_production
 from .verify import verify_greedy, verify_sampling
 
 Mode = Literal["off", "fixed", "auto"]
@@ -74,6 +74,8 @@ class SpeculativeDecoder:
         self.cost_table = cost_table or CostTable.flat()
         self.scheduler, self.min_gain = scheduler, min_gain
         self.free = list(range(num_slots))[::-1]
+        # Mean survival of recent drafts: the estimate for a request that has not drafted yet.
+        self.prior_survival = torch.ones(drafter.block_size)
         self.live: dict[int, _Live] = {}
         # (raw confidence logits, accepted flags) of every round that verified a full block, for STS.
         self.calibration_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if record_calibration else None
@@ -129,7 +131,6 @@ class SpeculativeDecoder:
                 new = drafts[:accepted].tolist() + [nxt]
                 if self.calibration_rows is not None and n == draft.tokens.shape[1]:
                     self.calibration_rows.append((draft.conf_logits[i], torch.arange(n) < accepted))
-                live.stale_survival = draft.survival[i]
             else:
                 accepted, new = 0, [self._sample(logits[i][0], live)]
             # x0 and the accepted drafts stay cached (the rest is rolled back by the next call's
@@ -150,6 +151,9 @@ class SpeculativeDecoder:
         if not speculating:
             return lengths, None
         gamma = self.drafter.block_size
+        if all(lives[i].request.speculation == "auto" for i in speculating) and not self._drafting_pays(
+                lives, speculating, gamma):
+            return lengths, None
         draft = self.drafter.draft([slots[i] for i in speculating], [lives[i].anchor for i in speculating],
                                    [lives[i].request.temperature for i in speculating],
                                    [lives[i].generator for i in speculating], gamma)
@@ -158,6 +162,9 @@ class SpeculativeDecoder:
         for row, i in enumerate(speculating):
             full.tokens[i], full.probs[i] = draft.tokens[row], draft.probs[row]
             full.conf_logits[i], full.confidence[i] = draft.conf_logits[row], draft.confidence[row]
+        for row, i in enumerate(speculating):
+            lives[i].stale_survival = draft.survival[row]
+        self.prior_survival = 0.9 * self.prior_survival + 0.1 * draft.survival.mean(0)
         auto = [i for i in speculating if lives[i].request.speculation == "auto"]
         if auto:
             if self.scheduler == "paper":  # this round's confidences, early stop
@@ -174,6 +181,14 @@ class SpeculativeDecoder:
                 lengths[i] = min(request.gamma or gamma, gamma)
             lengths[i] = min(lengths[i], budget[i])
         return lengths, full
+
+    def _drafting_pays(self, lives: list[_Live], speculating: list[int], gamma: int) -> bool:
+        """Before drafting: would any plan pay for the draft, judging by earlier rounds' survival?"""
+        estimate = torch.zeros(len(lives), gamma, dtype=torch.float64)
+        for i in speculating:
+            stale = lives[i].stale_survival
+            estimate[i] = (stale if stale is not None else self.prior_survival).double()
+        return drafting_pays(estimate, self.cost_table, len(speculating))
 
     # -- helpers ---------------------------------------------------------------------------------
 

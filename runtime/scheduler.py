@@ -65,6 +65,9 @@ class CostTable:
     fixed_overhead_ms: float = 0.0
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     batch_overhead_ms: list[float] = field(default_factory=lambda: [0.0])
+    # Optional: one drafting round (new context + the block) for each of `batch_sizes` requests. With it,
+    # `auto` skips drafting in rounds where even the best plan would not pay for the draft.
+    draft_step_ms: list[float] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +77,7 @@ class CostTable:
         self.fixed_overhead_ms = float(self.fixed_overhead_ms)
         self.batch_sizes = [int(r) for r in self.batch_sizes]
         self.batch_overhead_ms = [float(t) for t in self.batch_overhead_ms]
+        self.draft_step_ms = [float(t) for t in self.draft_step_ms]
         self.meta = dict(self.meta)
 
     @classmethod
@@ -102,15 +106,11 @@ class CostTable:
 
     def alpha_ms(self, batch_size: int) -> float:
         """Per-batch overhead α(R): linear between the measured batch sizes, flat outside them."""
-        # One scalar per call: plain Python is several times cheaper than tensor ops here.
-        sizes, times = self.batch_sizes, self.batch_overhead_ms
-        if batch_size <= sizes[0]:
-            return times[0]
-        if batch_size >= sizes[-1]:
-            return times[-1]
-        hi = bisect.bisect_right(sizes, batch_size)
-        t = (batch_size - sizes[hi - 1]) / (sizes[hi] - sizes[hi - 1])
-        return times[hi - 1] + t * (times[hi] - times[hi - 1])
+        return _interp_flat(self.batch_sizes, self.batch_overhead_ms, batch_size)
+
+    def draft_ms(self, batch_size: int) -> float:
+        """One drafting round for `batch_size` requests (0 when the table has no draft costs)."""
+        return _interp_flat(self.batch_sizes, self.draft_step_ms, batch_size) if self.draft_step_ms else 0.0
 
     def sps_many(self, batch_size: int, tokens: Tensor) -> Tensor:
         """`sps` for many token counts at once."""
@@ -125,6 +125,7 @@ class CostTable:
             "fixed_overhead_ms": self.fixed_overhead_ms,
             "batch_sizes": list(self.batch_sizes),
             "batch_overhead_ms": list(self.batch_overhead_ms),
+            **({"draft_step_ms": list(self.draft_step_ms)} if self.draft_step_ms else {}),
             "meta": dict(self.meta),
         }
 
@@ -165,6 +166,7 @@ class CostTable:
                 fixed_overhead_ms=document["fixed_overhead_ms"],
                 batch_sizes=document.get("batch_sizes", [1]),
                 batch_overhead_ms=document.get("batch_overhead_ms", [0.0]),
+                draft_step_ms=document.get("draft_step_ms", []),
                 meta=meta,
             )
         except CheckpointError as exc:  # re-raise naming the real source instead of "<CostTable>"
@@ -229,6 +231,8 @@ def _validate(table: CostTable, path: str) -> None:
                               found=table.fixed_overhead_ms, expected="a number >= 0")
     _check_counts(path, "batch_sizes", table.batch_sizes)
     _check_times(path, "batch_overhead_ms", table.batch_overhead_ms, len(table.batch_sizes), "batch_sizes")
+    if table.draft_step_ms:
+        _check_times(path, "draft_step_ms", table.draft_step_ms, len(table.batch_sizes), "batch_sizes")
     if not isinstance(table.meta, dict):
         raise CheckpointError(path, "meta must be a dict", subject="meta", found=type(table.meta).__name__,
                               expected="dict")
@@ -238,6 +242,17 @@ def _validate(table: CostTable, path: str) -> None:
     if cheapest <= 0:
         raise CheckpointError(path, "every step would take zero time", subject="fixed_overhead_ms",
                               found=table.fixed_overhead_ms, expected="a positive step time somewhere")
+
+
+def _interp_flat(sizes: list[int], times: list[float], x: int) -> float:
+    """Linear between the points, flat outside them (one scalar: plain Python beats tensor ops here)."""
+    if x <= sizes[0]:
+        return times[0]
+    if x >= sizes[-1]:
+        return times[-1]
+    hi = bisect.bisect_right(sizes, x)
+    t = (x - sizes[hi - 1]) / (sizes[hi] - sizes[hi - 1])
+    return times[hi - 1] + t * (times[hi] - times[hi - 1])
 
 
 def _running_max(values: list[float]) -> list[float]:
@@ -360,3 +375,21 @@ def schedule_production(survival: Tensor, table: CostTable, min_gain: float = DE
     if objectives[best] > objectives[-1] * (1 + min_gain):
         return _lengths_of_prefix(requests, best, rows)
     return torch.full((rows,), gamma, dtype=torch.int64)
+
+
+def drafting_pays(survival: Tensor, table: CostTable, drafting_rows: int) -> bool:
+    """Whether this round should draft at all: the best plan's τ / (draft + verify) beats R / verify(R).
+
+    survival [R, γ] is an estimate made *before* drafting (earlier rounds' confidences; zeros for
+    requests that do not speculate). Without draft costs in the table drafting always "pays", which is
+    the paper's setting (the drafter's cost is taken as fixed).
+    """
+    if not table.draft_step_ms or drafting_rows == 0:
+        return bool(drafting_rows)
+    a = _check_survival(survival)
+    rows = a.shape[0]
+    values, _ = _ranked(a)
+    tau = rows + torch.cumsum(values, dim=0)
+    tokens = rows + torch.arange(1, values.numel() + 1, dtype=torch.float64)
+    with_draft = tau / (table.step_ms_many(rows, tokens) + table.draft_ms(drafting_rows))
+    return bool(with_draft.max() > rows / table.step_ms(rows, rows))

@@ -137,3 +137,27 @@ def test_confidence_head_without_markov_embedding(qwen3_ckpt: Path, tmp_path: Pa
     reference = greedy(target, drafter, prompts(6), "off")
     results = greedy(target, drafter, prompts(6), "auto")
     assert [r.tokens for r in results] == [r.tokens for r in reference]
+
+
+def test_auto_skips_drafting_when_the_cost_table_says_it_cannot_pay(qwen3_ckpt: Path) -> None:
+    from dspark_trt.runtime.scheduler import CostTable
+
+    target, drafter = runners(qwen3_ckpt)
+    calls = []
+
+    class Counting:  # the drafter, counting its draft calls
+        def __getattr__(self, name):
+            return getattr(drafter, name)
+
+        def draft(self, *args, **kwargs):
+            calls.append(1)
+            return drafter.draft(*args, **kwargs)
+
+    batch = prompts(8)
+    reference = greedy(target, drafter, batch, "off")
+    for draft_ms, drafts in ((0.0, True), (1000.0, False)):
+        calls.clear()
+        table = CostTable([1, 64], [1.0, 2.0], 5.0, [1, 8], [0.0, 0.0], draft_step_ms=[draft_ms, draft_ms])
+        results = greedy(target, Counting(), batch, "auto", cost_table=table)
+        assert [r.tokens for r in results] == [r.tokens for r in reference]
+        assert bool(calls) == drafts

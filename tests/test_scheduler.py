@@ -364,3 +364,17 @@ def test_profile_grid_calls_and_medians() -> None:
     assert all(count == 7 for count in calls.values())
     for (rows, tokens), seconds in samples.items():
         assert seconds == pytest.approx(rows * 0.01 + (tokens // rows) * 0.001)
+
+
+def test_drafting_pays_only_when_the_best_plan_covers_the_draft() -> None:
+    from dspark_trt.runtime.scheduler import drafting_pays
+
+    survival = torch.tensor([[0.9, 0.8, 0.7, 0.6]])
+    flat = CostTable([1, 2], [0.0, 0.0], 10.0)  # verify costs 10 ms whatever the tokens
+    assert drafting_pays(survival, flat, 1)  # no draft cost known: the paper's setting
+    # Best plan: all 4 drafts, τ = 4.0 per 10 ms + draft; not drafting: 1 token per 10 ms.
+    assert drafting_pays(survival, CostTable([1, 2], [0.0, 0.0], 10.0, draft_step_ms=[29.0]), 1)
+    assert not drafting_pays(survival, CostTable([1, 2], [0.0, 0.0], 10.0, draft_step_ms=[31.0]), 1)
+    assert not drafting_pays(survival, flat, 0)
+    table = CostTable([1, 2], [0.0, 0.0], 10.0, draft_step_ms=[3.0])
+    assert CostTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
