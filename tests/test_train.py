@@ -15,6 +15,8 @@ from dspark_trt.builder.train_target import TargetRecipe, train_target
 from dspark_trt.runtime import drafter as drafter_module
 from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
 
+SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-qwen3-dspark"
+
 
 def _hf_target(pair: Path):
     from transformers import AutoModelForCausalLM
@@ -106,14 +108,15 @@ def test_drafter_steps_are_deterministic_and_write_a_valid_drafter(qwen3_pair: P
     hf = _hf_target(qwen3_pair).requires_grad_(False)
     target_cfg = json.loads((qwen3_pair / "target" / "config.json").read_text())
     recipe = DrafterRecipe(layers=1, target_layer_ids=(1, 2, 4), markov_rank=16, seq_len=32, batch=2, anchors=4,
-                           warmup=2, eval_windows=2)
+                           warmup=2, eval_windows=2, distill_rows=4, distill_prompt=8)
     config = drafter_config(target_cfg, 1023, recipe)
     records = []
     for run in ("a", "b"):
         records.append(train_drafter(tmp_path / run, hf, config, _stream(), _stream(400), seed=0, recipe=recipe,
                                      steps=3, quiet=True))
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
-    assert records[0]["steps"] == 3 and records[0]["heldout"]["loss"] > 0
+    # Two cycles by default: the warm restart runs its own 3 steps from the first cycle's bf16 weights.
+    assert [c["steps"] for c in records[0]["cycles"]] == [3, 3] and records[0]["heldout"]["loss"] > 0
     # Embedding and head are the target's, untouched by training.
     weights = load_file(tmp_path / "a" / "model.safetensors")
     assert torch.equal(weights["lm_head.weight"], hf.lm_head.weight.to(torch.bfloat16))
@@ -122,13 +125,32 @@ def test_drafter_steps_are_deterministic_and_write_a_valid_drafter(qwen3_pair: P
     assert report.ok, report.problems
 
 
+def test_continuing_from_a_saved_drafter_equals_an_uninterrupted_run(qwen3_pair: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    hf = _hf_target(qwen3_pair).requires_grad_(False)
+    target_cfg = json.loads((qwen3_pair / "target" / "config.json").read_text())
+    recipe = DrafterRecipe(layers=1, target_layer_ids=(1, 4), markov_rank=8, seq_len=32, batch=2, anchors=4,
+                           warmup=2, eval_windows=2, distill_rows=4, distill_prompt=8, cycles=2)
+    config = drafter_config(target_cfg, 1023, recipe)
+    streams = _stream(), _stream(400)
+    train_drafter(tmp_path / "whole", hf, config, *streams, seed=0, recipe=recipe, steps=[3, 2], quiet=True)
+    train_drafter(tmp_path / "split", hf, config, *streams, seed=0, recipe=replace(recipe, cycles=1), steps=3,
+                  quiet=True)
+    record = train_drafter(tmp_path / "split", hf, config, *streams, seed=0, recipe=recipe, steps=[3, 2],
+                           quiet=True, first_cycle=1)
+    assert [c["steps"] for c in record["cycles"]] == [2]
+    whole, split = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "split"))
+    assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+
+
 def test_no_markov_ablation_has_no_markov_tensors(qwen3_pair: Path, tmp_path: Path) -> None:
     from dspark_trt.builder.families import open_pair, validate
 
     hf = _hf_target(qwen3_pair).requires_grad_(False)
     target_cfg = json.loads((qwen3_pair / "target" / "config.json").read_text())
     recipe = DrafterRecipe(target_layer_ids=(1, 4), markov_rank=0, seq_len=32, batch=2, anchors=4, warmup=2,
-                           eval_windows=2)
+                           eval_windows=2, distill_rows=0)
     config = drafter_config(target_cfg, 1023, recipe)
     train_drafter(tmp_path / "d", hf, config, _stream(), _stream(400), seed=0, recipe=recipe, steps=2, quiet=True)
     weights = load_file(tmp_path / "d" / "model.safetensors")
@@ -149,3 +171,40 @@ def test_target_steps_are_deterministic(tmp_path: Path) -> None:
     assert losses[0] == losses[1]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert json.loads((tmp_path / "a" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+
+
+# ------------------------------------------------------------------------------------ shipped pair
+
+
+def test_shipped_pair_is_valid() -> None:
+    from click.testing import CliRunner
+
+    from dspark_trt.builder.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", str(SHIPPED / "target"), str(SHIPPED / "drafter"), "--json"])
+    assert result.exit_code == 0, result.output
+    drafter = json.loads(result.output)["drafter"]
+    assert drafter["block_size"] == 5 and drafter["markov_head_type"] == "vanilla" and drafter["calibration"]
+    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert size <= 20 * 1000**2
+
+
+def test_shipped_pair_greedy_speculation_equals_greedy_decoding(tmp_path: Path) -> None:
+    from dspark_trt.builder.calibrate import encode
+    from dspark_trt.builder.convert import convert
+    from dspark_trt.builder.corpus import heldout_prompts
+    from dspark_trt.runtime.generate import Request, generate
+    from dspark_trt.runtime.loader import open_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    convert(SHIPPED / "target", SHIPPED / "drafter", ckpt, show_progress=False)
+    prompts = encode(ckpt, heldout_prompts(6, part=1))
+    outputs = {}
+    for mode in ("off", "fixed", "auto"):
+        target, drafter, _ = open_checkpoint(ckpt, num_slots=4, max_len=256)
+        results = generate(target, drafter, [Request(p, max_new_tokens=48, speculation=mode) for p in prompts],
+                           num_slots=4)
+        outputs[mode] = [r.tokens for r in results]
+        if mode == "fixed":  # a trained drafter: most rounds accept more than the bonus token
+            assert sum(t for r in results for t in r.taus) / sum(r.rounds for r in results) > 2
+    assert outputs["fixed"] == outputs["off"] and outputs["auto"] == outputs["off"]
