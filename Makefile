@@ -70,8 +70,8 @@ demo: setup
 	$(BIN)/dspark-build repo $(ENGINES) -o $(REPO) --num-slots $(SLOTS) --force
 	@set -e; trap '$(BIN)/dspark-build stop' EXIT; \
 	$(BIN)/dspark-build serve $(REPO) --detach; \
-	echo; echo '$$ dspark-client generate "def quicksort(arr):" --max-tokens 48'; \
-	$(CLIENT) generate "def quicksort(arr):" --max-tokens 48; echo; \
+	echo; echo '$$ dspark-client generate "def read_lines(path):" --max-tokens 48'; \
+	$(CLIENT) generate "def read_lines(path):" --max-tokens 48; echo; \
 	$(CLIENT) bench --concurrency 1,4 --modes off,auto --requests 8 --max-tokens 48 -o $(BUILD)/demo-bench
 
 serve: setup $(CKPT)/manifest.json
