@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .calibration import read_calibration
 from .errors import CheckpointError
 from .heads import ConfidenceHead, MarkovHead, sample
-from .layers import apply_rope, attention, rms_norm, rope_tables, swiglu
+from .layers import apply_rope, attention, rms_norm, rope_tables
 from .safetensors_io import SafetensorsCheckpoint
 
 CALIBRATION_FILE = "sts.json"
@@ -75,6 +75,11 @@ class Qwen3DSparkDrafter:
         temperatures = read_calibration(calibration, self.block_size) if calibration.is_file() else None
         self.confidence = ConfidenceHead(w["confidence_head.proj.weight"], w.get("confidence_head.proj.bias"),
                                          dspark["confidence_head_with_markov"], temperatures)
+        # One matmul where the checkpoint has two or three: a draft round is many small ops.
+        self.qkv = [torch.cat([w[f"layers.{i}.self_attn.{n}_proj.weight"] for n in "qkv"]) for i in range(self.layers)]
+        self.kv = [torch.cat([w[f"layers.{i}.self_attn.{n}_proj.weight"] for n in "kv"]) for i in range(self.layers)]
+        self.gate_up = [torch.cat([w[f"layers.{i}.mlp.{n}_proj.weight"] for n in ("gate", "up")])
+                        for i in range(self.layers)]
         shape = (self.layers, num_slots, self.kv_heads, max_len, self.head_dim)
         self.k_ctx, self.v_ctx = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
@@ -93,9 +98,10 @@ class Qwen3DSparkDrafter:
         cos, sin = rope_tables(torch.arange(start, start + n)[None], self.head_dim, self.theta)
         for layer in range(self.layers):
             p = f"layers.{layer}.self_attn."
-            k = F.linear(ctx, w[p + "k_proj.weight"]).view(1, n, self.kv_heads, self.head_dim)
-            k = apply_rope(rms_norm(k, w[p + "k_norm.weight"], self.eps).transpose(1, 2), cos, sin)
-            v = F.linear(ctx, w[p + "v_proj.weight"]).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            k, v = F.linear(ctx, self.kv[layer]).split(self.kv_heads * self.head_dim, dim=-1)
+            k = apply_rope(rms_norm(k.view(1, n, self.kv_heads, self.head_dim), w[p + "k_norm.weight"], self.eps)
+                           .transpose(1, 2), cos, sin)
+            v = v.reshape(n, self.kv_heads, self.head_dim).transpose(0, 1)
             self.k_ctx[layer, slot, :, start: start + n] = k[0]
             self.v_ctx[layer, slot, :, start: start + n] = v
         self.ctx_len[slot] = start + n
@@ -119,9 +125,11 @@ class Qwen3DSparkDrafter:
         for layer in range(self.layers):
             p = f"layers.{layer}."
             h = rms_norm(x, w[p + "input_layernorm.weight"], self.eps)
-            q = F.linear(h, w[p + "self_attn.q_proj.weight"]).view(batch, gamma, self.heads, self.head_dim)
-            k = F.linear(h, w[p + "self_attn.k_proj.weight"]).view(batch, gamma, self.kv_heads, self.head_dim)
-            v = F.linear(h, w[p + "self_attn.v_proj.weight"]).view(batch, gamma, self.kv_heads, self.head_dim)
+            kv_width = self.kv_heads * self.head_dim
+            q, k, v = F.linear(h, self.qkv[layer]).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
+            q = q.reshape(batch, gamma, self.heads, self.head_dim)
+            k = k.reshape(batch, gamma, self.kv_heads, self.head_dim)
+            v = v.reshape(batch, gamma, self.kv_heads, self.head_dim)
             q = apply_rope(rms_norm(q, w[p + "self_attn.q_norm.weight"], self.eps).transpose(1, 2), cos, sin)
             k = apply_rope(rms_norm(k, w[p + "self_attn.k_norm.weight"], self.eps).transpose(1, 2), cos, sin)
             keys = torch.cat([self.k_ctx[layer, slot_idx, :, :width], k], dim=2)
@@ -129,7 +137,8 @@ class Qwen3DSparkDrafter:
             out = attention(q, keys, values, allowed).transpose(1, 2).reshape(batch, gamma, -1)
             x = x + F.linear(out, w[p + "self_attn.o_proj.weight"])
             h = rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps)
-            x = x + swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+            gate, up = F.linear(h, self.gate_up[layer]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"])
         hidden = rms_norm(x, w["norm.weight"], self.eps)
         base_logits = F.linear(hidden, w["lm_head.weight"]).float()
         return sequential_heads(self.markov, self.confidence, hidden, base_logits, ids[:, 0], temperatures, generators)
@@ -142,12 +151,15 @@ def sequential_heads(markov: MarkovHead, confidence: ConfidenceHead, hidden: tor
     batch, gamma, _ = base_logits.shape
     tokens = torch.empty(batch, gamma, dtype=torch.long)
     probs = torch.empty_like(base_logits)
-    conf_logits = torch.empty(batch, gamma)
+    markov_embeddings = []
     prev, state = anchors, markov.initial_state(batch)
     for k in range(gamma):
         bias, e, state = markov.step(prev, hidden[:, k], state)
         logits = base_logits[:, k] if bias is None else base_logits[:, k] + bias.float()
         tokens[:, k], probs[:, k] = sample(logits, temperatures, generators)
-        conf_logits[:, k] = confidence.logit(hidden[:, k], e).float()
+        markov_embeddings.append(e)
         prev = tokens[:, k]
+    # Confidence needs nothing drawn later, so all positions go in one call once the tokens exist.
+    e = None if markov_embeddings[0] is None else torch.stack(markov_embeddings, dim=1)
+    conf_logits = confidence.logit(hidden, e).float()
     return Draft(tokens, probs, conf_logits, confidence.calibrated(conf_logits))

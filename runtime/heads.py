@@ -82,8 +82,10 @@ def sample(logits: torch.Tensor, temperatures: list[float], generators: list[tor
     Temperature 0 means argmax (the distribution is then one-hot). Each row draws from its own
     generator so that a request's output depends only on its own seed, not on its batch mates.
     """
-    greedy = torch.tensor([t <= 0 for t in temperatures], dtype=torch.bool)
     tokens = logits.argmax(dim=-1)
+    if all(t <= 0 for t in temperatures):  # the common serving case, in three ops
+        return tokens, F.one_hot(tokens, logits.shape[-1]).float()
+    greedy = torch.tensor([t <= 0 for t in temperatures], dtype=torch.bool)
     probs = torch.zeros_like(logits, dtype=torch.float32)
     probs[greedy] = F.one_hot(tokens[greedy], logits.shape[-1]).float()
     # Sampled rows one at a time: each has its own generator.
