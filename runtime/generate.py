@@ -162,9 +162,6 @@ class SpeculativeDecoder:
         for row, i in enumerate(speculating):
             full.tokens[i], full.probs[i] = draft.tokens[row], draft.probs[row]
             full.conf_logits[i], full.confidence[i] = draft.conf_logits[row], draft.confidence[row]
-        for row, i in enumerate(speculating):
-            lives[i].stale_survival = draft.survival[row]
-        self.prior_survival = 0.9 * self.prior_survival + 0.1 * draft.survival.mean(0)
         auto = [i for i in speculating if lives[i].request.speculation == "auto"]
         if auto:
             if self.scheduler == "paper":  # this round's confidences, early stop
@@ -175,6 +172,10 @@ class SpeculativeDecoder:
                 chosen = schedule_production(stale, self.cost_table, self.min_gain)
             for i, n in zip(auto, chosen.tolist(), strict=True):
                 lengths[i] = n
+        # Only now, after planning: the production scheduler must plan with an EARLIER round's survival.
+        for row, i in enumerate(speculating):
+            lives[i].stale_survival = draft.survival[row]
+        self.prior_survival = 0.9 * self.prior_survival + 0.1 * draft.survival.mean(0)
         for i in speculating:
             request = lives[i].request
             if request.speculation == "fixed":

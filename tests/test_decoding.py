@@ -161,3 +161,31 @@ def test_auto_skips_drafting_when_the_cost_table_says_it_cannot_pay(qwen3_ckpt: 
         results = greedy(target, Counting(), batch, "auto", cost_table=table)
         assert [r.tokens for r in results] == [r.tokens for r in reference]
         assert bool(calls) == drafts
+
+
+def test_production_scheduler_plans_with_the_previous_rounds_survival(qwen3_ckpt: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from dspark_trt.runtime import generate as generate_module
+    from dspark_trt.runtime.generate import SpeculativeDecoder
+
+    target, drafter = runners(qwen3_ckpt)
+    seen, drafted = [], []
+    real_draft, real_schedule = drafter.draft, generate_module.schedule_production
+
+    def draft(*args, **kwargs):
+        drafted.append(real_draft(*args, **kwargs))
+        return drafted[-1]
+
+    def schedule(stale, *args, **kwargs):
+        seen.append(stale.clone())
+        return real_schedule(stale, *args, **kwargs)
+
+    monkeypatch.setattr(drafter, "draft", draft)
+    monkeypatch.setattr(generate_module, "schedule_production", schedule)
+    decoder = SpeculativeDecoder(target, drafter, num_slots=1, scheduler="production")
+    decoder.admit([Request(prompts(1)[0], max_new_tokens=30)])
+    for _ in range(3):
+        decoder.step()
+    assert torch.equal(seen[0], torch.ones_like(seen[0]))  # a fresh request: no earlier round
+    for round_ in (1, 2):
+        assert torch.equal(seen[round_][0], drafted[round_ - 1].survival[0])
