@@ -38,8 +38,8 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
     5. fixed = θ extended to B = 0 along its first segment, kept within [0, θ(first B)], and
        subtracted from θ: the part of a step that no amount of tokens removes.
 
-    Steps 3 and 4 change predictions only where the data are inconsistent with a separable, monotone cost. The
-    largest relative error over the samples is recorded in `meta["fit"]`.
+    Steps 3 and 4 change predictions only where the data are inconsistent with a separable, monotone
+    cost. The largest relative error over the samples fitted is recorded in `meta["fit"]`.
     """
     if not samples:
         raise ValueError("need at least one sample")
@@ -51,21 +51,22 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
 
     keys = list(samples)
     spikes = _spikes(samples)
+    fitted = [k for k in keys if k not in spikes]  # a spike's token count keeps its θ, set by smoothness
     batch_sizes = sorted({r for r, _ in keys})
     token_counts = sorted({b for _, b in keys})
-    times = torch.tensor([samples[k] * 1000.0 for k in keys], dtype=torch.float64)
+    times = torch.tensor([samples[k] * 1000.0 for k in fitted], dtype=torch.float64)
 
     # Unknowns: θ for each token count, then α for each batch size but the smallest.
     n_theta, n_alpha = len(token_counts), len(batch_sizes) - 1
     theta_col = {b: i for i, b in enumerate(token_counts)}
     alpha_col = {r: n_theta + i - 1 for i, r in enumerate(batch_sizes) if i > 0}
-    data = torch.zeros(len(keys), n_theta + n_alpha, dtype=torch.float64)
-    for row, (r, b) in enumerate(keys):
+    data = torch.zeros(len(fitted), n_theta + n_alpha, dtype=torch.float64)
+    for row, (r, b) in enumerate(fitted):
         data[row, theta_col[b]] = 1.0
         if r in alpha_col:
             data[row, alpha_col[r]] = 1.0
     # Dividing each row by its own time turns the squared error into a squared relative error.
-    system = [data / times[:, None]]
+    system, target = [data / times[:, None]], [torch.ones(len(fitted), dtype=torch.float64)]
 
     # Slope change at each inner token count, scaled by the local spacing (so it is in milliseconds)
     # and by a typical step time (so it is relative, like the data rows).
@@ -78,10 +79,8 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
         row[k] = -spacing / (b1 - b0) - spacing / (b2 - b1)
         row[k + 1] = spacing / (b2 - b1)
         system.append(scale * row[None])
-    keep = torch.tensor([(r, b) not in spikes for r, b in keys])
-    system[0] = system[0][keep]
+        target.append(torch.zeros(1, dtype=torch.float64))
     # gelsd (SVD) still answers with the minimum-norm solution if a tiny grid leaves a direction free.
-    target = [torch.ones(int(keep.sum()), dtype=torch.float64)] + [torch.zeros(len(system) - 1, dtype=torch.float64)]
     solution = torch.linalg.lstsq(torch.cat(system), torch.cat(target)[:, None], driver="gelsd").solution[:, 0]
 
     theta = solution[:n_theta].tolist()
@@ -107,13 +106,12 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
         batch_overhead_ms=alpha,
         meta=dict(meta),
     )
-    errors = [abs(table.step_ms(r, b) - samples[(r, b)] * 1000.0) / (samples[(r, b)] * 1000.0)
-              for (r, b), kept in zip(keys, keep.tolist(), strict=True) if kept]
+    errors = [abs(table.step_ms(r, b) - samples[(r, b)] * 1000.0) / (samples[(r, b)] * 1000.0) for r, b in fitted]
     table.meta["fit"] = {
         "method": "separable least squares (relative error, smooth theta, spikes left out), alpha >= 0, "
                   "theta isotonic",
         "samples": len(keys),
-        "outliers": [list(k) for k, kept in zip(keys, keep.tolist(), strict=True) if not kept],
+        "outliers": [list(k) for k in keys if k in spikes],
         "max_rel_error": max(errors),  # over the samples kept
     }
     return table

@@ -26,7 +26,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..runtime.atomic import OutputExistsError, atomic_directory
+from ..runtime.atomic import OutputExistsError, atomic_directory, write_text_atomic
 from .corpus import HELD_OUT_PERCENT, corpus_texts, heldout_prompts, token_stream
 from .tokenizer import QWEN3_SPECIAL_TOKENS, TOKENIZER_FILES, special_token_ids, train_tokenizer
 from .train_drafter import DrafterRecipe, drafter_config, train_drafter
@@ -110,7 +110,7 @@ def train_pair(
         return finished
 
     def save_record() -> None:
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomic(record_path, json.dumps(record, indent=2) + "\n")
 
     target_dir = out / "target"
     if not done("target", target_dir, target_recipe):
@@ -127,17 +127,17 @@ def train_pair(
             record["target"]["threads"] = target_threads
         save_record()
 
-    tokenizer = Tokenizer.from_file(str(target_dir / "tokenizer.json"))
-    mask_id = special_token_ids(target_dir / "tokenizer.json", [MASK_TOKEN])[MASK_TOKEN]
-    train_stream, heldout_stream = token_stream(tokenizer, "train"), token_stream(tokenizer, "heldout")
-    target = load_target(target_dir)
-    target_cfg = json.loads((target_dir / "config.json").read_text())
     drafters = [("drafter", out / "drafter", drafter_recipe)]
     if ablation is not None:
         drafters.append(("ablation", Path(ablation), replace(drafter_recipe, markov_rank=0)))
+    drafters = [(name, directory, recipe) for name, directory, recipe in drafters if not done(name, directory, recipe)]
+    if drafters:  # tokenising the corpus and loading the target only when a drafter still needs them
+        tokenizer = Tokenizer.from_file(str(target_dir / "tokenizer.json"))
+        mask_id = special_token_ids(target_dir / "tokenizer.json", [MASK_TOKEN])[MASK_TOKEN]
+        train_stream, heldout_stream = token_stream(tokenizer, "train"), token_stream(tokenizer, "heldout")
+        target = load_target(target_dir)
+        target_cfg = json.loads((target_dir / "config.json").read_text())
     for name, directory, recipe in drafters:
-        if done(name, directory, recipe):
-            continue
         set_determinism(seed, drafter_threads)
         with atomic_directory(directory, force=True) as tmp:
             for file in TOKENIZER_FILES:

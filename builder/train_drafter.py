@@ -138,6 +138,10 @@ class DSparkDraftModel:
             tensors["norm.weight"] = target.model.norm.weight.detach().to(torch.bfloat16)
         return cls(config, tensors)
 
+    def rounded(self) -> DSparkDraftModel:
+        """A copy holding what a saved drafter holds: these weights rounded to bf16."""
+        return DSparkDraftModel(self.config, {k: v.to(torch.bfloat16) for k, v in self.w.items()})
+
     def trainable(self) -> list[torch.Tensor]:
         return [t for name, t in self.w.items() if name not in FROZEN]
 
@@ -323,8 +327,8 @@ def train_drafter(
     `steps` (one count for every cycle, or one per cycle) and `minutes` are per cycle. Every cycle after
     the first is a warm restart: it starts from the previous cycle's weights rounded to bf16 (what a
     saved drafter holds), with a fresh optimiser, its own random streams and half the previous peak
-    learning rate. So a run can be continued from a saved
-    drafter (`first_cycle` > 0, weights already in `drafter_dir`) and equal an uninterrupted one.
+    learning rate. So a run can be continued from a saved drafter (`first_cycle` > 0, weights already
+    in `drafter_dir`) and equal an uninterrupted one.
     """
     import json
 
@@ -343,7 +347,7 @@ def train_drafter(
     cycles, started = [], time.monotonic()
     for cycle in range(first_cycle, recipe.cycles):
         if cycle:
-            model = DSparkDraftModel(config, {k: v.to(torch.bfloat16) for k, v in model.w.items()})
+            model = model.rounded()
         cycles.append(_train_cycle(model, target, train_stream, distilled, recipe, seed=seed + 10 * cycle,
                                    lr=recipe.lr * 0.5 ** cycle, budget=StepBudget(per_cycle[cycle], minutes),
                                    label=f"{name} {cycle + 1}/{recipe.cycles}", quiet=quiet))
@@ -351,8 +355,7 @@ def train_drafter(
     model.save(drafter_dir)
     (drafter_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     # Evaluate what ships: the bf16-rounded weights.
-    shipped = DSparkDraftModel(config, {k: v.to(torch.bfloat16) for k, v in model.w.items()})
-    heldout = evaluate(shipped, target, windows)
+    heldout = evaluate(model.rounded(), target, windows)
     total = sum(c["steps"] for c in cycles)
     console.print(f"{name}: {total} steps in {(time.monotonic() - started) / 60:.1f} min, held-out loss "
                   f"{heldout['loss']:.4f}, teacher-forced τ̂ T=0 {heldout['tau_t0']:.2f} T=1 {heldout['tau_t1']:.2f}")

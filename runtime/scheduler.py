@@ -112,10 +112,6 @@ class CostTable:
         """One drafting round for `batch_size` requests (0 when the table has no draft costs)."""
         return _interp_flat(self.batch_sizes, self.draft_step_ms, batch_size) if self.draft_step_ms else 0.0
 
-    def sps_many(self, batch_size: int, tokens: Tensor) -> Tensor:
-        """`sps` for many token counts at once."""
-        return 1000.0 / self.step_ms_many(batch_size, tokens)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -322,12 +318,15 @@ def _ranked(a: Tensor) -> tuple[Tensor, Tensor]:
     return values, order % rows
 
 
-def _prefix_objectives(values: Tensor, rows: int, table: CostTable) -> Tensor:
-    """objective[k] = τ·SPS of the plan that admits the first k ranked candidates, for k = 0..R·γ."""
+def _prefix_objectives(values: Tensor, rows: int, table: CostTable, extra_ms: float = 0.0) -> Tensor:
+    """objective[k] = τ·SPS of the plan that admits the first k ranked candidates, for k = 0..R·γ.
+
+    `extra_ms` is added to every step's duration (a drafting round, when that is being weighed too).
+    """
     gains = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(values, dim=0)])
     tau = rows + gains
     tokens = rows + torch.arange(values.numel() + 1, dtype=torch.float64)
-    return tau * table.sps_many(rows, tokens)
+    return tau * (1000.0 / (table.step_ms_many(rows, tokens) + extra_ms))
 
 
 def _lengths_of_prefix(requests: Tensor, admitted: int, rows: int) -> Tensor:
@@ -389,7 +388,6 @@ def drafting_pays(survival: Tensor, table: CostTable, drafting_rows: int) -> boo
     a = _check_survival(survival)
     rows = a.shape[0]
     values, _ = _ranked(a)
-    tau = rows + torch.cumsum(values, dim=0)
-    tokens = rows + torch.arange(1, values.numel() + 1, dtype=torch.float64)
-    with_draft = tau / (table.step_ms_many(rows, tokens) + table.draft_ms(drafting_rows))
-    return bool(with_draft.max() > rows / table.step_ms(rows, rows))
+    with_draft = _prefix_objectives(values, rows, table, extra_ms=table.draft_ms(drafting_rows))[1:]
+    without = _prefix_objectives(values[:0], rows, table)[0]  # ℓ = 0 everywhere, nothing drafted
+    return bool(with_draft.max() > without)
