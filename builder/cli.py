@@ -211,7 +211,8 @@ def convert(target: Path, drafter: Path | None, tp: int, draft_tp: int | None, d
 @click.option("--verify-lengths", default=None, help="Comma-separated draft counts l per request (default 0..γ).")
 @click.option("--context", default=64, show_default=True, help="Tokens already cached in each slot.")
 @click.option("--warmup", default=2, show_default=True, help="Discarded steps per grid cell.")
-@click.option("--steps", default=5, show_default=True, help="Measured steps per grid cell (the median is kept).")
+@click.option("--steps", default=15, show_default=True,
+              help="Measured steps per grid cell (the lower quartile is kept: load from elsewhere only adds time).")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @reports_errors
 def profile(engine_dir: Path, out: Path, batch_sizes: str, verify_lengths: str | None, context: int, warmup: int,
@@ -219,7 +220,7 @@ def profile(engine_dir: Path, out: Path, batch_sizes: str, verify_lengths: str |
     """Measure the SPS cost table the confidence scheduler plans with.
 
     Times verify steps of the target on this machine over a grid of batch size R × verify length l
-    (each request carries 1 + l tokens), keeps the median of steady steps after warm-up, and fits
+    (each request carries 1 + l tokens), keeps the lower quartile of steady steps after warm-up, and fits
     step time = fixed + α(R) + θ(tokens) with θ monotone. ENGINE_DIR is a converted checkpoint
     (the reference backend runs it directly).
 

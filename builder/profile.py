@@ -2,7 +2,7 @@
 
 Times real verify steps of the target on this machine: for each batch size R and verify length l,
 R slots that each hold `context` tokens run a forward of 1 + l tokens (the step the scheduler
-sizes), then roll back. Warm-up steps are discarded and the median of the steady ones kept; the
+sizes), then roll back. Warm-up steps are discarded and the lower quartile of the steady ones kept; the
 grid is fitted to fixed + α(R) + θ(B) with θ forced monotone (builder/profile_table.py). The
 drafter's round (context update + one block) is timed per R too, so `auto` can tell when drafting
 costs more than it brings.
@@ -11,7 +11,6 @@ costs more than it brings.
 from __future__ import annotations
 
 import platform
-import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,13 +19,13 @@ import torch
 
 from ..runtime.loader import open_checkpoint
 from ..runtime.scheduler import CostTable
-from .profile_table import fit_cost_table, profile_grid
+from .profile_table import fit_cost_table, profile_grid, steady_time
 
 _NEW_CONTEXT = 3  # features a drafting round adds per request (τ ≈ 3 tokens committed per round)
 
 
 def profile_checkpoint(ckpt: Path, *, batch_sizes: list[int], verify_lengths: list[int] | None = None,
-                       context: int = 64, warmup: int = 2, steps: int = 5, progress: bool = True) -> CostTable:
+                       context: int = 64, warmup: int = 2, steps: int = 15, progress: bool = True) -> CostTable:
     max_tokens = 1 + max(verify_lengths or [16])
     target, drafter, manifest = open_checkpoint(ckpt, num_slots=max(batch_sizes), max_len=context + max_tokens + 1)
     try:
@@ -60,7 +59,7 @@ def profile_checkpoint(ckpt: Path, *, batch_sizes: list[int], verify_lengths: li
         samples = profile_grid(measure, batch_sizes, verify_lengths, warmup=warmup, steps=steps, progress=progress)
         for _ in range(warmup):
             measure_draft(max(batch_sizes))
-        draft_ms = [1000 * statistics.median(measure_draft(r) for _ in range(steps)) for r in batch_sizes]
+        draft_ms = [1000 * steady_time([measure_draft(r) for _ in range(steps)]) for r in batch_sizes]
     finally:
         target.close()
     meta = {"backend": "reference", "family": manifest["family"], "tp": manifest["tp"], "context_tokens": context,

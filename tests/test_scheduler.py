@@ -327,6 +327,21 @@ def test_fit_on_noisy_data_stays_monotone_and_close() -> None:
     assert table.meta["fit"]["max_rel_error"] < 0.05
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_machine_noise_does_not_change_the_single_request_plan(seed: int) -> None:
+    """±10 % per cell (a shared CPU) must not invent a step among the few tokens of one request."""
+    generator = torch.Generator().manual_seed(seed)
+    batch_sizes, verify_lengths = [1, 4, 16, 32], list(range(6))
+    samples = {}
+    for r in batch_sizes:
+        for ell in verify_lengths:
+            noise = 1 + 0.2 * (float(torch.rand(1, generator=generator)) - 0.5)
+            samples[(r, r * (1 + ell))] = true_step_seconds(r, r * (1 + ell)) * noise
+    table = fit_cost_table(samples, {})
+    survival = torch.tensor([[0.74, 0.39, 0.25, 0.14, 0.08]])  # the trained pair's, served at c = 1
+    assert schedule_paper(survival, table).tolist() == [5]  # 1..6 tokens cost the same in the truth
+
+
 def test_one_stalled_cell_does_not_raise_the_cost_of_every_longer_step() -> None:
     """A single slow sample (a stall from elsewhere on the machine) is dropped, not carried on by θ."""
     batch_sizes, verify_lengths = [1, 4, 16, 32], list(range(6))
@@ -347,7 +362,7 @@ def test_fit_rejects_bad_samples() -> None:
         fit_cost_table({(1, 2): math.nan}, {})
 
 
-def test_profile_grid_calls_and_medians() -> None:
+def test_profile_grid_calls_and_lower_quartiles() -> None:
     calls: dict[tuple[int, int], int] = {}
 
     def measure(rows: int, tokens: int) -> float:
@@ -363,7 +378,15 @@ def test_profile_grid_calls_and_medians() -> None:
     assert set(calls) == {(r, 1 + ell) for r in (1, 4) for ell in (0, 2, 5)}
     assert all(count == 7 for count in calls.values())
     for (rows, tokens), seconds in samples.items():
-        assert seconds == pytest.approx(rows * 0.01 + (tokens // rows) * 0.001)
+        # The five timed values are centre + (1, -1, 0, 1, -1)e-4: lower quartile centre - 1e-4.
+        assert seconds == pytest.approx(rows * 0.01 + (tokens // rows) * 0.001 - 1e-4)
+
+
+def test_steady_time_ignores_the_slow_tail() -> None:
+    from dspark_trt.builder.profile_table import steady_time
+
+    assert steady_time([0.010] * 12 + [0.050, 0.090, 0.200]) == pytest.approx(0.010)
+    assert steady_time([0.012, 0.010]) == pytest.approx(0.011)  # too few for quartiles: the median
 
 
 def test_drafting_pays_only_when_the_best_plan_covers_the_draft() -> None:
