@@ -36,8 +36,7 @@ def profile_checkpoint(ckpt: Path, *, batch_sizes: list[int], verify_lengths: li
         vocab = target.config.vocab_size
         prompts = [torch.randint(0, vocab, (context,), generator=gen).tolist() for _ in slots]
         _, features = target.forward(slots, prompts, capture=drafter.target_layer_ids)
-        for slot in slots:
-            drafter.add_context(slot, features[slot][:-_NEW_CONTEXT])
+        drafter.add_context_batch(slots, [f[:-_NEW_CONTEXT] for f in features])
 
         def measure(batch: int, tokens: int) -> float:
             begin = time.perf_counter()  # every step continues from the same `context` cached tokens
@@ -48,8 +47,7 @@ def profile_checkpoint(ckpt: Path, *, batch_sizes: list[int], verify_lengths: li
         def measure_draft(batch: int) -> float:
             # A round's drafting: the last verify's features join each context, then one block per request.
             begin = time.perf_counter()
-            for slot in slots[:batch]:
-                drafter.add_context(slot, features[slot][-_NEW_CONTEXT:])
+            drafter.add_context_batch(slots[:batch], [f[-_NEW_CONTEXT:] for f in features[:batch]])
             drafter.draft(slots[:batch], [1] * batch, [0.0] * batch, [None] * batch, gamma)
             seconds = time.perf_counter() - begin
             for slot in slots[:batch]:

@@ -46,7 +46,7 @@ from .deepseek_v4 import (
     read_merged,
     shared_kv,
 )
-from .drafter import CALIBRATION_FILE, Draft, sequential_heads
+from .drafter import CALIBRATION_FILE, Draft, SlotContext, sequential_heads
 from .errors import CheckpointError
 from .heads import ConfidenceHead, MarkovHead
 from .layers import rms_norm
@@ -55,7 +55,7 @@ _OLD_MARKOV = {"markov_head.embed.weight": "markov_head.markov_w1.weight",
                "markov_head.head.weight": "markov_head.markov_w2.weight"}
 
 
-class DeepseekV4DSparkDrafter:
+class DeepseekV4DSparkDrafter(SlotContext):
     def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
                  dtype: torch.dtype = torch.float32) -> None:
         draft_dir = Path(draft_dir)
@@ -99,21 +99,13 @@ class DeepseekV4DSparkDrafter:
         self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
         self.max_len, self.dtype = max_len, dtype
 
-    def reset(self, slot: int) -> None:
-        self.ctx_len[slot] = 0
-
-    @torch.inference_mode()
-    def add_context(self, slot: int, features: torch.Tensor) -> None:
-        """Append target features [n, len(target_layer_ids) * hidden] of newly committed tokens."""
-        cfg, w, start, n = self.cfg, self.w, int(self.ctx_len[slot]), features.shape[0]
-        if start + n > self.max_len:
-            raise ValueError(f"slot {slot}: context would exceed {self.max_len} tokens")
+    def _write_context(self, slot_of: torch.Tensor, positions: torch.Tensor, features: torch.Tensor) -> None:
+        cfg, w = self.cfg, self.w
         ctx = rms_norm(F.linear(features.to(self.dtype), w["mtp.0.main_proj.weight"]), w["mtp.0.main_norm.weight"],
                        cfg.eps)
-        cos, sin = self.rope("main", torch.arange(start, start + n))
+        cos, sin = self.rope("main", positions)
         for stage in range(self.stages):
-            self.ctx_kv[stage, slot, start: start + n] = shared_kv(ctx, w, f"mtp.{stage}.attn.", cfg, cos, sin)
-        self.ctx_len[slot] = start + n
+            self.ctx_kv[stage, slot_of, positions] = shared_kv(ctx, w, f"mtp.{stage}.attn.", cfg, cos, sin)
 
     @torch.inference_mode()
     def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],

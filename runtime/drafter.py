@@ -51,7 +51,46 @@ def _rope_theta(config: dict) -> float:
     return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1e6))
 
 
-class Qwen3DSparkDrafter:
+class SlotContext:
+    """What every drafter does with its per-slot context: the target features of committed tokens,
+    turned into each draft layer's keys / values by `_write_context`, for many slots in one pass."""
+
+    ctx_len: torch.Tensor  # [num_slots] tokens of context each slot holds
+    max_len: int
+
+    def reset(self, slot: int) -> None:
+        self.ctx_len[slot] = 0
+
+    def add_context(self, slot: int, features: torch.Tensor) -> None:
+        """Append target features [n, len(target_layer_ids) * hidden] of newly committed tokens."""
+        self.add_context_batch([slot], [features])
+
+    @torch.inference_mode()
+    def add_context_batch(self, slots: list[int], features: list[torch.Tensor]) -> None:
+        """`add_context` for several slots at once: one pass over the draft layers, not one per slot."""
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot appears twice in one context update: {slots}")
+        kept = [(slot, f) for slot, f in zip(slots, features, strict=True) if f.shape[0]]
+        if not kept:
+            return
+        slot_ids = torch.tensor([slot for slot, _ in kept])
+        counts = torch.tensor([f.shape[0] for _, f in kept])
+        ends = self.ctx_len[slot_ids] + counts
+        if bool((ends > self.max_len).any()):
+            slot = int(slot_ids[int(torch.argmax(ends))])
+            raise ValueError(f"slot {slot}: context would exceed {self.max_len} tokens")
+        # Token t of the concatenation belongs to slot_of[t] at position ctx_len[slot] + (its index there).
+        slot_of = torch.repeat_interleave(slot_ids, counts)
+        first = torch.cumsum(counts, 0) - counts
+        positions = torch.arange(int(counts.sum())) + torch.repeat_interleave(self.ctx_len[slot_ids] - first, counts)
+        self._write_context(slot_of, positions, torch.cat([f for _, f in kept]))
+        self.ctx_len[slot_ids] = ends
+
+    def _write_context(self, slot_of: torch.Tensor, positions: torch.Tensor, features: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class Qwen3DSparkDrafter(SlotContext):
     def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
                  dtype: torch.dtype = torch.float32) -> None:
         draft_dir = Path(draft_dir)
@@ -84,27 +123,21 @@ class Qwen3DSparkDrafter:
         self.k_ctx, self.v_ctx = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
         self.max_len, self.dtype = max_len, dtype
+        # Every position a context token or a block can take, computed once (a round is many small ops).
+        self.cos_table, self.sin_table = rope_tables(torch.arange(max_len + self.block_size), self.head_dim, self.theta)
 
-    def reset(self, slot: int) -> None:
-        self.ctx_len[slot] = 0
-
-    @torch.inference_mode()
-    def add_context(self, slot: int, features: torch.Tensor) -> None:
-        """Append target features [n, len(target_layer_ids) * hidden] of newly committed tokens."""
-        w, start, n = self.w, int(self.ctx_len[slot]), features.shape[0]
-        if start + n > self.max_len:
-            raise ValueError(f"slot {slot}: context would exceed {self.max_len} tokens")
+    def _write_context(self, slot_of: torch.Tensor, positions: torch.Tensor, features: torch.Tensor) -> None:
+        w, n = self.w, features.shape[0]
         ctx = rms_norm(F.linear(features.to(self.dtype), w["fc.weight"]), w["hidden_norm.weight"], self.eps)
-        cos, sin = rope_tables(torch.arange(start, start + n)[None], self.head_dim, self.theta)
+        cos, sin = self.cos_table[positions][None], self.sin_table[positions][None]
         for layer in range(self.layers):
             p = f"layers.{layer}.self_attn."
             k, v = F.linear(ctx, self.kv[layer]).split(self.kv_heads * self.head_dim, dim=-1)
             k = apply_rope(rms_norm(k.view(1, n, self.kv_heads, self.head_dim), w[p + "k_norm.weight"], self.eps)
                            .transpose(1, 2), cos, sin)
-            v = v.reshape(n, self.kv_heads, self.head_dim).transpose(0, 1)
-            self.k_ctx[layer, slot, :, start: start + n] = k[0]
-            self.v_ctx[layer, slot, :, start: start + n] = v
-        self.ctx_len[slot] = start + n
+            # Token t goes to (its slot, all heads, its position): advanced indices put t first.
+            self.k_ctx[layer][slot_of, :, positions] = k[0].transpose(0, 1)
+            self.v_ctx[layer][slot_of, :, positions] = v.view(n, self.kv_heads, self.head_dim)
 
     @torch.inference_mode()
     def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
@@ -116,7 +149,7 @@ class Qwen3DSparkDrafter:
         ids = torch.full((batch, gamma), self.mask_token_id, dtype=torch.long)
         ids[:, 0] = torch.tensor(anchors)
         positions = ctx_len[:, None] + torch.arange(gamma)
-        cos, sin = rope_tables(positions, self.head_dim, self.theta)
+        cos, sin = self.cos_table[positions], self.sin_table[positions]
         # Every block position sees the slot's whole context and the whole block.
         allowed = torch.cat([torch.arange(width)[None, :] < ctx_len[:, None],
                              torch.ones(batch, gamma, dtype=torch.bool)], dim=1)[:, None, :].expand(-1, gamma, -1)

@@ -93,8 +93,8 @@ class SpeculativeDecoder:
             self.drafter.reset(slot)
         logits, features = self.target.forward(slots, [r.prompt for r in requests],
                                                capture=self.drafter.target_layer_ids, start=[0] * len(slots))
+        self.drafter.add_context_batch(slots, features)
         for i, (slot, request) in enumerate(zip(slots, requests, strict=True)):
-            self.drafter.add_context(slot, features[i])
             live = _Live(request, Result(), torch.Generator().manual_seed(request.seed), anchor=-1,
                          cached=len(request.prompt))
             self.live[slot] = live
@@ -119,6 +119,7 @@ class SpeculativeDecoder:
         logits, features = self.target.forward(slots, verify_tokens, capture=self.drafter.target_layer_ids,
                                                start=[self.live[s].cached for s in slots])
         committed: dict[int, list[int]] = {}
+        context: list[torch.Tensor] = []
         for i, slot in enumerate(slots):
             live, n = self.live[slot], lengths[i]
             if n:
@@ -136,10 +137,11 @@ class SpeculativeDecoder:
             # x0 and the accepted drafts stay cached (the rest is rolled back by the next call's
             # `start`); their features join the drafter's context.
             live.cached += 1 + accepted
-            self.drafter.add_context(slot, features[i][: 1 + accepted])
+            context.append(features[i][: 1 + accepted])
             live.result.taus.append(accepted + 1)
             live.result.verified.append(n)
             committed[slot] = self._commit(slot, new)
+        self.drafter.add_context_batch(slots, context)
         return committed
 
     def _plan(self, slots: list[int]) -> tuple[list[int], Draft | None]:

@@ -63,15 +63,15 @@ class DraftHandler:
     def handle(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         slots = inputs["SLOTS"].astype(np.int64).tolist()
         for i, slot in enumerate(slots):
-            start, count = int(inputs["CTX_START"][i]), int(inputs["CTX_COUNTS"][i])
+            start = int(inputs["CTX_START"][i])
             if start == 0:
                 self.drafter.reset(slot)
                 self.generators[slot].manual_seed(int(inputs["SEEDS"][i]))
             elif start != int(self.drafter.ctx_len[slot]):
                 raise OutOfSync(f"slot {slot}: context starts at {start} but the drafter holds "
                                 f"{int(self.drafter.ctx_len[slot])}")
-            if count:
-                self.drafter.add_context(slot, torch.from_numpy(inputs["CTX_FEATURES"][i, :count]))
+        features = torch.from_numpy(inputs["CTX_FEATURES"])
+        self.drafter.add_context_batch(slots, [features[i, :n] for i, n in enumerate(inputs["CTX_COUNTS"].tolist())])
         temperatures = inputs["TEMPERATURES"].astype(float).tolist()
         draft = self.drafter.draft(slots, inputs["ANCHORS"].astype(np.int64).tolist(), temperatures,
                                    [self.generators[s] for s in slots], int(inputs["GAMMA"][0]))

@@ -145,8 +145,9 @@ class RemoteDrafter:
         self.pending[slot] = []
         self.fresh.add(slot)
 
-    def add_context(self, slot: int, features: torch.Tensor) -> None:
-        self.pending.setdefault(slot, []).append(features)
+    def add_context_batch(self, slots: list[int], features: list[torch.Tensor]) -> None:
+        for slot, f in zip(slots, features, strict=True):
+            self.pending.setdefault(slot, []).append(f)
 
     def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
               generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:

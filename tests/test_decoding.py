@@ -189,3 +189,23 @@ def test_production_scheduler_plans_with_the_previous_rounds_survival(qwen3_ckpt
     assert torch.equal(seen[0], torch.ones_like(seen[0]))  # a fresh request: no earlier round
     for round_ in (1, 2):
         assert torch.equal(seen[round_][0], drafted[round_ - 1].survival[0])
+
+
+def test_context_for_many_slots_in_one_pass_equals_one_slot_at_a_time(qwen3_ckpt: Path) -> None:
+    """The served drafter takes every slot's new context in one batched pass (different lengths, some
+    empty); its caches must hold exactly what slot-by-slot updates write."""
+    gen = torch.Generator().manual_seed(0)
+    one, many = Qwen3DSparkDrafter(qwen3_ckpt / "draft"), Qwen3DSparkDrafter(qwen3_ckpt / "draft")
+    width = one.w["fc.weight"].shape[1]
+    for counts in ([5, 0, 3, 1], [2, 4, 0, 7]):
+        features = [torch.randn(n, width, generator=gen) for n in counts]
+        slots = [3, 0, 6, 1]
+        for slot, f in zip(slots, features, strict=True):
+            one.add_context(slot, f)
+        many.add_context_batch(slots, features)
+    assert torch.equal(one.ctx_len, many.ctx_len) and one.ctx_len.tolist()[:4] == [4, 8, 0, 7]
+    assert torch.allclose(one.k_ctx, many.k_ctx, atol=1e-6) and torch.allclose(one.v_ctx, many.v_ctx, atol=1e-6)
+    with pytest.raises(ValueError, match="twice"):
+        many.add_context_batch([1, 1], features[:2])
+    with pytest.raises(ValueError, match="slot 0: context would exceed"):
+        many.add_context_batch([0], [torch.zeros(many.max_len, width)])
