@@ -114,11 +114,19 @@ class Qwen3DSparkDrafter(SlotContext):
         temperatures = read_calibration(calibration, self.block_size) if calibration.is_file() else None
         self.confidence = ConfidenceHead(w["confidence_head.proj.weight"], w.get("confidence_head.proj.bias"),
                                          dspark["confidence_head_with_markov"], temperatures)
-        # One matmul where the checkpoint has two or three: a draft round is many small ops.
-        self.qkv = [torch.cat([w[f"layers.{i}.self_attn.{n}_proj.weight"] for n in "qkv"]) for i in range(self.layers)]
-        self.kv = [torch.cat([w[f"layers.{i}.self_attn.{n}_proj.weight"] for n in "kv"]) for i in range(self.layers)]
-        self.gate_up = [torch.cat([w[f"layers.{i}.mlp.{n}_proj.weight"] for n in ("gate", "up")])
-                        for i in range(self.layers)]
+        # The weights a round multiplies by, as [in, out] matrices: a draft round is a few rows at a
+        # time, where `x @ W` runs ~1.5-2.5x faster than F.linear's x @ Wᵀ on CPU. One matrix where the
+        # checkpoint has two or three (q/k/v, k/v, gate/up): fewer, bigger products.
+        def by_input(*names: str) -> torch.Tensor:
+            return torch.cat([w[n] for n in names]).t().contiguous()
+
+        layer = [f"layers.{i}." for i in range(self.layers)]
+        self.qkv = [by_input(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv")) for p in layer]
+        self.kv = [by_input(*(f"{p}self_attn.{n}_proj.weight" for n in "kv")) for p in layer]
+        self.o = [by_input(f"{p}self_attn.o_proj.weight") for p in layer]
+        self.gate_up = [by_input(f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight") for p in layer]
+        self.down = [by_input(f"{p}mlp.down_proj.weight") for p in layer]
+        self.fc, self.lm_head = by_input("fc.weight"), by_input("lm_head.weight")
         shape = (self.layers, num_slots, self.kv_heads, max_len, self.head_dim)
         self.k_ctx, self.v_ctx = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
@@ -128,11 +136,11 @@ class Qwen3DSparkDrafter(SlotContext):
 
     def _write_context(self, slot_of: torch.Tensor, positions: torch.Tensor, features: torch.Tensor) -> None:
         w, n = self.w, features.shape[0]
-        ctx = rms_norm(F.linear(features.to(self.dtype), w["fc.weight"]), w["hidden_norm.weight"], self.eps)
+        ctx = rms_norm(features.to(self.dtype) @ self.fc, w["hidden_norm.weight"], self.eps)
         cos, sin = self.cos_table[positions][None], self.sin_table[positions][None]
         for layer in range(self.layers):
             p = f"layers.{layer}.self_attn."
-            k, v = F.linear(ctx, self.kv[layer]).split(self.kv_heads * self.head_dim, dim=-1)
+            k, v = (ctx @ self.kv[layer]).split(self.kv_heads * self.head_dim, dim=-1)
             k = apply_rope(rms_norm(k.view(1, n, self.kv_heads, self.head_dim), w[p + "k_norm.weight"], self.eps)
                            .transpose(1, 2), cos, sin)
             # Token t goes to (its slot, all heads, its position): advanced indices put t first.
@@ -159,7 +167,7 @@ class Qwen3DSparkDrafter(SlotContext):
             p = f"layers.{layer}."
             h = rms_norm(x, w[p + "input_layernorm.weight"], self.eps)
             kv_width = self.kv_heads * self.head_dim
-            q, k, v = F.linear(h, self.qkv[layer]).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
+            q, k, v = (h @ self.qkv[layer]).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
             q = q.reshape(batch, gamma, self.heads, self.head_dim)
             k = k.reshape(batch, gamma, self.kv_heads, self.head_dim)
             v = v.reshape(batch, gamma, self.kv_heads, self.head_dim)
@@ -168,12 +176,12 @@ class Qwen3DSparkDrafter(SlotContext):
             keys = torch.cat([self.k_ctx[layer, slot_idx, :, :width], k], dim=2)
             values = torch.cat([self.v_ctx[layer, slot_idx, :, :width], v.transpose(1, 2)], dim=2)
             out = attention(q, keys, values, allowed).transpose(1, 2).reshape(batch, gamma, -1)
-            x = x + F.linear(out, w[p + "self_attn.o_proj.weight"])
+            x = x + out @ self.o[layer]
             h = rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps)
-            gate, up = F.linear(h, self.gate_up[layer]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"])
+            gate, up = (h @ self.gate_up[layer]).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ self.down[layer]
         hidden = rms_norm(x, w["norm.weight"], self.eps)
-        base_logits = F.linear(hidden, w["lm_head.weight"]).float()
+        base_logits = (hidden @ self.lm_head).float()
         return sequential_heads(self.markov, self.confidence, hidden, base_logits, ids[:, 0], temperatures, generators)
 
 
