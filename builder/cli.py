@@ -304,10 +304,14 @@ def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max
 @click.option("--min-gain", default=0.04, show_default=True, help="Production scheduler's minimum predicted gain.")
 @click.option("--sps-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Cost table from `dspark-build profile` (default: ENGINE_DIR/sps_table.json if present).")
+@click.option("--live-costs/--profiled-costs", default=True, show_default=True,
+              help="Correct the cost table by the times served rounds actually take (calls between models, "
+                   "responses), or plan with the profiled table alone.")
 @click.option("--force", is_flag=True, help="Replace the repository if it exists.")
 @reports_errors
 def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, num_slots: int, max_prompt_tokens: int,
-         max_new_tokens: int, scheduler: str, min_gain: float, sps_table: Path | None, force: bool) -> None:
+         max_new_tokens: int, scheduler: str, min_gain: float, sps_table: Path | None, live_costs: bool,
+         force: bool) -> None:
     """Write a Triton model repository serving ENGINE_DIR.
 
     \b
@@ -325,7 +329,7 @@ def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, nu
         sps_table = engine_dir / "sps_table.json"
     values = build_repo(engine_dir, out, layout=layout, gpus=gpus, tp=tp, num_slots=num_slots,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, scheduler=scheduler,
-                        min_gain=min_gain, sps_table=sps_table, force=force)
+                        min_gain=min_gain, sps_table=sps_table, live_costs=live_costs, force=force)
     table = f"cost table {sps_table}" if sps_table else "no cost table (auto verifies every draft)"
     stdout.print(f"[green]✓[/] wrote {out}: layout {layout}, verify tp={values['tp']}, {num_slots} slots, {table}")
 

@@ -15,13 +15,14 @@ calibration and benchmarks.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from .drafter import Draft
-from .scheduler import CostTable, drafting_pays, schedule_paper, schedule_production
+from .scheduler import CostTable, ServedCosts, drafting_pays, schedule_paper, schedule_production
 from .verify import verify_greedy, verify_sampling
 
 Mode = Literal["off", "fixed", "auto"]
@@ -69,9 +70,13 @@ class SpeculativeDecoder:
 
     def __init__(self, target: Any, drafter: Any, *, num_slots: int, cost_table: CostTable | None = None,
                  scheduler: Literal["paper", "production"] = "paper", min_gain: float = 0.04,
-                 record_calibration: bool = False) -> None:
+                 record_calibration: bool = False, measure_costs: bool = False) -> None:
         self.target, self.drafter = target, drafter
         self.cost_table = cost_table or CostTable.flat()
+        # Served: plan with the table corrected by each round's measured times (see ServedCosts).
+        self.served = ServedCosts(self.cost_table) if measure_costs else None
+        self._round_end: float | None = None  # when the last round ended, unless a prefill ran since
+        self._draft_ms, self._drafted_rows = 0.0, 0
         self.scheduler, self.min_gain = scheduler, min_gain
         self.free = list(range(num_slots))[::-1]
         # Mean survival of recent drafts: the estimate for a request that has not drafted yet.
@@ -89,6 +94,7 @@ class SpeculativeDecoder:
         if any(not r.prompt for r in requests):
             raise ValueError("empty prompt")
         slots = [self.free.pop() for _ in requests]
+        self._round_end = None  # the prefill's time is not a round's overhead
         for slot in slots:
             self.drafter.reset(slot)
         logits, features = self.target.forward(slots, [r.prompt for r in requests],
@@ -113,11 +119,15 @@ class SpeculativeDecoder:
         slots = [s for s, live in self.live.items() if live.result.finish_reason is None]
         if not slots:
             return {}
+        start = time.perf_counter()
+        self._draft_ms, self._drafted_rows = 0.0, 0
         lengths, draft = self._plan(slots)
+        planned = time.perf_counter()
         verify_tokens = [[self.live[s].anchor] + draft.tokens[i, : lengths[i]].tolist() if lengths[i] else
                          [self.live[s].anchor] for i, s in enumerate(slots)]
         logits, features = self.target.forward(slots, verify_tokens, capture=self.drafter.target_layer_ids,
                                                start=[self.live[s].cached for s in slots])
+        verified = time.perf_counter()
         committed: dict[int, list[int]] = {}
         context: list[torch.Tensor] = []
         for i, slot in enumerate(slots):
@@ -142,7 +152,21 @@ class SpeculativeDecoder:
             live.result.verified.append(n)
             committed[slot] = self._commit(slot, new)
         self.drafter.add_context_batch(slots, context)
+        if self.served is not None:
+            end = time.perf_counter()
+            # Outside the two model calls: planning, accepting, and (before `start`) whatever the caller
+            # did with the last round's tokens, e.g. sending them.
+            inside = (planned - start) * 1000 - self._draft_ms + (end - verified) * 1000
+            overhead = None if self._round_end is None else inside + (start - self._round_end) * 1000
+            self.served.observe(len(slots), sum(len(t) for t in verify_tokens), (verified - planned) * 1000,
+                                self._drafted_rows, self._draft_ms, overhead)
+            self._round_end = end
         return committed
+
+    @property
+    def table(self) -> CostTable:
+        """The cost table plans are made with: the profiled one, corrected by served rounds if measured."""
+        return self.cost_table if self.served is None else self.served.table
 
     def _plan(self, slots: list[int]) -> tuple[list[int], Draft | None]:
         """Draft for the requests that speculate and decide how many drafts each one verifies."""
@@ -156,9 +180,11 @@ class SpeculativeDecoder:
         if all(lives[i].request.speculation == "auto" for i in speculating) and not self._drafting_pays(
                 lives, speculating, gamma):
             return lengths, None
+        began = time.perf_counter()
         draft = self.drafter.draft([slots[i] for i in speculating], [lives[i].anchor for i in speculating],
                                    [lives[i].request.temperature for i in speculating],
                                    [lives[i].generator for i in speculating], gamma)
+        self._draft_ms, self._drafted_rows = (time.perf_counter() - began) * 1000, len(speculating)
         full = Draft(torch.zeros(len(slots), gamma, dtype=torch.long), torch.zeros(len(slots), gamma,
                      draft.probs.shape[-1]), torch.zeros(len(slots), gamma), torch.zeros(len(slots), gamma))
         for row, i in enumerate(speculating):
@@ -167,11 +193,11 @@ class SpeculativeDecoder:
         auto = [i for i in speculating if lives[i].request.speculation == "auto"]
         if auto:
             if self.scheduler == "paper":  # this round's confidences, early stop
-                chosen = schedule_paper(full.survival[auto], self.cost_table)
+                chosen = schedule_paper(full.survival[auto], self.table)
             else:  # last round's confidences (a fresh request starts from a full block)
                 stale = torch.stack([lives[i].stale_survival if lives[i].stale_survival is not None
                                      else torch.ones(gamma) for i in auto])
-                chosen = schedule_production(stale, self.cost_table, self.min_gain)
+                chosen = schedule_production(stale, self.table, self.min_gain)
             for i, n in zip(auto, chosen.tolist(), strict=True):
                 lengths[i] = n
         # Only now, after planning: the production scheduler must plan with an EARLIER round's survival.
@@ -191,7 +217,7 @@ class SpeculativeDecoder:
         for i in speculating:
             stale = lives[i].stale_survival
             estimate[i] = (stale if stale is not None else self.prior_survival).double()
-        return drafting_pays(estimate, self.cost_table, len(speculating))
+        return drafting_pays(estimate, self.table, len(speculating))
 
     # -- helpers ---------------------------------------------------------------------------------
 

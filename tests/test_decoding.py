@@ -209,3 +209,48 @@ def test_context_for_many_slots_in_one_pass_equals_one_slot_at_a_time(qwen3_ckpt
         many.add_context_batch([1, 1], features[:2])
     with pytest.raises(ValueError, match="slot 0: context would exceed"):
         many.add_context_batch([0], [torch.zeros(many.max_len, width)])
+
+
+def test_measured_round_overhead_makes_drafting_pay(qwen3_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Served, each round also pays for what happens between rounds (sending responses). The profiled
+    table says a 150 ms draft never pays against a 20 ms verify; with 5 s measured between rounds it
+    does (fewer rounds per token), and the decoder must find that out from its own clock."""
+    from dspark_trt.runtime import generate as generate_module
+    from dspark_trt.runtime.generate import SpeculativeDecoder
+    from dspark_trt.runtime.scheduler import CostTable
+
+    now = [0.0]
+    monkeypatch.setattr(generate_module.time, "perf_counter", lambda: now[0])
+    target, drafter = runners(qwen3_ckpt)
+    calls = []
+
+    class Timed:  # the runners, taking a fixed time on the fake clock
+        def __init__(self, inner, method: str, seconds: float) -> None:
+            self.inner, self.method, self.seconds = inner, method, seconds
+
+        def __getattr__(self, name):
+            if name != self.method:
+                return getattr(self.inner, name)
+
+            def timed(*args, **kwargs):
+                now[0] += self.seconds
+                calls.append(self.method)
+                return getattr(self.inner, name)(*args, **kwargs)
+            return timed
+
+    table = CostTable([1, 64], [0.0, 0.1], 20.0, [1, 8], [0.0, 0.0], draft_step_ms=[150.0, 150.0])
+    prompt = prompts(1)[0]
+    reference = generate(target, drafter, [Request(prompt, max_new_tokens=24, speculation="off")])[0].tokens
+    for measure, drafts in ((False, False), (True, True)):
+        calls.clear()
+        decoder = SpeculativeDecoder(Timed(target, "forward", 0.020), Timed(drafter, "draft", 0.150), num_slots=1,
+                                     cost_table=table, measure_costs=measure)
+        slot = decoder.admit([Request(prompt, max_new_tokens=24, speculation="auto")])[0]
+        while decoder.live[slot].result.finish_reason is None:
+            decoder.step()
+            now[0] += 5.0  # responses, between rounds
+        assert decoder.release(slot).tokens == reference
+        assert ("draft" in calls) == drafts
+    assert decoder.served.verify_scale == pytest.approx(20.0 / table.step_ms(1, 1), rel=0.05)
+    assert decoder.served.draft_scale == pytest.approx(1.0)
+    assert decoder.served.round_overhead_ms > 2500

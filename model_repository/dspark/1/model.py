@@ -136,7 +136,7 @@ class TritonPythonModel:
             RemoteTarget(bls), RemoteDrafter(bls, slots, dspark["block_size"], dspark["target_layer_ids"]),
             num_slots=slots, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             metrics=TritonMetrics(dspark["block_size"]), cost_table=cost_table, scheduler=params["scheduler"],
-            min_gain=float(params["min_gain"]))
+            min_gain=float(params["min_gain"]), measure_costs=params.get("live_costs", "true") == "true")
         self.orchestrator.start()
 
     def execute(self, requests):
