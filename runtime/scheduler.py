@@ -68,6 +68,10 @@ class CostTable:
     # Optional: one drafting round (new context + the block) for each of `batch_sizes` requests. With it,
     # `auto` skips drafting in rounds where even the best plan would not pay for the draft.
     draft_step_ms: list[float] = field(default_factory=list)
+    # How the verify step batches requests of different lengths: "packed" (TensorRT-LLM: a step costs
+    # what its B tokens cost) or "padded" (the reference backend: every request is padded to the
+    # longest, so a step costs R · (1 + max ℓ) tokens and the best plans give every request one ℓ).
+    verify_batching: str = "packed"
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +83,10 @@ class CostTable:
         self.batch_overhead_ms = [float(t) for t in self.batch_overhead_ms]
         self.draft_step_ms = [float(t) for t in self.draft_step_ms]
         self.meta = dict(self.meta)
+
+    @property
+    def padded(self) -> bool:
+        return self.verify_batching == "padded"
 
     @classmethod
     def flat(cls, ms_per_token: float = 0.0, fixed_ms: float = 1.0, meta: dict | None = None) -> CostTable:
@@ -122,6 +130,7 @@ class CostTable:
             batch_sizes=self.batch_sizes,
             batch_overhead_ms=[a * verify_scale for a in self.batch_overhead_ms],
             draft_step_ms=[d * draft_scale for d in self.draft_step_ms],
+            verify_batching=self.verify_batching,
             meta={**self.meta, "served": {"verify_scale": verify_scale, "draft_scale": draft_scale,
                                           "round_overhead_ms": round_overhead_ms}},
         )
@@ -136,6 +145,7 @@ class CostTable:
             "batch_sizes": list(self.batch_sizes),
             "batch_overhead_ms": list(self.batch_overhead_ms),
             **({"draft_step_ms": list(self.draft_step_ms)} if self.draft_step_ms else {}),
+            "verify_batching": self.verify_batching,
             "meta": dict(self.meta),
         }
 
@@ -177,6 +187,7 @@ class CostTable:
                 batch_sizes=document.get("batch_sizes", [1]),
                 batch_overhead_ms=document.get("batch_overhead_ms", [0.0]),
                 draft_step_ms=document.get("draft_step_ms", []),
+                verify_batching=document.get("verify_batching", "packed"),
                 meta=meta,
             )
         except CheckpointError as exc:  # re-raise naming the real source instead of "<CostTable>"
@@ -286,6 +297,9 @@ def _validate(table: CostTable, path: str) -> None:
     _check_times(path, "batch_overhead_ms", table.batch_overhead_ms, len(table.batch_sizes), "batch_sizes")
     if table.draft_step_ms:
         _check_times(path, "draft_step_ms", table.draft_step_ms, len(table.batch_sizes), "batch_sizes")
+    if table.verify_batching not in ("packed", "padded"):
+        raise CheckpointError(path, "unknown verify batching", subject="verify_batching", found=table.verify_batching,
+                              expected="packed | padded")
     if not isinstance(table.meta, dict):
         raise CheckpointError(path, "meta must be a dict", subject="meta", found=type(table.meta).__name__,
                               expected="dict")
@@ -386,6 +400,18 @@ def _prefix_objectives(values: Tensor, rows: int, table: CostTable, extra_ms: fl
     return tau * (1000.0 / (table.step_ms_many(rows, tokens) + extra_ms))
 
 
+def _uniform_objectives(a: Tensor, table: CostTable, extra_ms: float = 0.0) -> Tensor:
+    """objective[ℓ] = τ·SPS when every request verifies ℓ drafts, for ℓ = 0..γ (padded verify batches).
+
+    Padded, a step costs R · (1 + max ℓ) tokens whatever the shorter requests carry, so any plan is
+    beaten or matched by giving every request its longest ℓ: these γ + 1 plans are all there is to rank.
+    """
+    rows, gamma = a.shape
+    tau = rows + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(a.sum(0), dim=0)])
+    tokens = rows * (1 + torch.arange(gamma + 1, dtype=torch.float64))
+    return tau * (1000.0 / (table.step_ms_many(rows, tokens) + extra_ms))
+
+
 def _lengths_of_prefix(requests: Tensor, admitted: int, rows: int) -> Tensor:
     # Each request's admitted candidates are its positions 1..ℓ_r (ranking above), so counting suffices.
     return torch.bincount(requests[:admitted], minlength=rows).to(torch.int64)
@@ -401,11 +427,16 @@ def schedule_paper(survival: Tensor, table: CostTable) -> Tensor:
     """
     a = _check_survival(survival)
     rows = a.shape[0]
-    values, requests = _ranked(a)
-    objectives = _prefix_objectives(values, rows, table)
+    if table.padded:  # candidates are whole block positions: ℓ = 0, 1, .. for every request at once
+        objectives = _uniform_objectives(a, table)
+    else:
+        values, requests = _ranked(a)
+        objectives = _prefix_objectives(values, rows, table)
     improves = objectives[1:] > objectives[:-1]
     # The number of leading improvements is where the sequential scan would have stopped.
     admitted = int(improves.to(torch.int64).cumprod(dim=0).sum())
+    if table.padded:
+        return torch.full((rows,), admitted, dtype=torch.int64)
     return _lengths_of_prefix(requests, admitted, rows)
 
 
@@ -425,10 +456,15 @@ def schedule_production(survival: Tensor, table: CostTable, min_gain: float = DE
         raise ValueError(f"min_gain must be a finite number >= 0, got {min_gain}")
     a = _check_survival(survival)
     rows, gamma = a.shape
-    values, requests = _ranked(a)
-    objectives = _prefix_objectives(values, rows, table)
+    if table.padded:
+        objectives = _uniform_objectives(a, table)
+    else:
+        values, requests = _ranked(a)
+        objectives = _prefix_objectives(values, rows, table)
     best = int(torch.argmax(objectives))  # first maximum: the fewest tokens among equally good plans
     if objectives[best] > objectives[-1] * (1 + min_gain):
+        if table.padded:
+            return torch.full((rows,), best, dtype=torch.int64)
         return _lengths_of_prefix(requests, best, rows)
     return torch.full((rows,), gamma, dtype=torch.int64)
 
@@ -444,7 +480,11 @@ def drafting_pays(survival: Tensor, table: CostTable, drafting_rows: int) -> boo
         return bool(drafting_rows)
     a = _check_survival(survival)
     rows = a.shape[0]
-    values, _ = _ranked(a)
-    with_draft = _prefix_objectives(values, rows, table, extra_ms=table.draft_ms(drafting_rows))[1:]
-    without = _prefix_objectives(values[:0], rows, table)[0]  # ℓ = 0 everywhere, nothing drafted
+    draft_ms = table.draft_ms(drafting_rows)
+    if table.padded:
+        with_draft = _uniform_objectives(a, table, extra_ms=draft_ms)[1:]
+    else:
+        values, _ = _ranked(a)
+        with_draft = _prefix_objectives(values, rows, table, extra_ms=draft_ms)[1:]
+    without = _prefix_objectives(a.new_zeros(0), rows, table)[0]  # ℓ = 0 everywhere, nothing drafted
     return bool(with_draft.max() > without)

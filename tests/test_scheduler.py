@@ -418,3 +418,23 @@ def test_served_costs_average_measured_over_profiled_times() -> None:
     assert table.draft_ms(4) == pytest.approx(1.5 * 8.0)
     served.observe(1, 8, verify_ms=1e6, drafted_rows=0, draft_ms=0.0, overhead_ms=None)  # a stalled call
     assert served.verify_scale == pytest.approx(0.5 * 1.75 + 0.5 * 10.0)  # counted as at most 10x
+
+
+def test_padded_batches_give_every_request_the_same_length() -> None:
+    """Padded, the short request's tokens are free once the long one sets the width: plans are uniform."""
+    from dspark_trt.runtime.scheduler import drafting_pays
+
+    survival = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.2, 0.04, 0.01, 0.0]])
+    packed = CostTable([2, 4, 8, 10], [0.0, 4.0, 12.0, 16.0], 10.0)  # 2 ms a token above 2 tokens
+    padded = CostTable.from_dict({**packed.to_dict(), "verify_batching": "padded"})
+    assert padded.padded and not packed.padded
+    # Packed: row 0's drafts (0.9, 0.8, 0.7, 0.6) each pay for their 2 ms; row 1's 0.2 does not.
+    assert schedule_paper(survival, packed).tolist() == [4, 0]
+    # Padded, every ℓ costs both rows' tokens: ℓ = 1 gives τ 3.1 in 14 ms (0.221 a ms) against 2 in 10 ms,
+    # ℓ = 2 gives 3.94 in 18 ms (0.219): the scan stops at 1, which is also the best of all ℓ.
+    assert schedule_paper(survival, padded).tolist() == [1, 1]
+    assert schedule_production(survival, padded, min_gain=0.0).tolist() == [1, 1]
+    assert drafting_pays(survival, CostTable.from_dict({**padded.to_dict(), "draft_step_ms": [0.5]}), 2)
+    assert not drafting_pays(survival, CostTable.from_dict({**padded.to_dict(), "draft_step_ms": [2.0]}), 2)
+    with pytest.raises(CheckpointError, match="verify_batching"):
+        CostTable.from_dict({**packed.to_dict(), "verify_batching": "ragged"})
