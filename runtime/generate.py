@@ -26,6 +26,7 @@ from .scheduler import CostTable, ServedCosts, drafting_pays, schedule_paper, sc
 from .verify import verify_greedy, verify_sampling
 
 Mode = Literal["off", "fixed", "auto"]
+EXPLORE_EVERY = 16  # with live costs, one in this many rounds that `auto` would not draft drafts anyway
 
 
 @dataclass
@@ -77,6 +78,7 @@ class SpeculativeDecoder:
         self.served = ServedCosts(self.cost_table) if measure_costs else None
         self._round_end: float | None = None  # when the last round ended, unless a prefill ran since
         self._draft_ms, self._drafted_rows = 0.0, 0
+        self._skipped = 0  # rounds in which `auto` decided not to draft
         self.scheduler, self.min_gain = scheduler, min_gain
         self.free = list(range(num_slots))[::-1]
         # Mean survival of recent drafts: the estimate for a request that has not drafted yet.
@@ -179,7 +181,12 @@ class SpeculativeDecoder:
         gamma = self.drafter.block_size
         if all(lives[i].request.speculation == "auto" for i in speculating) and not self._drafting_pays(
                 lives, speculating, gamma):
-            return lengths, None
+            # Live costs and survival only change in rounds that draft: without an occasional one, a
+            # draft cost measured while the machine was busy (or a cold first call) would never be
+            # revised and `auto` would never draft again.
+            self._skipped += 1
+            if self.served is None or self._skipped % EXPLORE_EVERY:
+                return lengths, None
         began = time.perf_counter()
         draft = self.drafter.draft([slots[i] for i in speculating], [lives[i].anchor for i in speculating],
                                    [lives[i].request.temperature for i in speculating],

@@ -243,12 +243,12 @@ class ServedCosts:
         def blend(old: float, new: float) -> float:
             return old + self.smoothing * (new - old)
 
-        # Ratios within [0.1, 10]: one stalled call must not throw the plan to an extreme.
+        # Ratios within [0.2, 5]: one stalled call must not throw the plan to an extreme.
         self.verify_scale = blend(self.verify_scale,
-                                  min(max(verify_ms / self.profiled.step_ms(rows, tokens), 0.1), 10.0))
+                                  min(max(verify_ms / self.profiled.step_ms(rows, tokens), 0.2), 5.0))
         if drafted_rows and self.profiled.draft_step_ms:
             self.draft_scale = blend(self.draft_scale,
-                                     min(max(draft_ms / self.profiled.draft_ms(drafted_rows), 0.1), 10.0))
+                                     min(max(draft_ms / self.profiled.draft_ms(drafted_rows), 0.2), 5.0))
         if overhead_ms is not None:
             self.round_overhead_ms = blend(self.round_overhead_ms, max(overhead_ms, 0.0))
         self.rounds += 1

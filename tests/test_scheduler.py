@@ -417,7 +417,7 @@ def test_served_costs_average_measured_over_profiled_times() -> None:
     assert table.step_ms(4, 1) == pytest.approx(1.75 * 12.0 + 3.0)  # α scaled like the rest of a verify
     assert table.draft_ms(4) == pytest.approx(1.5 * 8.0)
     served.observe(1, 8, verify_ms=1e6, drafted_rows=0, draft_ms=0.0, overhead_ms=None)  # a stalled call
-    assert served.verify_scale == pytest.approx(0.5 * 1.75 + 0.5 * 10.0)  # counted as at most 10x
+    assert served.verify_scale == pytest.approx(0.5 * 1.75 + 0.5 * 5.0)  # counted as at most 5x
 
 
 def test_padded_batches_give_every_request_the_same_length() -> None:
