@@ -298,9 +298,10 @@ def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max
               help="Requests decoded together (in-flight batch); more wait in a queue.")
 @click.option("--max-prompt-tokens", default=1024, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-new-tokens", default=512, show_default=True, type=click.IntRange(min=1))
-@click.option("--scheduler", type=click.Choice(["paper", "production"]), default="paper", show_default=True,
-              help="Confidence scheduler: paper = Algorithm 1 on this round's confidences; production = stale "
-                   "confidences, global best, min gain.")
+@click.option("--scheduler", type=click.Choice(["paper", "production"]), default="production", show_default=True,
+              help="Confidence scheduler: production = last round's confidences, global best, full block unless "
+                   "a shorter plan gains --min-gain (robust to cost-model error); paper = Algorithm 1 on this "
+                   "round's confidences.")
 @click.option("--min-gain", default=0.04, show_default=True, help="Production scheduler's minimum predicted gain.")
 @click.option("--sps-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Cost table from `dspark-build profile` (default: ENGINE_DIR/sps_table.json if present).")

@@ -27,7 +27,7 @@ def template_dir() -> Path:
 
 def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 1, tp: int | None = None,
                num_slots: int = 16, max_prompt_tokens: int = 1024, max_new_tokens: int = 512,
-               scheduler: str = "paper", min_gain: float = 0.04, sps_table: Path | None = None,
+               scheduler: str = "production", min_gain: float = 0.04, sps_table: Path | None = None,
                live_costs: bool = True, force: bool = False) -> dict[str, Any]:
     engine_dir = Path(engine_dir).absolute()
     ckpt = resolve_checkpoint(engine_dir)
