@@ -159,9 +159,9 @@ class SpeculativeDecoder:
             # Outside the two model calls: planning, accepting, and (before `start`) whatever the caller
             # did with the last round's tokens, e.g. sending them.
             inside = (planned - start) * 1000 - self._draft_ms + (end - verified) * 1000
-            overhead = None if self._round_end is None else inside + (start - self._round_end) * 1000
+            between = None if self._round_end is None else inside + (start - self._round_end) * 1000
             self.served.observe(len(slots), sum(len(t) for t in verify_tokens), (verified - planned) * 1000,
-                                self._drafted_rows, self._draft_ms, overhead)
+                                self._drafted_rows, self._draft_ms, between)
             self._round_end = end
         return committed
 

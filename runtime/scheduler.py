@@ -120,19 +120,18 @@ class CostTable:
         """One drafting round for `batch_size` requests (0 when the table has no draft costs)."""
         return _interp_flat(self.batch_sizes, self.draft_step_ms, batch_size) if self.draft_step_ms else 0.0
 
-    def rescaled(self, verify_scale: float, draft_scale: float, round_overhead_ms: float) -> CostTable:
-        """This table with verify steps `verify_scale` times as long, drafting rounds `draft_scale` times
-        as long, and `round_overhead_ms` more per round whatever it holds (see `ServedCosts`)."""
+    def corrected(self, round_extra_ms: float, draft_extra_ms: float) -> CostTable:
+        """This table with `round_extra_ms` more for every verify step and `draft_extra_ms` more for every
+        drafting round (negative extras shorten them, never below zero; see `ServedCosts`)."""
         return CostTable(
             token_counts=self.token_counts,
-            step_time_ms=[t * verify_scale for t in self.step_time_ms],
-            fixed_overhead_ms=self.fixed_overhead_ms * verify_scale + round_overhead_ms,
+            step_time_ms=self.step_time_ms,
+            fixed_overhead_ms=max(self.fixed_overhead_ms + round_extra_ms, 0.0),
             batch_sizes=self.batch_sizes,
-            batch_overhead_ms=[a * verify_scale for a in self.batch_overhead_ms],
-            draft_step_ms=[d * draft_scale for d in self.draft_step_ms],
+            batch_overhead_ms=self.batch_overhead_ms,
+            draft_step_ms=[max(d + draft_extra_ms, 0.0) for d in self.draft_step_ms],
             verify_batching=self.verify_batching,
-            meta={**self.meta, "served": {"verify_scale": verify_scale, "draft_scale": draft_scale,
-                                          "round_overhead_ms": round_overhead_ms}},
+            meta={**self.meta, "served": {"round_extra_ms": round_extra_ms, "draft_extra_ms": draft_extra_ms}},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,42 +217,41 @@ class ServedCosts:
 
     `dspark-build profile` times bare verify steps and drafting rounds inside one process. Served, every
     round also pays for the calls between models, for copying logits out and for sending each request's
-    tokens back: on the reference backend at concurrency 32 a verify call took ~1.5x its profiled time
-    and responses ~10 ms per round, which no profile of the models alone can see, and which makes
-    drafting pay where the bare table says it does not (fewer rounds per token). So the decoder reports
-    each round's measured times, and plans with
+    tokens back: on the reference backend at concurrency 32 a verify call took ~13 ms more than its
+    profiled time whatever its tokens, and responses ~10 ms a round, which no profile of the models
+    alone can see and which makes drafting pay where the bare table says it does not (fewer rounds per
+    token). So the decoder reports each round's measured times, and plans with
 
-        verify_scale · verify(R, B) + draft_scale · draft(R) + round_overhead
+        verify(R, B) + verify_extra + between_rounds  [+ draft(R) + draft_extra when drafting]
 
-    where each term is a running average (weight `smoothing` per round) of measured over profiled
-    time, or of the time spent outside the two model calls. The corrected table is rebuilt every
-    `refresh` rounds. Timings never depend on what was drafted, so plans stay lossless.
+    each extra a running average (weight `smoothing` per round) of measured minus profiled time. The
+    extras are additive: what the profile misses is per call, not per token (scaling the table instead
+    made longer blocks look dearer than they are). The corrected table is rebuilt every `refresh`
+    rounds. Timings never depend on what was drafted, so plans stay lossless.
     """
 
     def __init__(self, profiled: CostTable, smoothing: float = 0.1, refresh: int = 8) -> None:
         self.profiled, self.table = profiled, profiled
         self.smoothing, self.refresh = smoothing, refresh
-        self.verify_scale = self.draft_scale = 1.0
-        self.round_overhead_ms = 0.0
+        self.verify_extra_ms = self.draft_extra_ms = self.between_rounds_ms = 0.0
         self.rounds = 0
 
     def observe(self, rows: int, tokens: int, verify_ms: float, drafted_rows: int, draft_ms: float,
-                overhead_ms: float | None) -> None:
-        """One served round: R requests carrying B tokens; `overhead_ms` None when unknown (a prefill ran)."""
+                between_ms: float | None) -> None:
+        """One served round: R requests carrying B tokens; `between_ms` None when unknown (a prefill ran)."""
         def blend(old: float, new: float) -> float:
             return old + self.smoothing * (new - old)
 
-        # Ratios within [0.2, 5]: one stalled call must not throw the plan to an extreme.
-        self.verify_scale = blend(self.verify_scale,
-                                  min(max(verify_ms / self.profiled.step_ms(rows, tokens), 0.2), 5.0))
-        if drafted_rows and self.profiled.draft_step_ms:
-            self.draft_scale = blend(self.draft_scale,
-                                     min(max(draft_ms / self.profiled.draft_ms(drafted_rows), 0.2), 5.0))
-        if overhead_ms is not None:
-            self.round_overhead_ms = blend(self.round_overhead_ms, max(overhead_ms, 0.0))
+        # One stalled call moves an average by at most one profiled step, not by the stall.
+        cap = self.profiled.step_ms(rows, tokens)
+        self.verify_extra_ms = blend(self.verify_extra_ms, min(verify_ms - self.profiled.step_ms(rows, tokens), cap))
+        if drafted_rows:
+            self.draft_extra_ms = blend(self.draft_extra_ms, min(draft_ms - self.profiled.draft_ms(drafted_rows), cap))
+        if between_ms is not None:
+            self.between_rounds_ms = blend(self.between_rounds_ms, max(between_ms, 0.0))
         self.rounds += 1
         if self.rounds % self.refresh == 0:
-            self.table = self.profiled.rescaled(self.verify_scale, self.draft_scale, self.round_overhead_ms)
+            self.table = self.profiled.corrected(self.verify_extra_ms + self.between_rounds_ms, self.draft_extra_ms)
 
 
 def _is_number(value: object) -> bool:

@@ -252,9 +252,8 @@ def test_measured_round_overhead_makes_drafting_pay(qwen3_ckpt: Path, monkeypatc
         assert decoder.release(slot).tokens == reference
         # Measured, it drafts in most rounds (not just the one in EXPLORE_EVERY that keeps estimates fresh).
         assert (calls.count("draft") > calls.count("forward") // 2) == drafts
-    assert decoder.served.verify_scale == pytest.approx(20.0 / table.step_ms(1, 1), rel=0.05)
-    assert decoder.served.draft_scale == pytest.approx(1.0)
-    assert decoder.served.round_overhead_ms > 2500
+    assert abs(decoder.served.verify_extra_ms) < 0.1 and abs(decoder.served.draft_extra_ms) < 0.1  # as profiled
+    assert decoder.served.between_rounds_ms > 2500
 
 
 def test_live_costs_draft_now_and_then_when_drafting_does_not_pay(qwen3_ckpt: Path) -> None:

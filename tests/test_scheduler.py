@@ -403,21 +403,21 @@ def test_drafting_pays_only_when_the_best_plan_covers_the_draft() -> None:
     assert CostTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
 
 
-def test_served_costs_average_measured_over_profiled_times() -> None:
+def test_served_costs_add_what_served_rounds_take_beyond_the_profile() -> None:
     from dspark_trt.runtime.scheduler import ServedCosts
 
     profiled = CostTable([1, 8], [0.0, 7.0], 10.0, [1, 4], [0.0, 2.0], draft_step_ms=[5.0, 8.0])
     served = ServedCosts(profiled, smoothing=0.5, refresh=2)
-    served.observe(1, 8, verify_ms=34.0, drafted_rows=1, draft_ms=10.0, overhead_ms=None)  # 2x, 2x, unknown
+    served.observe(1, 8, verify_ms=21.0, drafted_rows=1, draft_ms=9.0, between_ms=None)  # +4, +4, unknown
     assert served.table is profiled  # rebuilt every 2 rounds only
-    served.observe(1, 8, verify_ms=34.0, drafted_rows=0, draft_ms=0.0, overhead_ms=6.0)  # no draft this round
-    assert (served.verify_scale, served.draft_scale, served.round_overhead_ms) == (1.75, 1.5, 3.0)
+    served.observe(1, 8, verify_ms=21.0, drafted_rows=0, draft_ms=0.0, between_ms=6.0)  # no draft this round
+    assert (served.verify_extra_ms, served.draft_extra_ms, served.between_rounds_ms) == (3.0, 2.0, 3.0)
     table = served.table
-    assert table.step_ms(1, 8) == pytest.approx(1.75 * 17.0 + 3.0)
-    assert table.step_ms(4, 1) == pytest.approx(1.75 * 12.0 + 3.0)  # α scaled like the rest of a verify
-    assert table.draft_ms(4) == pytest.approx(1.5 * 8.0)
-    served.observe(1, 8, verify_ms=1e6, drafted_rows=0, draft_ms=0.0, overhead_ms=None)  # a stalled call
-    assert served.verify_scale == pytest.approx(0.5 * 1.75 + 0.5 * 5.0)  # counted as at most 5x
+    assert table.step_ms(1, 8) == pytest.approx(17.0 + 6.0)  # per call, not per token: θ unchanged
+    assert table.step_ms(4, 1) == pytest.approx(12.0 + 6.0)
+    assert table.draft_ms(4) == pytest.approx(8.0 + 2.0)
+    served.observe(1, 8, verify_ms=1e6, drafted_rows=0, draft_ms=0.0, between_ms=None)  # a stalled call
+    assert served.verify_extra_ms == pytest.approx(0.5 * 3.0 + 0.5 * 17.0)  # counted as one profiled step
 
 
 def test_padded_batches_give_every_request_the_same_length() -> None:
