@@ -109,8 +109,8 @@ class CostTable:
 
     def step_ms_many(self, batch_size: int, tokens: Tensor) -> Tensor:
         """`step_ms` for many token counts at once (float64 tensor of the same shape as `tokens`)."""
-        theta = _interp_theta(tokens.detach().to("cpu", torch.float64), self.token_counts, self.step_time_ms)
-        return self.fixed_overhead_ms + self.alpha_ms(batch_size) + theta
+        theta = _interp_theta(tokens.detach().to("cpu", torch.float64).numpy(), self.token_counts, self.step_time_ms)
+        return self.fixed_overhead_ms + self.alpha_ms(batch_size) + torch.from_numpy(theta)
 
     def alpha_ms(self, batch_size: int) -> float:
         """Per-batch overhead α(R): linear between the measured batch sizes, flat outside them."""
@@ -328,36 +328,38 @@ def _running_max(values: list[float]) -> list[float]:
     return out
 
 
-def _interp_theta(x: Tensor, xs: list[int], ys: list[float]) -> Tensor:
+def _interp_theta(points: np.ndarray, xs: list[int], ys: list[float]) -> np.ndarray:
     """Piecewise-linear y(x) through (xs, ys): flat left of xs[0], along the last segment right of xs[-1]."""
-    # numpy rather than torch.searchsorted: torch parallelises the search above ~200 queries, and
-    # under CPU contention (a serving process is never idle) its thread pool stalls for milliseconds.
-    points = x.numpy()
     slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
-    y = np.interp(points, xs, ys) + slope * np.maximum(points - xs[-1], 0.0)  # np.interp alone is flat
-    return torch.from_numpy(y)
+    return np.interp(points, xs, ys) + slope * np.maximum(points - xs[-1], 0.0)  # np.interp alone is flat
 
 
-def _check_survival(survival: Tensor) -> Tensor:
-    """Validated float64 CPU copy of survival [R, γ], made exactly non-increasing along the block."""
+# The scheduler runs every round for a handful of numbers, so it works in numpy: a torch op costs
+# ~5-10 µs of dispatch where numpy's costs ~1 µs (torch made `auto` ~0.7 ms a round slower than `fixed`
+# at concurrency 1), and torch's search parallelises above ~200 queries, whose thread pool stalls for
+# milliseconds under CPU contention. Tensors come in and go out; arrays stay inside.
+
+
+def _check_survival(survival: Tensor) -> np.ndarray:
+    """Validated float64 copy of survival [R, γ], made exactly non-increasing along the block."""
     if not isinstance(survival, Tensor) or survival.dim() != 2 or not survival.is_floating_point():
         shape = tuple(survival.shape) if isinstance(survival, Tensor) else type(survival).__name__
         raise ValueError(f"survival must be a float tensor [R, γ], got {shape}")
-    a = survival.detach().to("cpu", torch.float64)
-    if not bool(((a >= -_SURVIVAL_TOLERANCE) & (a <= 1 + _SURVIVAL_TOLERANCE)).all()):  # also rejects NaN
+    a = survival.detach().to("cpu", torch.float64).numpy()
+    if not ((a >= -_SURVIVAL_TOLERANCE) & (a <= 1 + _SURVIVAL_TOLERANCE)).all():  # also rejects NaN
         raise ValueError("survival must lie in [0, 1]")
-    if a.shape[1] > 1 and bool((a[:, 1:] > a[:, :-1] + _SURVIVAL_TOLERANCE).any()):
+    if a.shape[1] > 1 and (a[:, 1:] > a[:, :-1] + _SURVIVAL_TOLERANCE).any():
         raise ValueError("survival must be non-increasing along the block "
                          "(pass the cumulative product of the confidences, not the confidences)")
-    # cummin turns the tolerated noise into exact monotonicity, which the ranking below relies on.
-    return torch.cummin(a.clamp(0.0, 1.0), dim=1).values
+    # The running minimum turns the tolerated noise into exact monotonicity, which the ranking relies on.
+    return np.minimum.accumulate(np.clip(a, 0.0, 1.0), axis=1)
 
 
-def _check_lengths(lengths: Tensor, rows: int, gamma: int) -> Tensor:
-    lengths = torch.as_tensor(lengths).detach().to("cpu", torch.int64)
+def _check_lengths(lengths: Tensor, rows: int, gamma: int) -> np.ndarray:
+    lengths = torch.as_tensor(lengths).detach().to("cpu", torch.int64).numpy()
     if lengths.shape != (rows,):
         raise ValueError(f"lengths must have shape ({rows},), got {tuple(lengths.shape)}")
-    if bool(((lengths < 0) | (lengths > gamma)).any()):
+    if ((lengths < 0) | (lengths > gamma)).any():
         raise ValueError(f"lengths must lie in [0, {gamma}], got {lengths.tolist()}")
     return lengths
 
@@ -366,7 +368,7 @@ def expected_tokens(survival: Tensor, lengths: Tensor) -> float:
     """τ = Σ_r (1 + Σ_{j≤ℓ_r} a_{r,j}): expected tokens committed when request r verifies ℓ_r drafts."""
     a = _check_survival(survival)
     lengths = _check_lengths(lengths, a.shape[0], a.shape[1])
-    verified = torch.arange(a.shape[1]) < lengths[:, None]
+    verified = np.arange(a.shape[1]) < lengths[:, None]
     return float(a.shape[0] + (a * verified).sum())
 
 
@@ -378,41 +380,45 @@ def objective(survival: Tensor, lengths: Tensor, table: CostTable) -> float:
     return expected_tokens(survival, lengths) * table.sps(rows, tokens)
 
 
-def _ranked(a: Tensor) -> tuple[Tensor, Tensor]:
+def _ranked(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Survival of every candidate (r, j), best first, and each candidate's request r."""
     rows = a.shape[0]
     # Flattened position-major, so the stable sort breaks ties by smaller j first (then smaller r): a
     # request's positions then enter in order even where survival stays flat (c = 1).
-    values, order = torch.sort(a.t().reshape(-1), descending=True, stable=True)
-    return values, order % rows
+    flat = a.T.reshape(-1)
+    order = np.argsort(-flat, kind="stable")
+    return flat[order], order % rows
 
 
-def _prefix_objectives(values: Tensor, rows: int, table: CostTable, extra_ms: float = 0.0) -> Tensor:
+def _objectives(tau: np.ndarray, rows: int, tokens: np.ndarray, table: CostTable, extra_ms: float) -> np.ndarray:
+    step = table.fixed_overhead_ms + table.alpha_ms(rows) + _interp_theta(tokens, table.token_counts,
+                                                                         table.step_time_ms)
+    return tau * (1000.0 / (step + extra_ms))
+
+
+def _prefix_objectives(values: np.ndarray, rows: int, table: CostTable, extra_ms: float = 0.0) -> np.ndarray:
     """objective[k] = τ·SPS of the plan that admits the first k ranked candidates, for k = 0..R·γ.
 
     `extra_ms` is added to every step's duration (a drafting round, when that is being weighed too).
     """
-    gains = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(values, dim=0)])
-    tau = rows + gains
-    tokens = rows + torch.arange(values.numel() + 1, dtype=torch.float64)
-    return tau * (1000.0 / (table.step_ms_many(rows, tokens) + extra_ms))
+    tau = rows + np.concatenate([[0.0], np.cumsum(values)])
+    return _objectives(tau, rows, rows + np.arange(values.size + 1, dtype=np.float64), table, extra_ms)
 
 
-def _uniform_objectives(a: Tensor, table: CostTable, extra_ms: float = 0.0) -> Tensor:
+def _uniform_objectives(a: np.ndarray, table: CostTable, extra_ms: float = 0.0) -> np.ndarray:
     """objective[ℓ] = τ·SPS when every request verifies ℓ drafts, for ℓ = 0..γ (padded verify batches).
 
     Padded, a step costs R · (1 + max ℓ) tokens whatever the shorter requests carry, so any plan is
     beaten or matched by giving every request its longest ℓ: these γ + 1 plans are all there is to rank.
     """
     rows, gamma = a.shape
-    tau = rows + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(a.sum(0), dim=0)])
-    tokens = rows * (1 + torch.arange(gamma + 1, dtype=torch.float64))
-    return tau * (1000.0 / (table.step_ms_many(rows, tokens) + extra_ms))
+    tau = rows + np.concatenate([[0.0], np.cumsum(a.sum(0))])
+    return _objectives(tau, rows, rows * (1 + np.arange(gamma + 1, dtype=np.float64)), table, extra_ms)
 
 
-def _lengths_of_prefix(requests: Tensor, admitted: int, rows: int) -> Tensor:
+def _lengths_of_prefix(requests: np.ndarray, admitted: int, rows: int) -> Tensor:
     # Each request's admitted candidates are its positions 1..ℓ_r (ranking above), so counting suffices.
-    return torch.bincount(requests[:admitted], minlength=rows).to(torch.int64)
+    return torch.from_numpy(np.bincount(requests[:admitted], minlength=rows).astype(np.int64))
 
 
 def schedule_paper(survival: Tensor, table: CostTable) -> Tensor:
@@ -432,7 +438,7 @@ def schedule_paper(survival: Tensor, table: CostTable) -> Tensor:
         objectives = _prefix_objectives(values, rows, table)
     improves = objectives[1:] > objectives[:-1]
     # The number of leading improvements is where the sequential scan would have stopped.
-    admitted = int(improves.to(torch.int64).cumprod(dim=0).sum())
+    admitted = int(np.cumprod(improves).sum())
     if table.padded:
         return torch.full((rows,), admitted, dtype=torch.int64)
     return _lengths_of_prefix(requests, admitted, rows)
@@ -459,7 +465,7 @@ def schedule_production(survival: Tensor, table: CostTable, min_gain: float = DE
     else:
         values, requests = _ranked(a)
         objectives = _prefix_objectives(values, rows, table)
-    best = int(torch.argmax(objectives))  # first maximum: the fewest tokens among equally good plans
+    best = int(np.argmax(objectives))  # first maximum: the fewest tokens among equally good plans
     if objectives[best] > objectives[-1] * (1 + min_gain):
         if table.padded:
             return torch.full((rows,), best, dtype=torch.int64)
@@ -484,5 +490,5 @@ def drafting_pays(survival: Tensor, table: CostTable, drafting_rows: int) -> boo
     else:
         values, _ = _ranked(a)
         with_draft = _prefix_objectives(values, rows, table, extra_ms=draft_ms)[1:]
-    without = _prefix_objectives(a.new_zeros(0), rows, table)[0]  # ℓ = 0 everywhere, nothing drafted
+    without = _prefix_objectives(np.zeros(0), rows, table)[0]  # ℓ = 0 everywhere, nothing drafted
     return bool(with_draft.max() > without)
