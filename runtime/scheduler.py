@@ -101,7 +101,8 @@ class CostTable:
 
     def step_ms(self, batch_size: int, tokens: float) -> float:
         """Predicted duration of one verify step with `batch_size` requests carrying `tokens` tokens."""
-        return float(self.step_ms_many(batch_size, torch.tensor([float(tokens)], dtype=torch.float64))[0])
+        theta = _interp_theta(np.array([float(tokens)]), self.token_counts, self.step_time_ms)
+        return self.fixed_overhead_ms + self.alpha_ms(batch_size) + float(theta[0])
 
     def sps(self, batch_size: int, tokens: float) -> float:
         """Verify steps per second at (R, B)."""
@@ -244,7 +245,7 @@ class ServedCosts:
 
         # One stalled call moves an average by at most one profiled step, not by the stall.
         cap = self.profiled.step_ms(rows, tokens)
-        self.verify_extra_ms = blend(self.verify_extra_ms, min(verify_ms - self.profiled.step_ms(rows, tokens), cap))
+        self.verify_extra_ms = blend(self.verify_extra_ms, min(verify_ms - cap, cap))
         if drafted_rows:
             self.draft_extra_ms = blend(self.draft_extra_ms, min(draft_ms - self.profiled.draft_ms(drafted_rows), cap))
         if between_ms is not None:
