@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -119,6 +120,11 @@ def start_server(repo: Path, *, host: str = "127.0.0.1", http_port: int = 8000, 
     repo = Path(repo).absolute()
     if not (repo / "ensemble" / "config.pbtxt").is_file():
         raise CheckpointError(repo, "not a model repository", expected="the output of `dspark-build repo`")
+    # A server already on these ports would answer the readiness check below in place of ours.
+    for name, port in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)):
+        if not _port_free(host, port):
+            raise ServerError(f"{name} port {port} on {host} is in use (another tritonserver? stop it with "
+                              f"`dspark-build stop`, or pick another --{name}-port)")
     binary, backends = find_tritonserver()
     cache = cache or Path.home() / ".cache" / "dspark-trt"
     cache.mkdir(parents=True, exist_ok=True)
@@ -147,6 +153,16 @@ def start_server(repo: Path, *, host: str = "127.0.0.1", http_port: int = 8000, 
         time.sleep(0.5)
     server.stop()
     raise ServerError(f"tritonserver was not ready after {timeout:.0f} s; see {log}")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to bind
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def stop_process(pid: int, timeout: float = 30) -> bool:

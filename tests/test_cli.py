@@ -49,3 +49,20 @@ def test_client_reports_an_unreachable_server() -> None:
     result = CliRunner().invoke(client, ["health", "--url", "127.0.0.1:9", "--timeout", "1"])
     assert result.exit_code == 4
     assert "no Triton server reachable at 127.0.0.1:9" in result.output
+
+
+def test_serve_refuses_a_port_that_is_taken(tmp_path: Path) -> None:
+    """Another server on the port would answer the readiness check in place of ours."""
+    import socket
+
+    (tmp_path / "ensemble").mkdir()
+    (tmp_path / "ensemble" / "config.pbtxt").write_text('name: "ensemble"\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(build, ["serve", str(tmp_path), "--grpc-port", str(port),
+                                            "--pid-file", str(tmp_path / "pid")])
+    assert result.exit_code == 5
+    assert f"grpc port {port} on 127.0.0.1 is in use" in result.output
+    assert not (tmp_path / "pid").exists()
