@@ -55,14 +55,17 @@ def test_serve_refuses_a_port_that_is_taken(tmp_path: Path) -> None:
     """Another server on the port would answer the readiness check in place of ours."""
     import socket
 
+    from dspark_trt.runtime.tp import free_port
+
     (tmp_path / "ensemble").mkdir()
     (tmp_path / "ensemble" / "config.pbtxt").write_text('name: "ensemble"\n')
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = CliRunner().invoke(build, ["serve", str(tmp_path), "--grpc-port", str(port),
-                                            "--pid-file", str(tmp_path / "pid")])
+        free = [str(free_port()) for _ in range(2)]  # only the grpc port is taken
+        result = CliRunner().invoke(build, ["serve", str(tmp_path), "--grpc-port", str(port), "--http-port", free[0],
+                                            "--metrics-port", free[1], "--pid-file", str(tmp_path / "pid")])
     assert result.exit_code == 5
     assert f"grpc port {port} on 127.0.0.1 is in use" in result.output
     assert not (tmp_path / "pid").exists()
