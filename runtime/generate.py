@@ -192,11 +192,13 @@ class SpeculativeDecoder:
                                    [lives[i].request.temperature for i in speculating],
                                    [lives[i].generator for i in speculating], gamma)
         self._draft_ms, self._drafted_rows = (time.perf_counter() - began) * 1000, len(speculating)
-        full = Draft(torch.zeros(len(slots), gamma, dtype=torch.long), torch.zeros(len(slots), gamma,
-                     draft.probs.shape[-1]), torch.zeros(len(slots), gamma), torch.zeros(len(slots), gamma))
-        for row, i in enumerate(speculating):
-            full.tokens[i], full.probs[i] = draft.tokens[row], draft.probs[row]
-            full.conf_logits[i], full.confidence[i] = draft.conf_logits[row], draft.confidence[row]
+        full = draft  # rows as in `slots`; spread out below when some requests did not speculate
+        if len(speculating) < len(slots):
+            full = Draft(torch.zeros(len(slots), gamma, dtype=torch.long), torch.zeros(len(slots), gamma,
+                         draft.probs.shape[-1]), torch.zeros(len(slots), gamma), torch.zeros(len(slots), gamma))
+            for row, i in enumerate(speculating):
+                full.tokens[i], full.probs[i] = draft.tokens[row], draft.probs[row]
+                full.conf_logits[i], full.confidence[i] = draft.conf_logits[row], draft.confidence[row]
         auto = [i for i in speculating if lives[i].request.speculation == "auto"]
         if auto:
             if self.scheduler == "paper":  # this round's confidences, early stop

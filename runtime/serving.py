@@ -11,6 +11,7 @@ Wire protocol of the two models the orchestrator calls (batched tensors, one cal
     dspark_draft   SLOTS i32[B] CTX_START i32[B] CTX_COUNTS i32[B] CTX_FEATURES f32[B,N,F] ANCHORS i32[B]
                    TEMPERATURES f32[B] SEEDS i64[B] GAMMA i32[1]
                    -> TOKENS i32[B,G] PROBS f32[B,G,V] CONF_LOGITS f32[B,G] CONFIDENCE f32[B,G]
+                   (PROBS is [B,G,0] when every row is greedy: verification then needs no distribution)
                    (CTX_START 0 starts the slot afresh, its sampler seeded from SEEDS)
 """
 

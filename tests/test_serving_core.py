@@ -118,6 +118,30 @@ def test_orchestrator_over_the_wire_protocol_equals_generate(qwen3_ckpt: Path, o
     assert all(s.reason == "length" and s.stats["tokens"] == 15 and s.chunks > 2 for s in sinks)
 
 
+def test_sampled_and_greedy_requests_share_rounds(orchestrator, qwen3_ckpt: Path) -> None:
+    """Distributions cross the wire only when some row samples: greedy rows stay exact beside sampled ones."""
+    gen = np.random.default_rng(1)
+    batch = [gen.integers(0, 1000, size=5 + 3 * i).tolist() for i in range(4)]
+    sinks = [Collector() for _ in batch]
+    for i, (prompt, sink) in enumerate(zip(batch, sinks, strict=True)):
+        orchestrator.submit(Request(prompt, max_new_tokens=12, temperature=1.0 if i % 2 else 0.0, seed=i,
+                                    speculation="fixed"), [], sink)
+    assert all(s.done.wait(60) for s in sinks)
+    target, drafter, _ = open_checkpoint(qwen3_ckpt, num_slots=4, max_len=128)
+    expected = generate(target, drafter, [Request(p, max_new_tokens=12, speculation="off") for p in batch])
+    assert [s.ids for s in sinks[::2]] == [r.tokens for r in expected[::2]]
+    assert all(s.reason == "length" and len(s.ids) == 12 for s in sinks)
+
+    handler = DraftHandler(qwen3_ckpt, num_slots=2, max_len=64)
+    width = handler.drafter.fc.shape[0]  # the target features the drafter reads
+    inputs = {"SLOTS": np.array([0, 1], np.int32), "CTX_START": np.zeros(2, np.int32),
+              "CTX_COUNTS": np.array([3, 2], np.int32), "CTX_FEATURES": np.ones((2, 3, width), np.float32),
+              "ANCHORS": np.array([5, 6], np.int32), "SEEDS": np.zeros(2, np.int64), "GAMMA": np.array([4], np.int32)}
+    greedy = handler.handle({**inputs, "TEMPERATURES": np.zeros(2, np.float32)})
+    mixed = handler.handle({**inputs, "TEMPERATURES": np.array([0.0, 1.0], np.float32)})
+    assert greedy["PROBS"].shape == (2, 4, 0) and mixed["PROBS"].shape[:2] == (2, 4) and mixed["PROBS"].shape[2] > 0
+
+
 def test_stop_strings_end_after_the_completing_token(orchestrator, tokenizer: Tokenizer) -> None:
     full = Collector()
     orchestrator.submit(Request([11, 12, 13], max_new_tokens=20), [], full)
