@@ -1,7 +1,10 @@
 """`dspark-client bench`: concurrency sweeps of a running dspark deployment.
 
 For every mode (off / fixed / auto) and concurrency c, c workers each send requests back to back
-(one event loop, one gRPC stream per request) until the cell's request count is reached. Per cell:
+(one event loop, one gRPC stream per request) until the cell's request count is reached. The cells
+of one concurrency run interleaved, in slices of at least c requests (off, fixed, auto, off, fixed,
+auto, ...): a shared machine drifts by tens of per cent over minutes, and interleaving puts that drift
+on every mode alike instead of on whichever ran last. Per cell, over its slices:
 time to first token, inter-token latency percentiles (a chunk of k tokens arriving g seconds after
 the previous one counts as k gaps of g / k), tokens/s per user and for the system, mean τ from the
 responses, and — from the server's metrics, scraped before and after — the verified-length
@@ -38,6 +41,7 @@ class BenchConfig:
     max_tokens: int = 64
     temperature: float = 0.0
     duration: float | None = None  # per cell: stop starting requests after this many seconds
+    slices: int = 4  # per cell, interleaved across modes (fewer if a slice would hold < c requests)
 
 
 def scrape(metrics_url: str) -> dict[str, float]:
@@ -55,14 +59,15 @@ def _position(key: str) -> int:
     return int(re.search(r'position="(\d+)"', key).group(1))
 
 
-async def _cell(config: BenchConfig, mode: str, concurrency: int, advance) -> tuple[list[Completion], float]:
+async def _slice(config: BenchConfig, mode: str, concurrency: int, ids: range, duration: float | None,
+                 advance) -> tuple[list[Completion], float]:
     client = grpcaio.InferenceServerClient(config.url)
     queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(max(config.requests, concurrency)):
+    for i in ids:
         queue.put_nowait(i)
     done: list[Completion] = []
 
-    deadline = time.perf_counter() + config.duration if config.duration else float("inf")
+    deadline = time.perf_counter() + duration if duration else float("inf")
 
     async def worker() -> None:
         while not queue.empty() and time.perf_counter() < deadline:
@@ -88,6 +93,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def summarise(done: list[Completion], wall: float, before: dict, after: dict) -> dict[str, Any]:
+    """One cell's figures; `before` / `after` are the server's counters around it (or {} and their change)."""
     ttft = [(c.chunk_times[0] - c.start) * 1000 for c in done if c.chunk_times]
     itl = []
     for c in done:
@@ -122,14 +128,30 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     total = sum(max(config.requests, c) for c in config.concurrencies) * len(config.modes)
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task("bench", total=total)
-        for mode in config.modes:
-            for concurrency in config.concurrencies:
-                bar.update(task, description=f"{mode:5s} c={concurrency}")
-                before = scrape(config.metrics_url)
-                done, wall = asyncio.run(_cell(config, mode, concurrency, lambda: bar.advance(task)))
-                time.sleep(0.5)  # the server buffers metric updates for up to 0.25 s
-                cell = summarise(done, wall, before, scrape(config.metrics_url))
-                cells.append({"mode": mode, "concurrency": concurrency, **cell})
+        for concurrency in config.concurrencies:
+            requests = max(config.requests, concurrency)
+            slices = max(1, min(config.slices, requests // concurrency))
+            bounds = [requests * k // slices for k in range(slices + 1)]
+            done: dict[str, list[Completion]] = {mode: [] for mode in config.modes}
+            wall = dict.fromkeys(config.modes, 0.0)
+            counters: dict[str, dict[str, float]] = {mode: {} for mode in config.modes}
+            for k in range(slices):
+                for mode in config.modes:
+                    bar.update(task, description=f"c={concurrency} slice {k + 1}/{slices} {mode:5s}")
+                    before = scrape(config.metrics_url)
+                    duration = config.duration / slices if config.duration else None
+                    got, seconds = asyncio.run(_slice(config, mode, concurrency, range(bounds[k], bounds[k + 1]),
+                                                      duration, lambda: bar.advance(task)))
+                    time.sleep(0.5)  # the server buffers metric updates for up to 0.25 s
+                    after = scrape(config.metrics_url)
+                    done[mode] += got
+                    wall[mode] += seconds
+                    for key in after:
+                        counters[mode][key] = counters[mode].get(key, 0.0) + after[key] - before.get(key, 0.0)
+            for mode in config.modes:
+                cell = summarise(done[mode], wall[mode], {}, counters[mode])
+                cells.append({"mode": mode, "concurrency": concurrency, "slices": slices, **cell})
+    cells.sort(key=lambda c: (config.modes.index(c["mode"]), c["concurrency"]))
     return {"config": {k: v for k, v in config.__dict__.items() if k != "prompts"} | {"prompts": len(config.prompts)},
             "cells": cells}
 

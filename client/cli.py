@@ -105,12 +105,15 @@ def generate(prompt: str, url: str, stream: bool, max_tokens: int, temperature: 
 @click.option("--requests", default=16, show_default=True, type=click.IntRange(min=1),
               help="Requests per (mode, concurrency) cell; at least the concurrency.")
 @click.option("--duration", type=click.FloatRange(min=0), help="Seconds per cell (stops starting new requests).")
+@click.option("--slices", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Run each concurrency's cells interleaved in this many slices (off, fixed, auto, off, ...), "
+                   "so that a machine's drift lands on every mode alike.")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("-o", "--output", "out_dir", default=Path("bench/results/client"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Directory for bench.json and bench.png.")
 def bench(url: str, metrics_url: str, concurrency: str, modes: str, prompts: str, requests: int,
-          duration: float | None, max_tokens: int, temperature: float, out_dir: Path) -> None:
+          duration: float | None, slices: int, max_tokens: int, temperature: float, out_dir: Path) -> None:
     """Measure a running deployment: TTFT, inter-token latency, tokens/s per user and system, τ.
 
     For each mode and concurrency: TTFT and inter-token latency p50/p90/p99, per-user and system
@@ -132,7 +135,7 @@ def bench(url: str, metrics_url: str, concurrency: str, modes: str, prompts: str
         err.print(f"[red]error:[/] {e}")
         sys.exit(EXIT_UNREACHABLE if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else 2)
     config = BenchConfig(url, metrics_url, modes.split(","), [int(c) for c in concurrency.split(",")], texts,
-                         requests, max_tokens, temperature, duration)
+                         requests, max_tokens, temperature, duration, slices)
     try:
         result = run_bench(config)
     except RequestError as e:

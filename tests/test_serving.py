@@ -184,6 +184,7 @@ def test_bench_measures_and_plots(served, tmp_path: Path) -> None:
     for cell in cells.values():
         assert cell["requests"] == 2 and cell["tokens"] == 32 and cell["system_tokens_per_s"] > 0
         assert cell["ttft_ms"]["p50"] > 0 and cell["itl_ms"]["p99"] >= cell["itl_ms"]["p50"]
+    assert cells[("off", 1)]["slices"] == 2 and cells[("off", 2)]["slices"] == 1  # interleaved where it can be
     assert cells[("off", 1)]["position_acceptance"] == []
     assert len(cells[("fixed", 1)]["position_acceptance"]) == 7  # γ positions verified in fixed mode
     histogram = cells[("fixed", 1)]["verified_length_histogram"]
