@@ -210,9 +210,10 @@ class SpeculativeDecoder:
             for i, n in zip(auto, chosen.tolist(), strict=True):
                 lengths[i] = n
         # Only now, after planning: the production scheduler must plan with an EARLIER round's survival.
+        survival = draft.survival  # a cumulative product, computed on each access
         for row, i in enumerate(speculating):
-            lives[i].stale_survival = draft.survival[row]
-        self.prior_survival = 0.9 * self.prior_survival + 0.1 * draft.survival.mean(0)
+            lives[i].stale_survival = survival[row]
+        self.prior_survival = 0.9 * self.prior_survival + 0.1 * survival.mean(0)
         for i in speculating:
             request = lives[i].request
             if request.speculation == "fixed":
