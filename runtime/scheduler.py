@@ -18,7 +18,10 @@ a_{r,j} and consider the plans "admit the first k candidates" for k = 0..R·γ; 
   round are not ready when the plan is needed), so the plan cannot depend on this round's drafts.
 
 Every candidate list is evaluated at once (cumulative sums over the ranked order), so a call costs a
-sort plus a few vector operations, independent of Python loops over R·γ.
+sort plus a few vector operations, independent of Python loops over R·γ. A table whose verify step
+pads requests to the longest (`verify_batching = "padded"`, the reference backend) has B = R·(1 + max ℓ);
+the candidates are then whole block positions ℓ = 0..γ for every request at once. Served, `ServedCosts`
+corrects the profiled table by what rounds actually take.
 """
 
 from __future__ import annotations
