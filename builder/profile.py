@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import platform
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,8 +51,7 @@ def profile_checkpoint(ckpt: Path, *, batch_sizes: list[int], verify_lengths: li
             drafter.add_context_batch(slots[:batch], [f[-_NEW_CONTEXT:] for f in features[:batch]])
             drafter.draft(slots[:batch], [1] * batch, [0.0] * batch, [None] * batch, gamma)
             seconds = time.perf_counter() - begin
-            for slot in slots[:batch]:
-                drafter.ctx_len[slot] -= _NEW_CONTEXT
+            drafter.ctx_len[:batch] -= _NEW_CONTEXT  # the context slots 0..batch-1 held before
             return seconds
 
         samples = profile_grid(measure, batch_sizes, verify_lengths, warmup=warmup, steps=steps, progress=progress)
@@ -64,7 +64,5 @@ def profile_checkpoint(ckpt: Path, *, batch_sizes: list[int], verify_lengths: li
             "torch_threads": torch.get_num_threads(), "host": platform.node(), "machine": platform.machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "checkpoint": str(Path(ckpt).absolute()),
             "warmup_steps": warmup, "measured_steps": steps}
-    table = fit_cost_table(samples, meta)
-    table.draft_step_ms = draft_ms
-    table.verify_batching = "padded"  # the reference target pads every request to the longest
-    return table
+    # The reference target pads every request of a verify step to the longest.
+    return replace(fit_cost_table(samples, meta), draft_step_ms=draft_ms, verify_batching="padded")

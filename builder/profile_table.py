@@ -34,8 +34,9 @@ def fit_cost_table(samples: dict[tuple[int, int], float], meta: dict) -> CostTab
        size R (α of the smallest R pinned to 0, since only the sum is observable), minimising the
        *relative* error of every sample so that short steps count as much as long ones.
     2. A profiled grid has B = R·(1 + ℓ), so rows for different R may share no B at all and the split
-       between their α and θ is then not determined by the data. Weak extra equations asking θ's slope
-       to change little from one segment to the next settle it: the smoothest θ wins.
+       between their α and θ is then not determined by the data. Extra equations asking θ's slope to
+       change little from one segment to the next settle it, and keep θ from following one noisy
+       cell (see _SMOOTHNESS).
     3. A cell slower than both its neighbours in its row by 15 % (a stalled step) is left out.
     4. α is shifted so its minimum is 0 (θ absorbs the shift, the sums are unchanged); θ is made
        non-decreasing by isotonic regression (a spike is averaged with its neighbours, not carried on).

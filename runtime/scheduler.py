@@ -29,7 +29,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,7 @@ class CostTable:
 
     def step_ms(self, batch_size: int, tokens: float) -> float:
         """Predicted duration of one verify step with `batch_size` requests carrying `tokens` tokens."""
-        theta = _interp_theta(np.array([float(tokens)]), self.token_counts, self.step_time_ms)
-        return self.fixed_overhead_ms + self.alpha_ms(batch_size) + float(theta[0])
+        return float(self.step_ms_array(batch_size, np.array([float(tokens)]))[0])
 
     def sps(self, batch_size: int, tokens: float) -> float:
         """Verify steps per second at (R, B)."""
@@ -113,8 +112,12 @@ class CostTable:
 
     def step_ms_many(self, batch_size: int, tokens: Tensor) -> Tensor:
         """`step_ms` for many token counts at once (float64 tensor of the same shape as `tokens`)."""
-        theta = _interp_theta(tokens.detach().to("cpu", torch.float64).numpy(), self.token_counts, self.step_time_ms)
-        return self.fixed_overhead_ms + self.alpha_ms(batch_size) + torch.from_numpy(theta)
+        return torch.from_numpy(self.step_ms_array(batch_size, tokens.detach().to("cpu", torch.float64).numpy()))
+
+    def step_ms_array(self, batch_size: int, tokens: np.ndarray) -> np.ndarray:
+        """`step_ms` for a float64 array of token counts (what the schedulers use inside)."""
+        return self.fixed_overhead_ms + self.alpha_ms(batch_size) + _interp_theta(tokens, self.token_counts,
+                                                                                  self.step_time_ms)
 
     def alpha_ms(self, batch_size: int) -> float:
         """Per-batch overhead α(R): linear between the measured batch sizes, flat outside them."""
@@ -127,16 +130,10 @@ class CostTable:
     def corrected(self, round_extra_ms: float, draft_extra_ms: float) -> CostTable:
         """This table with `round_extra_ms` more for every verify step and `draft_extra_ms` more for every
         drafting round (negative extras shorten them, never below zero; see `ServedCosts`)."""
-        return CostTable(
-            token_counts=self.token_counts,
-            step_time_ms=self.step_time_ms,
-            fixed_overhead_ms=max(self.fixed_overhead_ms + round_extra_ms, 0.0),
-            batch_sizes=self.batch_sizes,
-            batch_overhead_ms=self.batch_overhead_ms,
-            draft_step_ms=[max(d + draft_extra_ms, 0.0) for d in self.draft_step_ms],
-            verify_batching=self.verify_batching,
-            meta={**self.meta, "served": {"round_extra_ms": round_extra_ms, "draft_extra_ms": draft_extra_ms}},
-        )
+        return replace(self, fixed_overhead_ms=max(self.fixed_overhead_ms + round_extra_ms, 0.0),
+                       draft_step_ms=[max(d + draft_extra_ms, 0.0) for d in self.draft_step_ms],
+                       meta={**self.meta, "served": {"round_extra_ms": round_extra_ms,
+                                                     "draft_extra_ms": draft_extra_ms}})
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -395,9 +392,7 @@ def _ranked(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _objectives(tau: np.ndarray, rows: int, tokens: np.ndarray, table: CostTable, extra_ms: float) -> np.ndarray:
-    step = table.fixed_overhead_ms + table.alpha_ms(rows) + _interp_theta(tokens, table.token_counts,
-                                                                         table.step_time_ms)
-    return tau * (1000.0 / (step + extra_ms))
+    return tau * (1000.0 / (table.step_ms_array(rows, tokens) + extra_ms))
 
 
 def _prefix_objectives(values: np.ndarray, rows: int, table: CostTable, extra_ms: float = 0.0) -> np.ndarray:
@@ -494,5 +489,5 @@ def drafting_pays(survival: Tensor, table: CostTable, drafting_rows: int) -> boo
     else:
         values, _ = _ranked(a)
         with_draft = _prefix_objectives(values, rows, table, extra_ms=draft_ms)[1:]
-    without = _prefix_objectives(np.zeros(0), rows, table)[0]  # ℓ = 0 everywhere, nothing drafted
+    without = rows * table.sps(rows, rows)  # ℓ = 0 everywhere, nothing drafted
     return bool(with_draft.max() > without)
