@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .calibration import read_calibration
 from .errors import CheckpointError
 from .heads import ConfidenceHead, MarkovHead, sample
-from .layers import apply_rope, attention, rms_norm, rope_tables
+from .layers import apply_rope, rms_norm, rope_tables
 from .safetensors_io import SafetensorsCheckpoint
 
 CALIBRATION_FILE = "sts.json"
@@ -122,12 +122,21 @@ class Qwen3DSparkDrafter(SlotContext):
 
         layer = [f"layers.{i}." for i in range(self.layers)]
         self.qkv = [by_input(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv")) for p in layer]
-        self.kv = [by_input(*(f"{p}self_attn.{n}_proj.weight" for n in "kv")) for p in layer]
         self.o = [by_input(f"{p}self_attn.o_proj.weight") for p in layer]
         self.gate_up = [by_input(f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight") for p in layer]
         self.down = [by_input(f"{p}mlp.down_proj.weight") for p in layer]
         self.fc, self.lm_head = by_input("fc.weight"), by_input("lm_head.weight")
-        shape = (self.layers, num_slots, self.kv_heads, max_len, self.head_dim)
+        # Context enters every layer's k_proj / v_proj straight from `hidden_norm`, so all layers'
+        # context keys and values come from one product, and their k_norms apply in one call.
+        self.context_kv = by_input(*(f"{p}self_attn.{n}_proj.weight" for p in layer for n in "kv"))
+        self.context_k_norm = torch.stack([w[p + "self_attn.k_norm.weight"] for p in layer])[:, None]
+        # q_norm and k_norm as one [heads + kv_heads, head_dim] weight: a block's queries and keys are
+        # normalised and rotated together.
+        self.qk_norm = [torch.cat([w[p + "self_attn.q_norm.weight"].expand(self.heads, -1),
+                                   w[p + "self_attn.k_norm.weight"].expand(self.kv_heads, -1)]) for p in layer]
+        # A round writes its block's keys / values just past each slot's context (the next context
+        # overwrites them), so attention reads one slice of the cache rather than a concatenation.
+        shape = (self.layers, num_slots, self.kv_heads, max_len + self.block_size, self.head_dim)
         self.k_ctx, self.v_ctx = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
         self.max_len, self.dtype = max_len, dtype
@@ -135,48 +144,54 @@ class Qwen3DSparkDrafter(SlotContext):
         self.cos_table, self.sin_table = rope_tables(torch.arange(max_len + self.block_size), self.head_dim, self.theta)
 
     def _write_context(self, slot_of: torch.Tensor, positions: torch.Tensor, features: torch.Tensor) -> None:
-        w, n = self.w, features.shape[0]
-        ctx = rms_norm(features.to(self.dtype) @ self.fc, w["hidden_norm.weight"], self.eps)
-        cos, sin = self.cos_table[positions][None], self.sin_table[positions][None]
-        for layer in range(self.layers):
-            p = f"layers.{layer}.self_attn."
-            k, v = (ctx @ self.kv[layer]).split(self.kv_heads * self.head_dim, dim=-1)
-            k = apply_rope(rms_norm(k.view(1, n, self.kv_heads, self.head_dim), w[p + "k_norm.weight"], self.eps)
-                           .transpose(1, 2), cos, sin)
-            # Token t goes to (its slot, all heads, its position): advanced indices put t first.
-            self.k_ctx[layer][slot_of, :, positions] = k[0].transpose(0, 1)
-            self.v_ctx[layer][slot_of, :, positions] = v.view(n, self.kv_heads, self.head_dim)
+        n = features.shape[0]
+        ctx = rms_norm(features.to(self.dtype) @ self.fc, self.w["hidden_norm.weight"], self.eps)
+        # [n, layers, kv_heads, head_dim] each
+        k, v = (ctx @ self.context_kv).view(n, self.layers, 2, self.kv_heads, self.head_dim).unbind(2)
+        k = apply_rope(rms_norm(k, self.context_k_norm, self.eps), self.cos_table[positions][:, None],
+                       self.sin_table[positions][:, None])
+        # Token t goes to (every layer, its slot, all heads, its position): advanced indices put t first.
+        self.k_ctx[:, slot_of, :, positions] = k
+        self.v_ctx[:, slot_of, :, positions] = v
 
     @torch.inference_mode()
     def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
               generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
         w, gamma = self.w, gamma or self.block_size
-        batch, slot_idx = len(slots), torch.tensor(slots)
+        batch, heads, kv_heads, head_dim = len(slots), self.heads, self.kv_heads, self.head_dim
+        slot_idx = torch.tensor(slots)
         ctx_len = self.ctx_len[slot_idx]
-        width = int(ctx_len.max())
         ids = torch.full((batch, gamma), self.mask_token_id, dtype=torch.long)
         ids[:, 0] = torch.tensor(anchors)
         positions = ctx_len[:, None] + torch.arange(gamma)
         cos, sin = self.cos_table[positions], self.sin_table[positions]
-        # Every block position sees the slot's whole context and the whole block.
-        allowed = torch.cat([torch.arange(width)[None, :] < ctx_len[:, None],
-                             torch.ones(batch, gamma, dtype=torch.bool)], dim=1)[:, None, :].expand(-1, gamma, -1)
+        # Every block position sees its slot's keys 0 .. ctx_len + γ - 1: the whole context and the whole
+        # block. With one slot (or equal contexts) that needs no mask; otherwise shorter rows mask their tail.
+        length = int(ctx_len.max()) + gamma
+        single = slots[0] if batch == 1 else None
+        mask = None if single is not None or bool((ctx_len == ctx_len[0]).all()) else \
+            (torch.arange(length) < (ctx_len + gamma)[:, None])[:, None, None]
 
         x = F.embedding(ids, w["embed_tokens.weight"])
         for layer in range(self.layers):
             p = f"layers.{layer}."
-            h = rms_norm(x, w[p + "input_layernorm.weight"], self.eps)
-            kv_width = self.kv_heads * self.head_dim
-            q, k, v = (h @ self.qkv[layer]).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
-            q = q.reshape(batch, gamma, self.heads, self.head_dim)
-            k = k.reshape(batch, gamma, self.kv_heads, self.head_dim)
-            v = v.reshape(batch, gamma, self.kv_heads, self.head_dim)
-            q = apply_rope(rms_norm(q, w[p + "self_attn.q_norm.weight"], self.eps).transpose(1, 2), cos, sin)
-            k = apply_rope(rms_norm(k, w[p + "self_attn.k_norm.weight"], self.eps).transpose(1, 2), cos, sin)
-            keys = torch.cat([self.k_ctx[layer, slot_idx, :, :width], k], dim=2)
-            values = torch.cat([self.v_ctx[layer, slot_idx, :, :width], v.transpose(1, 2)], dim=2)
-            out = attention(q, keys, values, allowed).transpose(1, 2).reshape(batch, gamma, -1)
-            x = x + out @ self.o[layer]
+            qkv = rms_norm(x, w[p + "input_layernorm.weight"], self.eps) @ self.qkv[layer]
+            qk = qkv[..., : (heads + kv_heads) * head_dim].view(batch, gamma, heads + kv_heads, head_dim)
+            qk = apply_rope(rms_norm(qk, self.qk_norm[layer], self.eps).transpose(1, 2), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[..., (heads + kv_heads) * head_dim:].view(batch, gamma, kv_heads, head_dim)
+            k_cache, v_cache = self.k_ctx[layer], self.v_ctx[layer]
+            if single is not None:
+                start = int(ctx_len[0])
+                k_cache[single, :, start: start + gamma] = k[0]
+                v_cache[single, :, start: start + gamma] = v[0].transpose(0, 1)
+                keys, values = k_cache[single, None, :, :length], v_cache[single, None, :, :length]
+            else:  # the (slot, position) index pairs lead: [batch, γ, kv_heads, head_dim]
+                k_cache[slot_idx[:, None], :, positions] = k.transpose(1, 2)
+                v_cache[slot_idx[:, None], :, positions] = v
+                keys, values = k_cache[slot_idx, :, :length], v_cache[slot_idx, :, :length]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=heads != kv_heads)
+            x = x + out.transpose(1, 2).reshape(batch, gamma, -1) @ self.o[layer]
             h = rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps)
             gate, up = (h @ self.gate_up[layer]).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ self.down[layer]
