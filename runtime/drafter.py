@@ -34,8 +34,9 @@ CALIBRATION_FILE = "sts.json"
 
 @dataclass
 class Draft:
-    """One round's proposals for a batch: tokens [B, γ], the distributions they came from [B, γ, V],
-    raw confidence logits and calibrated confidences [B, γ], survival = cumprod(confidence)."""
+    """One round's proposals for a batch: tokens [B, γ], the distributions they came from [B, γ, V]
+    ([B, γ, 0] when every row is greedy), raw confidence logits and calibrated confidences [B, γ],
+    survival = cumprod(confidence)."""
 
     tokens: torch.Tensor
     probs: torch.Tensor
@@ -203,19 +204,27 @@ class Qwen3DSparkDrafter(SlotContext):
 def sequential_heads(markov: MarkovHead, confidence: ConfidenceHead, hidden: torch.Tensor, base_logits: torch.Tensor,
                      anchors: torch.Tensor, temperatures: list[float], generators: list[torch.Generator | None]
                      ) -> Draft:
-    """The cheap left-to-right part of a DSpark round, shared by every family's drafter."""
+    """The cheap left-to-right part of a DSpark round, shared by every family's drafter.
+
+    An all-greedy batch returns probs [B, γ, 0]: greedy drafts are verified by argmax, so their
+    (one-hot) distributions would carry nothing.
+    """
     batch, gamma, _ = base_logits.shape
-    tokens = torch.empty(batch, gamma, dtype=torch.long)
-    probs = torch.empty_like(base_logits)
-    markov_embeddings = []
+    greedy = all(t <= 0 for t in temperatures)
+    tokens, probs, markov_embeddings = [], [], []
     prev, state = anchors, markov.initial_state(batch)
-    for k in range(gamma):
-        bias, e, state = markov.step(prev, hidden[:, k], state)
-        logits = base_logits[:, k] if bias is None else base_logits[:, k] + bias.float()
-        tokens[:, k], probs[:, k] = sample(logits, temperatures, generators)
+    for base, h in zip(base_logits.unbind(1), hidden.unbind(1), strict=True):
+        bias, e, state = markov.step(prev, h, state)
+        logits = base if bias is None else base + bias.float()
+        if greedy:
+            prev = logits.argmax(dim=-1)
+        else:
+            prev, p = sample(logits, temperatures, generators)
+            probs.append(p)
+        tokens.append(prev)
         markov_embeddings.append(e)
-        prev = tokens[:, k]
     # Confidence needs nothing drawn later, so all positions go in one call once the tokens exist.
     e = None if markov_embeddings[0] is None else torch.stack(markov_embeddings, dim=1)
     conf_logits = confidence.logit(hidden, e).float()
-    return Draft(tokens, probs, conf_logits, confidence.calibrated(conf_logits))
+    return Draft(torch.stack(tokens, dim=1), torch.stack(probs, dim=1) if probs else base_logits[..., :0],
+                 conf_logits, confidence.calibrated(conf_logits))

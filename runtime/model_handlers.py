@@ -75,9 +75,7 @@ class DraftHandler:
         temperatures = inputs["TEMPERATURES"].astype(float).tolist()
         draft = self.drafter.draft(slots, inputs["ANCHORS"].astype(np.int64).tolist(), temperatures,
                                    [self.generators[s] for s in slots], int(inputs["GAMMA"][0]))
-        # All-greedy batches verify by argmax: their one-hot rows carry nothing, so none are sent.
-        probs = draft.probs if any(t > 0 for t in temperatures) else draft.probs[..., :0]
-        return {"TOKENS": draft.tokens.numpy().astype(np.int32), "PROBS": probs.numpy().astype(np.float32),
+        return {"TOKENS": draft.tokens.numpy().astype(np.int32), "PROBS": draft.probs.numpy().astype(np.float32),
                 "CONF_LOGITS": draft.conf_logits.numpy().astype(np.float32),
                 "CONFIDENCE": draft.confidence.numpy().astype(np.float32)}
 
