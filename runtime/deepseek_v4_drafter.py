@@ -99,8 +99,11 @@ class DeepseekV4DSparkDrafter(SlotContext):
         self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
         self.max_len, self.dtype = max_len, dtype
 
-    def _write_context(self, slot_of: torch.Tensor, positions: torch.Tensor, features: torch.Tensor) -> None:
+    def _write_context(self, slot_of: torch.Tensor | int, positions: torch.Tensor | slice,
+                       features: torch.Tensor) -> None:
         cfg, w = self.cfg, self.w
+        if isinstance(positions, slice):
+            positions = torch.arange(positions.start, positions.stop)
         ctx = rms_norm(F.linear(features.to(self.dtype), w["mtp.0.main_proj.weight"]), w["mtp.0.main_norm.weight"],
                        cfg.eps)
         cos, sin = self.rope("main", positions)

@@ -74,20 +74,22 @@ class SlotContext:
         kept = [(slot, f) for slot, f in zip(slots, features, strict=True) if f.shape[0]]
         if not kept:
             return
-        slot_ids = torch.tensor([slot for slot, _ in kept])
-        counts = torch.tensor([f.shape[0] for _, f in kept])
-        ends = self.ctx_len[slot_ids] + counts
-        if bool((ends > self.max_len).any()):
-            slot = int(slot_ids[int(torch.argmax(ends))])
-            raise ValueError(f"slot {slot}: context would exceed {self.max_len} tokens")
-        # Token t of the concatenation belongs to slot_of[t] at position ctx_len[slot] + (its index there).
-        slot_of = torch.repeat_interleave(slot_ids, counts)
-        first = torch.cumsum(counts, 0) - counts
-        positions = torch.arange(int(counts.sum())) + torch.repeat_interleave(self.ctx_len[slot_ids] - first, counts)
-        self._write_context(slot_of, positions, torch.cat([f for _, f in kept]))
-        self.ctx_len[slot_ids] = ends
+        kept_slots = [slot for slot, _ in kept]
+        starts = self.ctx_len[kept_slots].tolist()
+        ends = [start + f.shape[0] for (_, f), start in zip(kept, starts, strict=True)]
+        for slot, end in zip(kept_slots, ends, strict=True):
+            if end > self.max_len:
+                raise ValueError(f"slot {slot}: context would exceed {self.max_len} tokens")
+        if len(kept) == 1:  # one slot's new tokens are a slice of its positions: no index tensors
+            self._write_context(kept_slots[0], slice(starts[0], ends[0]), kept[0][1])
+        else:  # token t of the concatenation goes to slot slot_of[t], position positions[t]
+            slot_of = torch.tensor([slot for slot, f in kept for _ in range(f.shape[0])])
+            positions = torch.tensor([p for start, end in zip(starts, ends, strict=True) for p in range(start, end)])
+            self._write_context(slot_of, positions, torch.cat([f for _, f in kept]))
+        self.ctx_len[kept_slots] = torch.tensor(ends)
 
-    def _write_context(self, slot_of: torch.Tensor, positions: torch.Tensor, features: torch.Tensor) -> None:
+    def _write_context(self, slot_of: torch.Tensor | int, positions: torch.Tensor | slice,
+                       features: torch.Tensor) -> None:
         raise NotImplementedError
 
 
@@ -144,14 +146,17 @@ class Qwen3DSparkDrafter(SlotContext):
         # Every position a context token or a block can take, computed once (a round is many small ops).
         self.cos_table, self.sin_table = rope_tables(torch.arange(max_len + self.block_size), self.head_dim, self.theta)
 
-    def _write_context(self, slot_of: torch.Tensor, positions: torch.Tensor, features: torch.Tensor) -> None:
+    def _write_context(self, slot_of: torch.Tensor | int, positions: torch.Tensor | slice,
+                       features: torch.Tensor) -> None:
         n = features.shape[0]
         ctx = rms_norm(features.to(self.dtype) @ self.fc, self.w["hidden_norm.weight"], self.eps)
         # [n, layers, kv_heads, head_dim] each
         k, v = (ctx @ self.context_kv).view(n, self.layers, 2, self.kv_heads, self.head_dim).unbind(2)
         k = apply_rope(rms_norm(k, self.context_k_norm, self.eps), self.cos_table[positions][:, None],
                        self.sin_table[positions][:, None])
-        # Token t goes to (every layer, its slot, all heads, its position): advanced indices put t first.
+        if isinstance(positions, slice):  # basic indexing keeps the cache's dimension order
+            k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+        # else token t goes to (every layer, its slot, all heads, its position): advanced indices put t first.
         self.k_ctx[:, slot_of, :, positions] = k
         self.v_ctx[:, slot_of, :, positions] = v
 
