@@ -211,6 +211,30 @@ def test_context_for_many_slots_in_one_pass_equals_one_slot_at_a_time(qwen3_ckpt
         many.add_context_batch([0], [torch.zeros(many.max_len, width)])
 
 
+def test_drafting_slots_together_equals_one_at_a_time(qwen3_ckpt: Path) -> None:
+    """A batched round masks each slot's shorter context; each round writes its block's keys just past
+    the slot's context, so drafting must leave nothing that a later round (after more context) sees."""
+    gen = torch.Generator().manual_seed(1)
+    together, alone, never = (Qwen3DSparkDrafter(qwen3_ckpt / "draft", num_slots=4, max_len=64) for _ in range(3))
+    width = together.w["fc.weight"].shape[1]
+    first = [torch.randn(n, width, generator=gen) for n in (9, 2, 5)]
+    more = [torch.randn(n, width, generator=gen) for n in (1, 3, 2)]
+    for drafter in (together, alone, never):
+        drafter.add_context_batch([0, 1, 2], first)
+    slots, anchors = [2, 0, 1], [11, 12, 13]
+    batch = together.draft(slots, anchors, [0.0] * 3, [None] * 3)
+    for row, (slot, anchor) in enumerate(zip(slots, anchors, strict=True)):
+        single = alone.draft([slot], [anchor], [0.0], [None])
+        assert torch.equal(single.tokens[0], batch.tokens[row])
+        torch.testing.assert_close(single.conf_logits[0], batch.conf_logits[row], atol=1e-5, rtol=0)
+    for drafter in (together, alone, never):
+        drafter.add_context_batch([0, 1, 2], more)
+    later = [d.draft(slots, anchors, [0.0] * 3, [None] * 3) for d in (together, alone, never)]
+    for draft in later[:2]:
+        assert torch.equal(draft.tokens, later[2].tokens)
+        torch.testing.assert_close(draft.conf_logits, later[2].conf_logits, atol=1e-5, rtol=0)
+
+
 def test_measured_round_overhead_makes_drafting_pay(qwen3_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Served, each round also pays for what happens between rounds (sending responses). The profiled
     table says a 150 ms draft never pays against a 20 ms verify; with 5 s measured between rounds it
