@@ -8,7 +8,9 @@ on every mode alike instead of on whichever ran last. Per cell, over its slices:
 time to first token, inter-token latency percentiles (a chunk of k tokens arriving g seconds after
 the previous one counts as k gaps of g / k), tokens/s per user and for the system, mean τ from the
 responses, and — from the server's metrics, scraped before and after — the verified-length
-histogram and the acceptance rate of each block position.
+histogram, the acceptance rate of each block position, and how many calls the draft and verify
+models served and how long one took on average (Triton's own per-model request counters): the cost
+side of speculation, next to its gain (τ).
 """
 
 from __future__ import annotations
@@ -44,11 +46,27 @@ class BenchConfig:
     slices: int = 4  # per cell, interleaved across modes (fewer if a slice would hold < c requests)
 
 
+MODEL_CALLS = ("dspark_draft", "dspark_verify")
+_SERIES = re.compile(r'^((?:dspark_|nv_inference_request_(?:success|duration_us)\{model="dspark_)\S+) (\S+)$', re.M)
+
+
 def scrape(metrics_url: str) -> dict[str, float]:
-    """The dspark_* series of the server's metrics, keyed by name and labels."""
+    """The dspark_* series of the server's metrics and Triton's request counters of the dspark models,
+    keyed by name and labels."""
     with urllib.request.urlopen(metrics_url, timeout=10) as r:
         text = r.read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(dspark_\S+) (\S+)$", text, flags=re.M)}
+    return {m.group(1): float(m.group(2)) for m in _SERIES.finditer(text)}
+
+
+def _model_calls(counters: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Calls each model served and their mean duration in ms (from the counters' changes over a cell)."""
+    calls = {}
+    for model in MODEL_CALLS:
+        count = sum(v for k, v in counters.items() if k.startswith(f'nv_inference_request_success{{model="{model}"'))
+        micros = sum(v for k, v in counters.items()
+                     if k.startswith(f'nv_inference_request_duration_us{{model="{model}"'))
+        calls[model] = {"calls": count, "mean_ms": micros / count / 1000 if count else 0.0}
+    return calls
 
 
 def _delta(after: dict[str, float], before: dict[str, float], prefix: str) -> dict[str, float]:
@@ -120,6 +138,7 @@ def summarise(done: list[Completion], wall: float, before: dict, after: dict) ->
         "ttft_ms": _percentiles(ttft), "itl_ms": _percentiles(itl),
         "mean_tau": float(np.mean([c.stats.get("mean_tau", 0.0) for c in done])),
         "verified_length_histogram": histogram, "position_acceptance": acceptance,
+        "model_calls": _model_calls(_delta(after, before, "nv_inference_request_")),
     }
 
 

@@ -145,12 +145,14 @@ def bench(url: str, metrics_url: str, concurrency: str, modes: str, prompts: str
         err.print(f"[red]error:[/] no Triton server reachable at {url} ({e})")
         sys.exit(EXIT_UNREACHABLE)
     table = Table("mode", "conc.", "tok/s user", "tok/s system", "TTFT p50 ms", "ITL p50/p90/p99 ms", "mean τ",
-                  title=f"dspark bench ({prompts} prompts, {max_tokens} tokens)")
+                  "draft / verify ms", title=f"dspark bench ({prompts} prompts, {max_tokens} tokens)")
     for c in result["cells"]:
-        itl = c["itl_ms"]
+        itl, calls = c["itl_ms"], c["model_calls"]
+        draft = f"{calls['dspark_draft']['mean_ms']:.1f}" if calls["dspark_draft"]["calls"] else "-"
         table.add_row(c["mode"], str(c["concurrency"]), f"{c['per_user_tokens_per_s']:.1f}",
                       f"{c['system_tokens_per_s']:.1f}", f"{c['ttft_ms']['p50']:.0f}",
-                      f"{itl['p50']:.0f}/{itl['p90']:.0f}/{itl['p99']:.0f}", f"{c['mean_tau']:.2f}")
+                      f"{itl['p50']:.0f}/{itl['p90']:.0f}/{itl['p99']:.0f}", f"{c['mean_tau']:.2f}",
+                      f"{draft} / {calls['dspark_verify']['mean_ms']:.1f}")
     stdout.print(table)
     by_cell = {(c["mode"], c["concurrency"]): c for c in result["cells"]}
     for c in config.concurrencies:

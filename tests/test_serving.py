@@ -189,5 +189,10 @@ def test_bench_measures_and_plots(served, tmp_path: Path) -> None:
     assert len(cells[("fixed", 1)]["position_acceptance"]) == 7  # γ positions verified in fixed mode
     histogram = cells[("fixed", 1)]["verified_length_histogram"]
     assert histogram["7"] >= 2 and sum(histogram.values()) >= 2 * 7  # full blocks first, one count per round
+    # Triton's per-model counters: `off` never calls the drafter; every fixed round calls both models.
+    assert cells[("off", 1)]["model_calls"]["dspark_draft"]["calls"] == 0
+    fixed_calls = cells[("fixed", 1)]["model_calls"]
+    assert fixed_calls["dspark_draft"]["calls"] >= 2 and fixed_calls["dspark_draft"]["mean_ms"] > 0
+    assert fixed_calls["dspark_verify"]["calls"] >= fixed_calls["dspark_draft"]["calls"]
     json_path, png_path = write(result, tmp_path)
     assert json.loads(json_path.read_text())["cells"] and png_path.read_bytes()[:4] == b"\x89PNG"
