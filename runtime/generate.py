@@ -22,7 +22,14 @@ from typing import Any, Literal
 import torch
 
 from .drafter import Draft
-from .scheduler import CostTable, ServedCosts, drafting_pays, schedule_paper, schedule_production
+from .scheduler import (
+    CostTable,
+    ServedCosts,
+    drafting_pays,
+    plan_production,
+    schedule_paper,
+    schedule_production,
+)
 from .verify import verify_greedy, verify_sampling
 
 Mode = Literal["off", "fixed", "auto"]
@@ -179,8 +186,16 @@ class SpeculativeDecoder:
         if not speculating:
             return lengths, None
         gamma = self.drafter.block_size
-        if all(lives[i].request.speculation == "auto" for i in speculating) and not self._drafting_pays(
-                lives, speculating, gamma):
+        all_auto = all(lives[i].request.speculation == "auto" for i in speculating)
+        planned = None  # verify lengths decided before drafting
+        if all_auto and self.scheduler == "production" and len(speculating) == len(slots):
+            # The production plan reads earlier rounds' survival only, so one evaluation decides both
+            # whether drafting pays and how much to verify (a plan costs as much as a few draft ops).
+            pays, planned = plan_production(self._estimate(lives, speculating), self.table, self.min_gain,
+                                            len(speculating))
+        else:
+            pays = not all_auto or drafting_pays(self._estimate(lives, speculating), self.table, len(speculating))
+        if not pays:
             # Live costs and survival only change in rounds that draft: without an occasional one, a
             # draft cost measured while the machine was busy (or a cold first call) would never be
             # revised and `auto` would never draft again.
@@ -200,13 +215,13 @@ class SpeculativeDecoder:
                 full.tokens[i], full.probs[i] = draft.tokens[row], draft.probs[row]
                 full.conf_logits[i], full.confidence[i] = draft.conf_logits[row], draft.confidence[row]
         auto = [i for i in speculating if lives[i].request.speculation == "auto"]
-        if auto:
+        if planned is not None:
+            lengths = planned.tolist()
+        elif auto:
             if self.scheduler == "paper":  # this round's confidences, early stop
                 chosen = schedule_paper(full.survival[auto], self.table)
-            else:  # last round's confidences (a fresh request starts from a full block)
-                stale = torch.stack([lives[i].stale_survival if lives[i].stale_survival is not None
-                                     else torch.ones(gamma) for i in auto])
-                chosen = schedule_production(stale, self.table, self.min_gain)
+            else:  # earlier rounds' confidences
+                chosen = schedule_production(self._estimate(lives, speculating)[auto], self.table, self.min_gain)
             for i, n in zip(auto, chosen.tolist(), strict=True):
                 lengths[i] = n
         # Only now, after planning: the production scheduler must plan with an EARLIER round's survival.
@@ -221,13 +236,14 @@ class SpeculativeDecoder:
             lengths[i] = min(lengths[i], budget[i])
         return lengths, full
 
-    def _drafting_pays(self, lives: list[_Live], speculating: list[int], gamma: int) -> bool:
-        """Before drafting: would any plan pay for the draft, judging by earlier rounds' survival?"""
-        estimate = torch.zeros(len(lives), gamma, dtype=torch.float64)
+    def _estimate(self, lives: list[_Live], speculating: list[int]) -> torch.Tensor:
+        """Survival [R, γ] known before drafting: each request's last round (the recent mean for a fresh
+        one), zeros for requests that do not speculate."""
+        estimate = torch.zeros(len(lives), self.drafter.block_size, dtype=torch.float64)
         for i in speculating:
             stale = lives[i].stale_survival
-            estimate[i] = (stale if stale is not None else self.prior_survival).double()
-        return drafting_pays(estimate, self.table, len(speculating))
+            estimate[i] = stale if stale is not None else self.prior_survival
+        return estimate
 
     # -- helpers ---------------------------------------------------------------------------------
 

@@ -391,33 +391,28 @@ def _ranked(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat[order], order % rows
 
 
-def _objectives(tau: np.ndarray, rows: int, tokens: np.ndarray, table: CostTable, extra_ms: float) -> np.ndarray:
-    return tau * (1000.0 / (table.step_ms_array(rows, tokens) + extra_ms))
-
-
-def _prefix_objectives(values: np.ndarray, rows: int, table: CostTable, extra_ms: float = 0.0) -> np.ndarray:
-    """objective[k] = τ·SPS of the plan that admits the first k ranked candidates, for k = 0..R·γ.
-
-    `extra_ms` is added to every step's duration (a drafting round, when that is being weighed too).
-    """
-    tau = rows + np.concatenate([[0.0], np.cumsum(values)])
-    return _objectives(tau, rows, rows + np.arange(values.size + 1, dtype=np.float64), table, extra_ms)
-
-
-def _uniform_objectives(a: np.ndarray, table: CostTable, extra_ms: float = 0.0) -> np.ndarray:
-    """objective[ℓ] = τ·SPS when every request verifies ℓ drafts, for ℓ = 0..γ (padded verify batches).
+def _plans(a: np.ndarray, table: CostTable) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Every candidate plan for survival `a` [R, γ], cheapest first (plan 0 verifies no draft): its
+    expected tokens τ, its verify tokens B and, for ranked plans, the request each admitted candidate
+    belongs to (plan k admits the first k; None for padded batches, where plan ℓ gives every request ℓ).
 
     Padded, a step costs R · (1 + max ℓ) tokens whatever the shorter requests carry, so any plan is
-    beaten or matched by giving every request its longest ℓ: these γ + 1 plans are all there is to rank.
+    beaten or matched by giving every request its longest ℓ: the γ + 1 uniform plans are all there is.
     """
     rows, gamma = a.shape
-    tau = rows + np.concatenate([[0.0], np.cumsum(a.sum(0))])
-    return _objectives(tau, rows, rows * (1 + np.arange(gamma + 1, dtype=np.float64)), table, extra_ms)
+    if table.padded:
+        tau = rows + np.concatenate([[0.0], np.cumsum(a.sum(0))])
+        return tau, rows * (1 + np.arange(gamma + 1, dtype=np.float64)), None
+    values, requests = _ranked(a)
+    tau = rows + np.concatenate([[0.0], np.cumsum(values)])
+    return tau, rows + np.arange(values.size + 1, dtype=np.float64), requests
 
 
-def _lengths_of_prefix(requests: np.ndarray, admitted: int, rows: int) -> Tensor:
+def _lengths(requests: np.ndarray | None, plan: int, rows: int) -> Tensor:
+    if requests is None:  # padded: plan ℓ verifies ℓ drafts of every request
+        return torch.full((rows,), plan, dtype=torch.int64)
     # Each request's admitted candidates are its positions 1..ℓ_r (ranking above), so counting suffices.
-    return torch.from_numpy(np.bincount(requests[:admitted], minlength=rows).astype(np.int64))
+    return torch.from_numpy(np.bincount(requests[:plan], minlength=rows).astype(np.int64))
 
 
 def schedule_paper(survival: Tensor, table: CostTable) -> Tensor:
@@ -426,21 +421,37 @@ def schedule_paper(survival: Tensor, table: CostTable) -> Tensor:
     Starting from ℓ = 0 everywhere, candidates (r, j) are admitted best survival first while each one
     strictly improves τ·SPS; the first that does not ends the scan. The early stop makes the decision
     for position j depend only on positions before it, so this is the scheduler to use with the
-    current round's confidences (lossless verification).
+    current round's confidences (lossless verification). With padded batches the candidates are whole
+    block positions (ℓ = 0, 1, .. for every request at once).
     """
     a = _check_survival(survival)
-    rows = a.shape[0]
-    if table.padded:  # candidates are whole block positions: ℓ = 0, 1, .. for every request at once
-        objectives = _uniform_objectives(a, table)
-    else:
-        values, requests = _ranked(a)
-        objectives = _prefix_objectives(values, rows, table)
+    tau, tokens, requests = _plans(a, table)
+    objectives = tau * (1000.0 / table.step_ms_array(a.shape[0], tokens))
     improves = objectives[1:] > objectives[:-1]
     # The number of leading improvements is where the sequential scan would have stopped.
-    admitted = int(np.cumprod(improves).sum())
-    if table.padded:
-        return torch.full((rows,), admitted, dtype=torch.int64)
-    return _lengths_of_prefix(requests, admitted, rows)
+    return _lengths(requests, int(np.cumprod(improves).sum()), a.shape[0])
+
+
+def plan_production(survival: Tensor, table: CostTable, min_gain: float = DEFAULT_MIN_GAIN,
+                    drafting_rows: int = 0) -> tuple[bool, Tensor]:
+    """`drafting_pays` and `schedule_production` from one evaluation of the plans: (does drafting pay
+    for `drafting_rows` rows, verify lengths [R]). Both read survival from earlier rounds, so a decoder
+    can decide both before drafting, once a round."""
+    if not (math.isfinite(min_gain) and min_gain >= 0):
+        raise ValueError(f"min_gain must be a finite number >= 0, got {min_gain}")
+    a = _check_survival(survival)
+    rows, gamma = a.shape
+    tau, tokens, requests = _plans(a, table)
+    step = table.step_ms_array(rows, tokens)
+    objectives = tau * (1000.0 / step)
+    pays = bool(drafting_rows)
+    if pays and table.draft_step_ms:  # without draft costs drafting always "pays" (the paper's setting)
+        # Plan 0 (no draft verified) is also what not drafting at all costs.
+        pays = bool((tau[1:] * (1000.0 / (step[1:] + table.draft_ms(drafting_rows)))).max() > objectives[0])
+    best = int(np.argmax(objectives))  # first maximum: the fewest tokens among equally good plans
+    if objectives[best] > objectives[-1] * (1 + min_gain):
+        return pays, _lengths(requests, best, rows)
+    return pays, torch.full((rows,), gamma, dtype=torch.int64)
 
 
 def schedule_production(survival: Tensor, table: CostTable, min_gain: float = DEFAULT_MIN_GAIN) -> Tensor:
@@ -455,21 +466,7 @@ def schedule_production(survival: Tensor, table: CostTable, min_gain: float = DE
     drafts exist): the plan then cannot depend on the drafts it verifies, which is what keeps this
     lossless despite the global search. With the current round's confidences use `schedule_paper`.
     """
-    if not (math.isfinite(min_gain) and min_gain >= 0):
-        raise ValueError(f"min_gain must be a finite number >= 0, got {min_gain}")
-    a = _check_survival(survival)
-    rows, gamma = a.shape
-    if table.padded:
-        objectives = _uniform_objectives(a, table)
-    else:
-        values, requests = _ranked(a)
-        objectives = _prefix_objectives(values, rows, table)
-    best = int(np.argmax(objectives))  # first maximum: the fewest tokens among equally good plans
-    if objectives[best] > objectives[-1] * (1 + min_gain):
-        if table.padded:
-            return torch.full((rows,), best, dtype=torch.int64)
-        return _lengths_of_prefix(requests, best, rows)
-    return torch.full((rows,), gamma, dtype=torch.int64)
+    return plan_production(survival, table, min_gain)[1]
 
 
 def drafting_pays(survival: Tensor, table: CostTable, drafting_rows: int) -> bool:
@@ -479,15 +476,4 @@ def drafting_pays(survival: Tensor, table: CostTable, drafting_rows: int) -> boo
     requests that do not speculate). Without draft costs in the table drafting always "pays", which is
     the paper's setting (the drafter's cost is taken as fixed).
     """
-    if not table.draft_step_ms or drafting_rows == 0:
-        return bool(drafting_rows)
-    a = _check_survival(survival)
-    rows = a.shape[0]
-    draft_ms = table.draft_ms(drafting_rows)
-    if table.padded:
-        with_draft = _uniform_objectives(a, table, extra_ms=draft_ms)[1:]
-    else:
-        values, _ = _ranked(a)
-        with_draft = _prefix_objectives(values, rows, table, extra_ms=draft_ms)[1:]
-    without = rows * table.sps(rows, rows)  # ℓ = 0 everywhere, nothing drafted
-    return bool(with_draft.max() > without)
+    return plan_production(survival, table, drafting_rows=drafting_rows)[0]
