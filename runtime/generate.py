@@ -190,7 +190,7 @@ class SpeculativeDecoder:
         planned = None  # verify lengths decided before drafting
         if all_auto and self.scheduler == "production" and len(speculating) == len(slots):
             # The production plan reads earlier rounds' survival only, so one evaluation decides both
-            # whether drafting pays and how much to verify (a plan costs as much as a few draft ops).
+            # whether drafting pays and how much to verify.
             pays, planned = plan_production(self._estimate(lives, speculating), self.table, self.min_gain,
                                             len(speculating))
         else:

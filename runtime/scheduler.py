@@ -16,6 +16,8 @@ a_{r,j} and consider the plans "admit the first k candidates" for k = 0..R·γ; 
 - `schedule_production`: the best k overall, and only if it beats verifying the full block by a
   minimum predicted gain. Its callers feed survival from an *earlier* round (the confidences of this
   round are not ready when the plan is needed), so the plan cannot depend on this round's drafts.
+- `drafting_pays`: whether any plan pays for this round's drafting at all; `plan_production` answers
+  it and makes the production plan from one evaluation of the candidates, before drafting.
 
 Every candidate list is evaluated at once (cumulative sums over the ranked order), so a call costs a
 sort plus a few vector operations, independent of Python loops over R·γ. A table whose verify step
