@@ -34,6 +34,9 @@ from .verify import verify_greedy, verify_sampling
 
 Mode = Literal["off", "fixed", "auto"]
 EXPLORE_EVERY = 16  # with live costs, one in this many rounds that `auto` would not draft drafts anyway
+# Survival estimates are scaled by observed / predicted acceptance per block position: decayed sums
+# that start at this many rows of agreement and fade by this factor a round.
+ADAPT_PRIOR_ROWS, ADAPT_DECAY = 4.0, 0.98
 
 
 @dataclass
@@ -78,7 +81,8 @@ class SpeculativeDecoder:
 
     def __init__(self, target: Any, drafter: Any, *, num_slots: int, cost_table: CostTable | None = None,
                  scheduler: Literal["paper", "production"] = "paper", min_gain: float = 0.04,
-                 record_calibration: bool = False, measure_costs: bool = False) -> None:
+                 record_calibration: bool = False, measure_costs: bool = False, adapt_survival: bool = True
+                 ) -> None:
         self.target, self.drafter = target, drafter
         self.cost_table = cost_table or CostTable.flat()
         # Served: plan with the table corrected by each round's measured times (see ServedCosts).
@@ -90,6 +94,12 @@ class SpeculativeDecoder:
         self.free = list(range(num_slots))[::-1]
         # Mean survival of recent drafts: the estimate for a request that has not drafted yet.
         self.prior_survival = torch.ones(drafter.block_size)
+        # Acceptance each block position actually got against the survival predicted for it. A confidence
+        # head drifts from its calibration (another workload, an untrained drafter); plans scale their
+        # estimates by the ratio, so `auto` stops verifying (or drafting) blocks that are not accepted.
+        self.adapt_survival = adapt_survival
+        self._predicted = torch.full((drafter.block_size,), ADAPT_PRIOR_ROWS, dtype=torch.float64)
+        self._observed = self._predicted.clone()
         self.live: dict[int, _Live] = {}
         # (raw confidence logits, accepted flags) of every round that verified a full block, for STS.
         self.calibration_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if record_calibration else None
@@ -139,6 +149,7 @@ class SpeculativeDecoder:
         verified = time.perf_counter()
         committed: dict[int, list[int]] = {}
         context: list[torch.Tensor] = []
+        survival = draft.survival if draft is not None and self.adapt_survival else None
         for i, slot in enumerate(slots):
             live, n = self.live[slot], lengths[i]
             if n:
@@ -149,6 +160,9 @@ class SpeculativeDecoder:
                     accepted, nxt = verify_sampling(drafts, draft.probs[i, :n], logits[i], live.request.temperature,
                                                     live.generator)
                 new = drafts[:accepted].tolist() + [nxt]
+                if survival is not None:
+                    self._predicted[:n] += survival[i, :n]
+                    self._observed[:accepted] += 1
                 if self.calibration_rows is not None and n == draft.tokens.shape[1]:
                     self.calibration_rows.append((draft.conf_logits[i], torch.arange(n) < accepted))
             else:
@@ -160,6 +174,9 @@ class SpeculativeDecoder:
             live.result.taus.append(accepted + 1)
             live.result.verified.append(n)
             committed[slot] = self._commit(slot, new)
+        if survival is not None:
+            self._predicted *= ADAPT_DECAY
+            self._observed *= ADAPT_DECAY
         self.drafter.add_context_batch(slots, context)
         if self.served is not None:
             end = time.perf_counter()
@@ -243,6 +260,8 @@ class SpeculativeDecoder:
         for i in speculating:
             stale = lives[i].stale_survival
             estimate[i] = stale if stale is not None else self.prior_survival
+        if self.adapt_survival:  # scaled by observed / predicted acceptance, kept a survival curve
+            estimate = torch.cummin((estimate * (self._observed / self._predicted)).clamp(0.0, 1.0), dim=1).values
         return estimate
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -163,6 +163,40 @@ def test_auto_skips_drafting_when_the_cost_table_says_it_cannot_pay(qwen3_ckpt: 
         assert bool(calls) == drafts
 
 
+def test_auto_stops_drafting_what_its_confidences_overrate(qwen3_ckpt: Path) -> None:
+    """The random fixture's drafts are almost never accepted. With its confidences forced to 0.95 they
+    promise τ ≈ 5; scaled by the acceptance each block position actually gets, `auto` soon finds that
+    drafting does not pay and stops, where trusting the confidences it drafts every round."""
+    from dataclasses import replace
+
+    from dspark_trt.runtime.scheduler import CostTable
+
+    target, drafter = runners(qwen3_ckpt)
+    calls = []
+
+    class Overconfident:  # the drafter, sure of every draft, counting its draft calls
+        def __getattr__(self, name):
+            return getattr(drafter, name)
+
+        def draft(self, *args, **kwargs):
+            calls.append(1)
+            draft = drafter.draft(*args, **kwargs)
+            return replace(draft, confidence=torch.full_like(draft.confidence, 0.95))
+
+    batch = prompts(8)
+    reference = greedy(target, drafter, batch, "off")
+    table = CostTable([1, 64], [1.0, 2.0], 5.0, [1, 8], [0.0, 0.0], draft_step_ms=[4.0, 4.0])
+    counts = {}
+    for adapt in (False, True):
+        calls.clear()
+        results = greedy(target, Overconfident(), batch, "auto", cost_table=table, adapt_survival=adapt)
+        assert [r.tokens for r in results] == [r.tokens for r in reference]
+        counts[adapt] = (len(calls), max(r.rounds for r in results))
+    (trusting, steps), (adapted, _) = counts[False], counts[True]
+    assert trusting >= steps - 1  # a draft call in every step but the last (the longest request took `steps`)
+    assert adapted * 4 <= trusting
+
+
 def test_production_scheduler_plans_with_the_previous_rounds_survival(qwen3_ckpt: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from dspark_trt.runtime import generate as generate_module
@@ -183,7 +217,7 @@ def test_production_scheduler_plans_with_the_previous_rounds_survival(qwen3_ckpt
 
     monkeypatch.setattr(drafter, "draft", draft)
     monkeypatch.setattr(generate_module, "plan_production", plan)
-    decoder = SpeculativeDecoder(target, drafter, num_slots=1, scheduler="production")
+    decoder = SpeculativeDecoder(target, drafter, num_slots=1, scheduler="production", adapt_survival=False)
     decoder.admit([Request(prompts(1)[0], max_new_tokens=30)])
     for _ in range(3):
         decoder.step()
