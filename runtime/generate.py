@@ -149,7 +149,7 @@ class SpeculativeDecoder:
         verified = time.perf_counter()
         committed: dict[int, list[int]] = {}
         context: list[torch.Tensor] = []
-        survival = draft.survival if draft is not None and self.adapt_survival else None
+        accepted_counts = []
         for i, slot in enumerate(slots):
             live, n = self.live[slot], lengths[i]
             if n:
@@ -160,9 +160,6 @@ class SpeculativeDecoder:
                     accepted, nxt = verify_sampling(drafts, draft.probs[i, :n], logits[i], live.request.temperature,
                                                     live.generator)
                 new = drafts[:accepted].tolist() + [nxt]
-                if survival is not None:
-                    self._predicted[:n] += survival[i, :n]
-                    self._observed[:accepted] += 1
                 if self.calibration_rows is not None and n == draft.tokens.shape[1]:
                     self.calibration_rows.append((draft.conf_logits[i], torch.arange(n) < accepted))
             else:
@@ -173,10 +170,14 @@ class SpeculativeDecoder:
             context.append(features[i][: 1 + accepted])
             live.result.taus.append(accepted + 1)
             live.result.verified.append(n)
+            accepted_counts.append(accepted)
             committed[slot] = self._commit(slot, new)
-        if survival is not None:
-            self._predicted *= ADAPT_DECAY
-            self._observed *= ADAPT_DECAY
+        if draft is not None and self.adapt_survival:
+            positions = torch.arange(draft.tokens.shape[1])
+            verified_mask = positions < torch.tensor(lengths)[:, None]
+            accepted_mask = positions < torch.tensor(accepted_counts)[:, None]
+            self._predicted = ADAPT_DECAY * (self._predicted + (draft.survival * verified_mask).sum(0))
+            self._observed = ADAPT_DECAY * (self._observed + accepted_mask.sum(0))
         self.drafter.add_context_batch(slots, context)
         if self.served is not None:
             end = time.perf_counter()
