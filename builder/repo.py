@@ -17,6 +17,7 @@ from ..runtime.atomic import atomic_directory
 from ..runtime.errors import CheckpointError
 from ..runtime.loader import resolve_checkpoint
 from ..runtime.manifest import read_manifest
+from ..runtime.scheduler import DEFAULT_MIN_GAIN
 
 MODELS = ("preprocessing", "dspark", "dspark_draft", "dspark_verify", "postprocessing", "ensemble")
 
@@ -27,7 +28,7 @@ def template_dir() -> Path:
 
 def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 1, tp: int | None = None,
                num_slots: int = 16, max_prompt_tokens: int = 1024, max_new_tokens: int = 512,
-               scheduler: str = "production", min_gain: float = 0.04, sps_table: Path | None = None,
+               scheduler: str = "production", min_gain: float = DEFAULT_MIN_GAIN, sps_table: Path | None = None,
                live_costs: bool = True, force: bool = False) -> dict[str, Any]:
     engine_dir = Path(engine_dir).absolute()
     ckpt = resolve_checkpoint(engine_dir)

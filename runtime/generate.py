@@ -23,6 +23,7 @@ import torch
 
 from .drafter import Draft
 from .scheduler import (
+    DEFAULT_MIN_GAIN,
     CostTable,
     ServedCosts,
     drafting_pays,
@@ -80,7 +81,7 @@ class SpeculativeDecoder:
     """DSpark decoding over the slots of `target` (a target runner) and `drafter`."""
 
     def __init__(self, target: Any, drafter: Any, *, num_slots: int, cost_table: CostTable | None = None,
-                 scheduler: Literal["paper", "production"] = "paper", min_gain: float = 0.04,
+                 scheduler: Literal["paper", "production"] = "paper", min_gain: float = DEFAULT_MIN_GAIN,
                  record_calibration: bool = False, measure_costs: bool = False, adapt_survival: bool = True
                  ) -> None:
         self.target, self.drafter = target, drafter
