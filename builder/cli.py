@@ -308,11 +308,13 @@ def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max
 @click.option("--live-costs/--profiled-costs", default=True, show_default=True,
               help="Correct the cost table by the times served rounds actually take (calls between models, "
                    "responses), or plan with the profiled table alone.")
+@click.option("--draft-threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="CPU threads of the reference drafter (1 suits a CPU shared with verify; see its config).")
 @click.option("--force", is_flag=True, help="Replace the repository if it exists.")
 @reports_errors
 def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, num_slots: int, max_prompt_tokens: int,
          max_new_tokens: int, scheduler: str, min_gain: float, sps_table: Path | None, live_costs: bool,
-         force: bool) -> None:
+         draft_threads: int, force: bool) -> None:
     """Write a Triton model repository serving ENGINE_DIR.
 
     \b
@@ -330,7 +332,8 @@ def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, nu
         sps_table = engine_dir / "sps_table.json"
     values = build_repo(engine_dir, out, layout=layout, gpus=gpus, tp=tp, num_slots=num_slots,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, scheduler=scheduler,
-                        min_gain=min_gain, sps_table=sps_table, live_costs=live_costs, force=force)
+                        min_gain=min_gain, sps_table=sps_table, live_costs=live_costs, draft_threads=draft_threads,
+                        force=force)
     table = f"cost table {sps_table}" if sps_table else "no cost table (auto verifies every draft)"
     stdout.print(f"[green]✓[/] wrote {out}: layout {layout}, verify tp={values['tp']}, {num_slots} slots, {table}")
 

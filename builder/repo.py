@@ -29,7 +29,7 @@ def template_dir() -> Path:
 def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 1, tp: int | None = None,
                num_slots: int = 16, max_prompt_tokens: int = 1024, max_new_tokens: int = 512,
                scheduler: str = "production", min_gain: float = DEFAULT_MIN_GAIN, sps_table: Path | None = None,
-               live_costs: bool = True, force: bool = False) -> dict[str, Any]:
+               live_costs: bool = True, draft_threads: int = 1, force: bool = False) -> dict[str, Any]:
     engine_dir = Path(engine_dir).absolute()
     ckpt = resolve_checkpoint(engine_dir)
     manifest = read_manifest(ckpt, "checkpoint")
@@ -56,7 +56,7 @@ def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 
         "engine_dir": str(engine_dir), "tokenizer_dir": str(ckpt / "tokenizer"), "backend": backend, "tp": tp,
         "num_slots": num_slots, "max_len": max_prompt_tokens + max_new_tokens + gamma + 2,
         "max_prompt_tokens": max_prompt_tokens, "max_new_tokens": max_new_tokens, "scheduler": scheduler,
-        "min_gain": min_gain, "live_costs": str(live_costs).lower(),
+        "min_gain": min_gain, "live_costs": str(live_costs).lower(), "draft_threads": draft_threads,
         "preprocessing_instances": 1, "postprocessing_instances": 1,
         "instance_kind": "KIND_GPU" if layout == "gpu" else "KIND_CPU",
         "verify_gpus": f" gpus: [ {all_gpus} ]" if layout == "gpu" else "",

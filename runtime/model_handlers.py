@@ -51,9 +51,11 @@ class VerifyHandler:
 
 
 class DraftHandler:
-    def __init__(self, engine_dir: Path, *, num_slots: int, max_len: int) -> None:
+    def __init__(self, engine_dir: Path, *, num_slots: int, max_len: int, threads: int | None = None) -> None:
         from importlib import import_module
 
+        if threads:  # torch threads of this process (the model's own: Triton runs each in a process)
+            torch.set_num_threads(threads)
         ckpt = resolve_checkpoint(engine_dir)
         manifest = read_manifest(ckpt, "checkpoint")
         module, name = FAMILIES[manifest["family"]][1].split(":")

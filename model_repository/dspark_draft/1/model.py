@@ -17,7 +17,7 @@ class TritonPythonModel:
                 f"backend {params['backend']!r}: this build serves the reference backend; the TensorRT draft "
                 "plan is built by `dspark-build engine --backend tensorrt` (see README, 'Deploying on GPUs')")
         self.handler = DraftHandler(params["engine_dir"], num_slots=int(params["num_slots"]),
-                                    max_len=int(params["max_len"]))
+                                    max_len=int(params["max_len"]), threads=int(params["threads"]))
 
     def execute(self, requests):
         return execute_batched(self.handler, requests, INPUTS, pb_utils, "dspark_draft")
