@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .calibration import read_calibration
 from .errors import CheckpointError
 from .heads import ConfidenceHead, MarkovHead, sample
-from .layers import apply_rope, rms_norm, rope_tables
+from .layers import Projection, apply_rope, native_bf16, rms_norm, rope_tables
 from .safetensors_io import SafetensorsCheckpoint
 
 CALIBRATION_FILE = "sts.json"
@@ -95,7 +95,9 @@ class SlotContext:
 
 class Qwen3DSparkDrafter(SlotContext):
     def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, bf16_products: bool | None = None) -> None:
+        """`bf16_products`: multiply the large projections in bf16 (see layers.Projection); by default
+        where this CPU does so natively."""
         draft_dir = Path(draft_dir)
         self.config = c = json.loads((draft_dir / "config.json").read_text())
         if c["mapping"]["tp_size"] != 1:
@@ -117,21 +119,22 @@ class Qwen3DSparkDrafter(SlotContext):
         temperatures = read_calibration(calibration, self.block_size) if calibration.is_file() else None
         self.confidence = ConfidenceHead(w["confidence_head.proj.weight"], w.get("confidence_head.proj.bias"),
                                          dspark["confidence_head_with_markov"], temperatures)
-        # The weights a round multiplies by, as [in, out] matrices: a draft round is a few rows at a
-        # time, where `x @ W` runs ~1.5-2.5x faster than F.linear's x @ Wᵀ on CPU. One matrix where the
-        # checkpoint has two or three (q/k/v, k/v, gate/up): fewer, bigger products.
-        def by_input(*names: str) -> torch.Tensor:
-            return torch.cat([w[n] for n in names]).t().contiguous()
+        # One projection where the checkpoint has two or three weights (q/k/v, k/v, gate/up): fewer,
+        # bigger products.
+        bf16 = native_bf16() if bf16_products is None else bf16_products
+
+        def projection(*names: str) -> Projection:
+            return Projection(torch.cat([w[n] for n in names]), bf16=bf16)
 
         layer = [f"layers.{i}." for i in range(self.layers)]
-        self.qkv = [by_input(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv")) for p in layer]
-        self.o = [by_input(f"{p}self_attn.o_proj.weight") for p in layer]
-        self.gate_up = [by_input(f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight") for p in layer]
-        self.down = [by_input(f"{p}mlp.down_proj.weight") for p in layer]
-        self.fc, self.lm_head = by_input("fc.weight"), by_input("lm_head.weight")
+        self.qkv = [projection(*(f"{p}self_attn.{n}_proj.weight" for n in "qkv")) for p in layer]
+        self.o = [projection(f"{p}self_attn.o_proj.weight") for p in layer]
+        self.gate_up = [projection(f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight") for p in layer]
+        self.down = [projection(f"{p}mlp.down_proj.weight") for p in layer]
+        self.fc, self.lm_head = projection("fc.weight"), projection("lm_head.weight")
         # Context enters every layer's k_proj / v_proj straight from `hidden_norm`, so all layers'
         # context keys and values come from one product, and their k_norms apply in one call.
-        self.context_kv = by_input(*(f"{p}self_attn.{n}_proj.weight" for p in layer for n in "kv"))
+        self.context_kv = projection(*(f"{p}self_attn.{n}_proj.weight" for p in layer for n in "kv"))
         self.context_k_norm = torch.stack([w[p + "self_attn.k_norm.weight"] for p in layer])[:, None]
         # q_norm and k_norm as one [heads + kv_heads, head_dim] weight: a block's queries and keys are
         # normalised and rotated together.
@@ -149,9 +152,9 @@ class Qwen3DSparkDrafter(SlotContext):
     def _write_context(self, slot_of: torch.Tensor | int, positions: torch.Tensor | slice,
                        features: torch.Tensor) -> None:
         n = features.shape[0]
-        ctx = rms_norm(features.to(self.dtype) @ self.fc, self.w["hidden_norm.weight"], self.eps)
+        ctx = rms_norm(self.fc(features.to(self.dtype)), self.w["hidden_norm.weight"], self.eps)
         # [n, layers, kv_heads, head_dim] each
-        k, v = (ctx @ self.context_kv).view(n, self.layers, 2, self.kv_heads, self.head_dim).unbind(2)
+        k, v = self.context_kv(ctx).view(n, self.layers, 2, self.kv_heads, self.head_dim).unbind(2)
         k = apply_rope(rms_norm(k, self.context_k_norm, self.eps), self.cos_table[positions][:, None],
                        self.sin_table[positions][:, None])
         if isinstance(positions, slice):  # basic indexing keeps the cache's dimension order
@@ -181,7 +184,7 @@ class Qwen3DSparkDrafter(SlotContext):
         x = F.embedding(ids, w["embed_tokens.weight"])
         for layer in range(self.layers):
             p = f"layers.{layer}."
-            qkv = rms_norm(x, w[p + "input_layernorm.weight"], self.eps) @ self.qkv[layer]
+            qkv = self.qkv[layer](rms_norm(x, w[p + "input_layernorm.weight"], self.eps))
             qk = qkv[..., : (heads + kv_heads) * head_dim].view(batch, gamma, heads + kv_heads, head_dim)
             qk = apply_rope(rms_norm(qk, self.qk_norm[layer], self.eps).transpose(1, 2), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
@@ -197,12 +200,12 @@ class Qwen3DSparkDrafter(SlotContext):
                 v_cache[slot_idx[:, None], :, positions] = v
                 keys, values = k_cache[slot_idx, :, :length], v_cache[slot_idx, :, :length]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=heads != kv_heads)
-            x = x + out.transpose(1, 2).reshape(batch, gamma, -1) @ self.o[layer]
+            x = x + self.o[layer](out.transpose(1, 2).reshape(batch, gamma, -1))
             h = rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps)
-            gate, up = (h @ self.gate_up[layer]).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ self.down[layer]
+            gate, up = self.gate_up[layer](h).chunk(2, dim=-1)
+            x = x + self.down[layer](F.silu(gate) * up)
         hidden = rms_norm(x, w["norm.weight"], self.eps)
-        base_logits = (hidden @ self.lm_head).float()
+        base_logits = self.lm_head(hidden).float()
         return sequential_heads(self.markov, self.confidence, hidden, base_logits, ids[:, 0], temperatures, generators)
 
 

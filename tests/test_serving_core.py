@@ -133,7 +133,7 @@ def test_sampled_and_greedy_requests_share_rounds(orchestrator, qwen3_ckpt: Path
     assert all(s.reason == "length" and len(s.ids) == 12 for s in sinks)
 
     handler = DraftHandler(qwen3_ckpt, num_slots=2, max_len=64)
-    width = handler.drafter.fc.shape[0]  # the target features the drafter reads
+    width = handler.drafter.fc.in_features  # the target features the drafter reads
     inputs = {"SLOTS": np.array([0, 1], np.int32), "CTX_START": np.zeros(2, np.int32),
               "CTX_COUNTS": np.array([3, 2], np.int32), "CTX_FEATURES": np.ones((2, 3, width), np.float32),
               "ANCHORS": np.array([5, 6], np.int32), "SEEDS": np.zeros(2, np.int64), "GAMMA": np.array([4], np.int32)}
