@@ -126,12 +126,14 @@ def summarise(done: list[Completion], wall: float, before: dict, after: dict) ->
     cumulative = sorted((float(re.search(r'le="([^"]+)"', k).group(1)), v) for k, v in buckets.items())
     histogram, previous = {}, 0.0
     for edge, count in cumulative:
-        if edge != float("inf"):
-            histogram[str(int(edge + 0.5))] = count - previous
+        if edge != float("inf"):  # the server's buckets have one value each, le = k + 0.5
+            histogram[str(round(edge - 0.5))] = count - previous
             previous = count
     tokens = sum(len(c.ids) for c in done)
     return {
         "requests": len(done), "tokens": tokens, "wall_s": wall,
+        "rounds": sum(c.stats.get("rounds", 0) for c in done),
+        "verified_tokens": sum(c.stats.get("verified_tokens", 0) for c in done),
         "per_user_tokens_per_s": float(np.mean([len(c.ids) / (c.chunk_times[-1] - c.start)
                                                 for c in done if c.chunk_times])),
         "system_tokens_per_s": tokens / wall,

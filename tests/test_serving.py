@@ -187,8 +187,14 @@ def test_bench_measures_and_plots(served, tmp_path: Path) -> None:
     assert cells[("off", 1)]["slices"] == 2 and cells[("off", 2)]["slices"] == 1  # interleaved where it can be
     assert cells[("off", 1)]["position_acceptance"] == []
     assert len(cells[("fixed", 1)]["position_acceptance"]) == 7  # γ positions verified in fixed mode
-    histogram = cells[("fixed", 1)]["verified_length_histogram"]
-    assert histogram["7"] >= 2 and sum(histogram.values()) >= 2 * 7  # full blocks first, one count per round
+    # One count per round, under the number of drafts it verified (fixed: full blocks of 7, fewer near the end).
+    assert cells[("off", 1)]["verified_length_histogram"] == {"0": cells[("off", 1)]["rounds"]} | {
+        str(k): 0 for k in range(1, 8)}
+    for cell in (cells[("fixed", 1)], cells[("fixed", 2)]):
+        histogram = cell["verified_length_histogram"]
+        assert list(histogram) == [str(k) for k in range(8)] and histogram["7"] >= 2
+        assert sum(histogram.values()) == cell["rounds"]
+        assert sum(int(k) * n for k, n in histogram.items()) == cell["verified_tokens"]
     # Triton's per-model counters: `off` never calls the drafter; every fixed round calls both models.
     assert cells[("off", 1)]["model_calls"]["dspark_draft"]["calls"] == 0
     fixed_calls = cells[("fixed", 1)]["model_calls"]

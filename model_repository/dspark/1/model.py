@@ -67,7 +67,6 @@ class TritonMetrics:
     def __init__(self, block_size):
         family = pb_utils.MetricFamily
         labels = {"model": "dspark"}
-        buckets = [float(k) + 0.5 for k in range(block_size + 1)]
         # Families must outlive their metrics, so both are kept on the instance.
         self.families = {
             "tau": family("dspark_accepted_tokens_per_round", "Tokens committed per round (tau): accepted drafts + 1",
@@ -81,8 +80,9 @@ class TritonMetrics:
             "queued": family("dspark_queued_requests", "Requests waiting for a slot", family.GAUGE),
         }
         f = self.families
-        self.tau = f["tau"].Metric(labels, buckets=buckets)
-        self.verified = f["verified"].Metric(labels, buckets=[b - 1 for b in buckets])
+        # One bucket per value (le = k + 0.5 holds k): τ is 1 .. γ + 1, a verified length 0 .. γ.
+        self.tau = f["tau"].Metric(labels, buckets=[k + 0.5 for k in range(1, block_size + 2)])
+        self.verified = f["verified"].Metric(labels, buckets=[k + 0.5 for k in range(block_size + 1)])
         self.position_verified = [f["position_verified"].Metric({**labels, "position": str(k + 1)})
                                   for k in range(block_size)]
         self.position_accepted = [f["position_accepted"].Metric({**labels, "position": str(k + 1)})
