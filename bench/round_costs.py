@@ -70,7 +70,7 @@ def main() -> None:
     target, drafter, _ = open_checkpoint(args.ckpt, num_slots=1, max_len=args.context + 8 * args.repeats + 64)
     gamma = drafter.block_size
     prompt = torch.randint(0, 1000, (args.context,)).tolist()
-    _, features = target.forward([0], [prompt], capture=drafter.target_layer_ids, start=[0])
+    _, features = target.forward([0], [prompt], capture=drafter.target_layer_ids, start=[0], logits=False)
     drafter.add_context_batch([0], features)
     new_context = features[0][-3:]
     cached = args.context
@@ -83,7 +83,7 @@ def main() -> None:
 
     def forward(tokens: int) -> float:
         start = time.perf_counter()
-        target.forward([0], [list(range(tokens))], capture=drafter.target_layer_ids, start=[cached])
+        target.forward([0], [list(range(tokens))], capture=drafter.target_layer_ids, start=[cached], logits=False)
         return time.perf_counter() - start
 
     try:

@@ -413,7 +413,7 @@ class DeepseekV4Target(SlotRunner):
 
     @torch.inference_mode()
     def forward(self, slots: list[int], tokens: list[list[int]], capture: tuple[int, ...] = (),
-                start: list[int] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                start: list[int] | None = None, logits: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Append `tokens[i]` to slot `slots[i]` and run them.
 
         `start`, when given, is each slot's cache length to continue from: shorter than what the slot
@@ -421,7 +421,9 @@ class DeepseekV4Target(SlotRunner):
         broadcast under tensor parallelism).
 
         Returns per slot the logits of its new tokens [n_i, vocab] (float32) and, when `capture` lists
-        layer ids, their context features [n_i, len(capture) * hidden] (see `target_feature`).
+        layer ids, their context features [n_i, len(capture) * hidden] (see `target_feature`). With
+        `logits` False, each slot's argmax token ids [n_i] stand in for its logits (greedy decoding;
+        the vocabulary shards are never gathered).
         """
         cfg, w = self.config, self.w
         if any(not 0 <= layer < cfg.num_layers for layer in capture):
@@ -456,9 +458,9 @@ class DeepseekV4Target(SlotRunner):
             streams = hc_post(self._all_reduce(ffn), post, comb, streams)
         self.lengths[slot_idx] = start + n_new
         hidden = rms_norm(hc_head(streams, w, "", cfg), w["norm.weight"], cfg.eps)
-        logits = self._gather_vocab(F.linear(hidden, w["head.weight"]).float())
+        head = self._head(F.linear(hidden, w["head.weight"]).float(), full=logits)
         features = torch.cat([captured[layer] for layer in capture], dim=-1) if capture else None
-        return ([logits[b, : n_new[b]] for b in range(batch)],
+        return ([head[b, : n_new[b]] for b in range(batch)],
                 [features[b, : n_new[b]] for b in range(batch)] if capture else [])
 
     def _attention(self, layer: int, h: torch.Tensor, slots: list[int], start: torch.Tensor, n_new: torch.Tensor,

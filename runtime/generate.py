@@ -117,14 +117,16 @@ class SpeculativeDecoder:
         self._round_end = None  # the prefill's time is not a round's overhead
         for slot in slots:
             self.drafter.reset(slot)
-        logits, features = self.target.forward(slots, [r.prompt for r in requests],
-                                               capture=self.drafter.target_layer_ids, start=[0] * len(slots))
+        # Logits only where a request samples: greedy ones need the target's argmax, which a
+        # tensor-parallel target finds without gathering its vocabulary.
+        head, features = self.target.forward(slots, [r.prompt for r in requests], capture=self.drafter.target_layer_ids,
+                                             start=[0] * len(slots), logits=any(r.temperature > 0 for r in requests))
         self.drafter.add_context_batch(slots, features)
         for i, (slot, request) in enumerate(zip(slots, requests, strict=True)):
             live = _Live(request, Result(), torch.Generator().manual_seed(request.seed), anchor=-1,
                          cached=len(request.prompt))
             self.live[slot] = live
-            self._commit(slot, [self._sample(logits[i][-1], live)])
+            self._commit(slot, [self._sample(head[i][-1], live)])
         return slots
 
     def release(self, slot: int) -> Result:
@@ -145,8 +147,9 @@ class SpeculativeDecoder:
         planned = time.perf_counter()
         verify_tokens = [[self.live[s].anchor] + draft.tokens[i, : lengths[i]].tolist() if lengths[i] else
                          [self.live[s].anchor] for i, s in enumerate(slots)]
-        logits, features = self.target.forward(slots, verify_tokens, capture=self.drafter.target_layer_ids,
-                                               start=[self.live[s].cached for s in slots])
+        sampled = any(self.live[s].request.temperature > 0 for s in slots)
+        head, features = self.target.forward(slots, verify_tokens, capture=self.drafter.target_layer_ids,
+                                             start=[self.live[s].cached for s in slots], logits=sampled)
         verified = time.perf_counter()
         committed: dict[int, list[int]] = {}
         context: list[torch.Tensor] = []
@@ -156,15 +159,15 @@ class SpeculativeDecoder:
             if n:
                 drafts = draft.tokens[i, :n]
                 if live.request.temperature <= 0:
-                    accepted, nxt = verify_greedy(drafts, logits[i])
+                    accepted, nxt = verify_greedy(drafts, head[i].argmax(dim=-1) if sampled else head[i])
                 else:
-                    accepted, nxt = verify_sampling(drafts, draft.probs[i, :n], logits[i], live.request.temperature,
+                    accepted, nxt = verify_sampling(drafts, draft.probs[i, :n], head[i], live.request.temperature,
                                                     live.generator)
                 new = drafts[:accepted].tolist() + [nxt]
                 if self.calibration_rows is not None and n == draft.tokens.shape[1]:
                     self.calibration_rows.append((draft.conf_logits[i], torch.arange(n) < accepted))
             else:
-                accepted, new = 0, [self._sample(logits[i][0], live)]
+                accepted, new = 0, [self._sample(head[i][0], live)]
             # x0 and the accepted drafts stay cached (the rest is rolled back by the next call's
             # `start`); their features join the drafter's context.
             live.cached += 1 + accepted
@@ -268,10 +271,12 @@ class SpeculativeDecoder:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _sample(self, logits: torch.Tensor, live: _Live) -> int:
+    def _sample(self, head: torch.Tensor, live: _Live) -> int:
+        """The next token from one position of the target's output: its logits [V], or (in a batch
+        where nobody samples) its argmax id."""
         if live.request.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / live.request.temperature, dim=-1)
+            return int(head) if head.dim() == 0 else int(head.argmax())
+        probs = torch.softmax(head.float() / live.request.temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=live.generator)[0])
 
     def _commit(self, slot: int, tokens: list[int]) -> list[int]:

@@ -37,14 +37,18 @@ class VerifyHandler:
             if start > held:
                 raise OutOfSync(f"slot {slot}: asked to continue at {start} but the cache holds {held} tokens")
         tokens = [row[:n].tolist() for row, n in zip(inputs["TOKENS"], counts, strict=True)]
-        logits, features = self.target.forward(slots, tokens, capture=self.capture, start=starts)
+        want_logits = bool(inputs["WANT_LOGITS"].reshape(-1)[0])
+        head, features = self.target.forward(slots, tokens, capture=self.capture, start=starts, logits=want_logits)
         width = max(counts)
-        out_logits = np.zeros((len(slots), width, logits[0].shape[-1]), dtype=np.float32)
+        top_ids = np.zeros((len(slots), width), dtype=np.int32)
+        out_logits = np.zeros((len(slots), width, head[0].shape[-1] if want_logits else 0), dtype=np.float32)
         out_features = np.zeros((len(slots), width, features[0].shape[-1]), dtype=np.float32)
         for b, n in enumerate(counts):
-            out_logits[b, :n] = logits[b].numpy()
+            top_ids[b, :n] = (head[b].argmax(dim=-1) if want_logits else head[b]).numpy()
+            if want_logits:
+                out_logits[b, :n] = head[b].numpy()
             out_features[b, :n] = features[b].float().numpy()
-        return {"LOGITS": out_logits, "FEATURES": out_features}
+        return {"TOP_IDS": top_ids, "LOGITS": out_logits, "FEATURES": out_features}
 
     def close(self) -> None:
         self.target.close()

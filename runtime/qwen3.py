@@ -76,7 +76,7 @@ class Qwen3Target(SlotRunner):
 
     @torch.inference_mode()
     def forward(self, slots: list[int], tokens: list[list[int]], capture: tuple[int, ...] = (),
-                start: list[int] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                start: list[int] | None = None, logits: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Append `tokens[i]` to slot `slots[i]` and run them.
 
         `start`, when given, is each slot's cache length to continue from: shorter than what the slot
@@ -85,7 +85,9 @@ class Qwen3Target(SlotRunner):
 
         Returns per slot the logits of its new tokens [n_i, vocab] (float32) and, when `capture`
         lists layer ids, the outputs of those layers concatenated [n_i, len(capture) * hidden]
-        (HF `hidden_states[l + 1]`, what DSpark's drafter reads).
+        (HF `hidden_states[l + 1]`, what DSpark's drafter reads). With `logits` False, each slot's
+        argmax token ids [n_i] stand in for its logits: all that greedy decoding needs, and under
+        tensor parallelism the vocabulary shards are never gathered.
         """
         cfg, w = self.config, self.w
         batch, n_new = len(slots), [len(t) for t in tokens]
@@ -136,8 +138,8 @@ class Qwen3Target(SlotRunner):
                 captured.append(x)
         self.lengths[slot_idx] = start + torch.tensor(n_new)
         h = rms_norm(x, w["transformer.ln_f.weight"], cfg.norm_eps)
-        logits = self._gather_vocab(F.linear(h, w["lm_head.weight"]).float())
+        head = self._head(F.linear(h, w["lm_head.weight"]).float(), full=logits)
         order = [captured[sorted(capture).index(layer)] for layer in capture]
         features = torch.cat(order, dim=-1) if capture else None
-        return ([logits[b, : n_new[b]] for b in range(batch)],
+        return ([head[b, : n_new[b]] for b in range(batch)],
                 [features[b, : n_new[b]] for b in range(batch)] if capture else [])

@@ -48,10 +48,30 @@ class SlotRunner:
             dist.all_reduce(x)
         return x
 
-    def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Concatenate the vocabulary shards of the logits."""
-        if self.config.tp == 1:
-            return logits
-        parts = [torch.empty_like(logits) for _ in range(self.config.tp)]
-        dist.all_gather(parts, logits.contiguous())
-        return torch.cat(parts, dim=-1)
+    def _head(self, logits: torch.Tensor, full: bool) -> torch.Tensor:
+        """From this rank's vocabulary shard of the logits [..., V / tp]: all the logits (the shards
+        concatenated), or with `full` False only each row's argmax over the whole vocabulary, for which
+        the ranks exchange one (max, id) pair per row instead of their shards."""
+        tp = self.config.tp
+        if full:
+            if tp == 1:
+                return logits
+            parts = [torch.empty_like(logits) for _ in range(tp)]
+            dist.all_gather(parts, logits.contiguous())
+            return torch.cat(parts, dim=-1)
+        value, index = logits.max(dim=-1)
+        if tp == 1:
+            return index
+        rank = dist.get_rank()
+        pairs = torch.stack([value.double(), (index + rank * logits.shape[-1]).double()])
+        parts = [torch.empty_like(pairs) for _ in range(tp)]
+        dist.all_gather(parts, pairs)
+        return first_maximum(torch.stack(parts))
+
+
+def first_maximum(pairs: torch.Tensor) -> torch.Tensor:
+    """pairs [ranks, 2, ...]: each vocabulary shard's (max value, global id), shards in vocabulary
+    order. The id of the largest value, taken from the first shard that has it: torch.argmax's rule
+    (first occurrence) over the whole row."""
+    winner = pairs[:, 0].argmax(dim=0)
+    return pairs[:, 1].gather(0, winner[None])[0].long()

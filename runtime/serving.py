@@ -5,9 +5,10 @@ plugs in Triton's BLS calls, response senders and metrics.
 
 Wire protocol of the two models the orchestrator calls (batched tensors, one call per round):
 
-    dspark_verify  SLOTS i32[B] START i32[B] TOKENS i32[B,T] COUNTS i32[B]
-                   -> LOGITS f32[B,T,V] FEATURES f32[B,T,F]
+    dspark_verify  SLOTS i32[B] START i32[B] TOKENS i32[B,T] COUNTS i32[B] WANT_LOGITS bool[1]
+                   -> TOP_IDS i32[B,T] LOGITS f32[B,T,V] FEATURES f32[B,T,F]
                    (START is the slot's cache length before the new tokens: rollback is implicit)
+                   (TOP_IDS is each position's argmax; LOGITS is [B,T,0] unless WANT_LOGITS)
     dspark_draft   SLOTS i32[B] CTX_START i32[B] CTX_COUNTS i32[B] CTX_FEATURES f32[B,N,F] ANCHORS i32[B]
                    TEMPERATURES f32[B] SEEDS i64[B] GAMMA i32[1]
                    -> TOKENS i32[B,G] PROBS f32[B,G,V] CONF_LOGITS f32[B,G] CONFIDENCE f32[B,G]
@@ -118,15 +119,18 @@ class RemoteTarget:
         self.call = call
 
     def forward(self, slots: list[int], tokens: list[list[int]], capture: tuple[int, ...] = (),
-                start: list[int] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                start: list[int] | None = None, logits: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """As a target runner's forward: per slot its logits, or with `logits` False its argmax ids."""
         if start is None:
             raise ValueError("the remote target needs each slot's start position")
         counts = [len(t) for t in tokens]
         out = self.call("dspark_verify", {
             "SLOTS": np.asarray(slots, dtype=np.int32), "START": np.asarray(start, dtype=np.int32),
-            "TOKENS": _pad(tokens), "COUNTS": np.asarray(counts, dtype=np.int32)})
-        logits, features = torch.from_numpy(out["LOGITS"]), torch.from_numpy(out["FEATURES"])
-        return [logits[b, :n] for b, n in enumerate(counts)], [features[b, :n] for b, n in enumerate(counts)]
+            "TOKENS": _pad(tokens), "COUNTS": np.asarray(counts, dtype=np.int32),
+            "WANT_LOGITS": np.asarray([logits])})
+        head = torch.from_numpy(out["LOGITS"]) if logits else torch.from_numpy(out["TOP_IDS"]).long()
+        features = torch.from_numpy(out["FEATURES"])
+        return [head[b, :n] for b, n in enumerate(counts)], [features[b, :n] for b, n in enumerate(counts)]
 
     def close(self) -> None:
         pass

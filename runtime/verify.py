@@ -1,7 +1,8 @@
-"""Verification of a block of draft tokens against the target's logits.
+"""Verification of a block of draft tokens against the target's output.
 
-The target ran [x0, d_1, ..., d_l]; its logits at position i predict the token after it, so row
-i - 1 judges d_i and row l gives the bonus token. Both rules return (accepted drafts, next token);
+The target ran [x0, d_1, ..., d_l]; its output at position i predicts the token after it, so row
+i - 1 judges d_i and row l gives the bonus token. Greedy verification needs only the target's
+argmax at each position; rejection sampling needs its logits. Both rules return (accepted drafts, next token);
 τ for the round is accepted + 1.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def verify_greedy(drafts: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
-    """Accept while d_i is the target's argmax, then append the target's argmax (lossless at T = 0)."""
-    choice = target_logits.argmax(dim=-1)
+def verify_greedy(drafts: torch.Tensor, choice: torch.Tensor) -> tuple[int, int]:
+    """Accept while d_i is the target's argmax, then append the target's argmax (lossless at T = 0).
+    `choice` [l + 1] holds the target's argmax at each verified position."""
     mismatch = (drafts != choice[: len(drafts)]).nonzero()
     accepted = int(mismatch[0]) if len(mismatch) else len(drafts)
     return accepted, int(choice[accepted])

@@ -16,6 +16,7 @@ from dspark_trt.builder.corpus import heldout_prompts
 from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.qwen3 import Qwen3Target
+from dspark_trt.runtime.runner import first_maximum
 from dspark_trt.runtime.tp import open_target
 
 CAPTURE = (1, 2, 4)
@@ -70,8 +71,22 @@ def test_tensor_parallel_logits_equal_tp1(qwen3_pair: Path, qwen3_ckpt: Path, tm
         with open_target("qwen3", ckpt / "target", num_slots=4, max_len=64) as target:
             logits, features = target.forward([0, 1, 2], batch, capture=CAPTURE)
             nxt, _ = target.forward([1], [[3, 4]])
+            ids, _ = target.forward([0, 1, 2], batch, start=[0, 0, 0], logits=False)  # greedy: no vocabulary gather
         for a, b in zip(logits + features + nxt, ref + ref_features + ref_next, strict=True):
             assert (a - b).abs().max() <= 1e-4, f"tp={tp}"
+        assert all(torch.equal(i, row.argmax(dim=-1)) for i, row in zip(ids, logits, strict=True)), f"tp={tp}"
+
+
+def test_vocabulary_parallel_argmax_takes_the_first_maximum() -> None:
+    """Greedy decoding at tp > 1 compares each shard's (max, id) instead of gathering the logits; ties
+    must go where torch.argmax over the whole row sends them: the lowest id."""
+    full = torch.tensor([[0.0, 1, 2, 3, 9, 1, 1, 1],   # the maximum in the second shard only
+                         [5.0, 0, 0, 0, 0, 5, 0, 0],   # tied across shards: the first shard's id
+                         [0.0, 0, 0, 0, 2, 0, 2, 0]])  # tied within a shard: its first
+    shards = full.split(4, dim=-1)
+    pairs = torch.stack([torch.stack([s.max(dim=-1).values.double(), (s.max(dim=-1).indices + 4 * rank).double()])
+                         for rank, s in enumerate(shards)])
+    assert first_maximum(pairs).tolist() == full.argmax(dim=-1).tolist() == [4, 0, 4]
 
 
 # ----------------------------------------------------------------------------------- greedy identity

@@ -156,8 +156,10 @@ def test_tensor_and_expert_parallel_logits_equal_tp1(v4_pair: Path, v4_ckpt: Pat
             logits, features = target.forward([0, 1, 2], batch, capture=CAPTURE)
             target.rollback(0, 140)
             nxt, _ = target.forward([0, 1], [[3, 4, 5], [6]])
+            ids, _ = target.forward([0, 1, 2], batch, start=[0, 0, 0], logits=False)  # greedy: no vocabulary gather
         for a, b in zip(logits + features + nxt, ref + ref_features + ref_next, strict=True):
             assert max_err(a, b) <= TOL, f"tp={tp}"
+        assert all(torch.equal(i, row.argmax(dim=-1)) for i, row in zip(ids, logits, strict=True)), f"tp={tp}"
         if tp == 2:  # the drafter reassembles its shards (and the vocabulary-sharded head) into tp-1 weights
             sharded = DeepseekV4DSparkDrafter(ckpt / "draft", num_slots=2, max_len=192)
             plain = DeepseekV4DSparkDrafter(v4_ckpt / "draft", num_slots=2, max_len=192)

@@ -141,6 +141,18 @@ def test_sampled_and_greedy_requests_share_rounds(orchestrator, qwen3_ckpt: Path
     mixed = handler.handle({**inputs, "TEMPERATURES": np.array([0.0, 1.0], np.float32)})
     assert greedy["PROBS"].shape == (2, 4, 0) and mixed["PROBS"].shape[:2] == (2, 4) and mixed["PROBS"].shape[2] > 0
 
+    # Logits cross the wire only when asked for (some row samples); the argmax always does.
+    verify = VerifyHandler(qwen3_ckpt, num_slots=2, max_len=64)
+    call = {"SLOTS": np.array([1, 0], np.int32), "START": np.zeros(2, np.int32),
+            "TOKENS": np.array([[5, 6, 7], [8, 9, 0]], np.int32), "COUNTS": np.array([3, 2], np.int32)}
+    ids_only = verify.handle({**call, "WANT_LOGITS": np.array([False])})
+    with_logits = verify.handle({**call, "WANT_LOGITS": np.array([True])})
+    assert ids_only["LOGITS"].shape == (2, 3, 0) and with_logits["LOGITS"].shape[:2] == (2, 3)
+    argmax = with_logits["LOGITS"].argmax(-1)
+    for out in (ids_only, with_logits):
+        assert (out["TOP_IDS"][0] == argmax[0]).all() and (out["TOP_IDS"][1, :2] == argmax[1, :2]).all()
+    np.testing.assert_array_equal(ids_only["FEATURES"], with_logits["FEATURES"])
+
 
 def test_stop_strings_end_after_the_completing_token(orchestrator, tokenizer: Tokenizer) -> None:
     full = Collector()

@@ -23,7 +23,8 @@ from dspark_trt.runtime.serving import (
 )
 
 INPUTS = ("INPUT_IDS", "MAX_TOKENS", "TEMPERATURE", "SEED", "STOP", "STOP_IDS", "SPECULATION", "GAMMA")
-OUTPUTS = {"dspark_verify": ["LOGITS", "FEATURES"], "dspark_draft": ["TOKENS", "PROBS", "CONF_LOGITS", "CONFIDENCE"]}
+OUTPUTS = {"dspark_verify": ["TOP_IDS", "LOGITS", "FEATURES"],
+           "dspark_draft": ["TOKENS", "PROBS", "CONF_LOGITS", "CONFIDENCE"]}
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 

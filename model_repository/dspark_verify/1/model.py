@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 from dspark_trt.runtime.model_handlers import VerifyHandler, execute_batched
 
-INPUTS = ("SLOTS", "START", "TOKENS", "COUNTS")
+INPUTS = ("SLOTS", "START", "TOKENS", "COUNTS", "WANT_LOGITS")
 
 
 class TritonPythonModel:
