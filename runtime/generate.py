@@ -115,13 +115,18 @@ class SpeculativeDecoder:
             raise ValueError("empty prompt")
         slots = [self.free.pop() for _ in requests]
         self._round_end = None  # the prefill's time is not a round's overhead
-        for slot in slots:
-            self.drafter.reset(slot)
-        # Logits only where a request samples: greedy ones need the target's argmax, which a
-        # tensor-parallel target finds without gathering its vocabulary.
-        head, features = self.target.forward(slots, [r.prompt for r in requests], capture=self.drafter.target_layer_ids,
-                                             start=[0] * len(slots), logits=any(r.temperature > 0 for r in requests))
-        self.drafter.add_context_batch(slots, features)
+        try:
+            for slot in slots:
+                self.drafter.reset(slot)
+            # Logits only where a request samples: greedy ones need the target's argmax, which a
+            # tensor-parallel target finds without gathering its vocabulary.
+            head, features = self.target.forward(slots, [r.prompt for r in requests],
+                                                 capture=self.drafter.target_layer_ids, start=[0] * len(slots),
+                                                 logits=any(r.temperature > 0 for r in requests))
+            self.drafter.add_context_batch(slots, features)
+        except BaseException:
+            self.free.extend(slots[::-1])  # the requests were never admitted: their slots are free again
+            raise
         for i, (slot, request) in enumerate(zip(slots, requests, strict=True)):
             live = _Live(request, Result(), torch.Generator().manual_seed(request.seed), anchor=-1,
                          cached=len(request.prompt))

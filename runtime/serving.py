@@ -272,7 +272,13 @@ class Orchestrator:
                 waiting.append(stream)
         if not waiting:
             return
-        slots = self.decoder.admit([s.request for s in waiting])
+        try:
+            slots = self.decoder.admit([s.request for s in waiting])
+        except Exception:  # noqa: BLE001 - the prefill failed: these requests fail, the server stays up
+            message = traceback.format_exc(limit=3)
+            for stream in waiting:
+                stream.sink.error(f"internal error while starting the request: {message}")
+            return
         for slot, stream in zip(slots, waiting, strict=True):
             self.streams[slot] = stream
             self._publish({slot: list(self.decoder.live[slot].result.tokens)}, after_round=False)

@@ -182,6 +182,36 @@ def _config(repo: Path, model: str) -> str:
     return (repo / model / "config.pbtxt").read_text()
 
 
+def test_a_failed_prefill_fails_its_requests_and_keeps_the_slots(qwen3_ckpt: Path, tokenizer: Tokenizer) -> None:
+    """The verify model answering a prefill with an error (a bug, an out-of-date repository) must reach
+    the waiting clients as an error, and leave every slot free for the requests after it."""
+    handlers = {"dspark_verify": VerifyHandler(qwen3_ckpt, num_slots=2, max_len=64),
+                "dspark_draft": DraftHandler(qwen3_ckpt, num_slots=2, max_len=64)}
+    failures = [1]
+
+    def call(model, inputs):
+        if model == "dspark_verify" and failures:
+            failures.pop()
+            raise RuntimeError("dspark_verify: unknown input WANT_LOGITS")
+        return handlers[model].handle(inputs)
+
+    orch = Orchestrator(RemoteTarget(call), RemoteDrafter(call, 2, 7, (1, 2, 4)), num_slots=2, decode=tokenizer.decode)
+    orch.start()
+    try:
+        failed = [Collector() for _ in range(2)]
+        for sink in failed:
+            orch.submit(Request([5, 6, 7], max_new_tokens=4), [], sink)
+        assert all(s.done.wait(30) for s in failed)
+        assert all(len(s.errors) == 1 and "unknown input WANT_LOGITS" in s.errors[0] for s in failed)
+        later = [Collector() for _ in range(2)]  # both slots again: none was lost
+        for sink in later:
+            orch.submit(Request([5, 6, 7], max_new_tokens=4), [], sink)
+        assert all(s.done.wait(30) for s in later)
+        assert all(not s.errors and s.reason == "length" for s in later)
+    finally:
+        orch.stop()
+
+
 def test_eight_gpu_layout(qwen3_pair: Path, tmp_path: Path) -> None:
     from dspark_trt.builder.convert import convert
 
