@@ -64,9 +64,9 @@ def native_bf16() -> bool:
 class Projection:
     """`x @ Wᵀ` for a weight W [out, in] (a checkpoint's layout) that a round applies to a few rows.
 
-    float32 (or the runner's dtype) as [in, out]: for a few rows `x @ W` beats F.linear's `x @ Wᵀ` on
-    CPU. With `bf16`, a weight of BF16_MIN_WEIGHTS elements or more is kept in bf16 as [out, in] (the
-    layout oneDNN wants) and multiplied in bf16 with float32 accumulation: a draft round's lm_head
+    By default the weight is kept in the runner's dtype as [in, out] and applied as `x @ W`. With
+    `bf16`, a weight of BF16_MIN_WEIGHTS elements or more is kept in bf16 as [out, in] (the layout
+    oneDNN wants) and multiplied in bf16 with float32 accumulation: a draft round's lm_head
     [5, 256] x [256, 4096] takes 129 µs instead of 325 µs, 1.7 ms instead of 3.8 ms for 32 requests.
     Inputs and outputs are rounded to bf16 (~0.4 % relative): fine for proposals that verification
     checks exactly. Smaller weights stay float32, where the two casts cost more than the product saves.

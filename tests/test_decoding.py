@@ -363,8 +363,8 @@ def test_live_costs_draft_now_and_then_when_drafting_does_not_pay(qwen3_ckpt: Pa
 def test_bf16_products_keep_the_trained_drafters_acceptance(tmp_path: Path) -> None:
     """The shipped trained drafter with its large projections in bf16 (layers.Projection; the served
     default on CPUs with native bf16, emulated elsewhere): each product is ~0.4 % off, which must leave
-    its proposals what float32 proposes and the output the target's own. The fixture's weights are too
-    small to take the bf16 path at all."""
+    its proposals what float32 proposes and the output the target's own. Of the fixture's weights only
+    the lm_head is large enough for the bf16 path."""
     ckpt = tmp_path / "ckpt"
     convert(SHIPPED / "target", SHIPPED / "drafter", ckpt, tp=1, show_progress=False)
     prompts = encode(ckpt, heldout_prompts(16, part=1, seed=0))
