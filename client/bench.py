@@ -2,15 +2,15 @@
 
 For every mode (off / fixed / auto) and concurrency c, c workers each send requests back to back
 (one event loop, one gRPC stream per request) until the cell's request count is reached. The cells
-of one concurrency run interleaved, in slices of at least c requests (off, fixed, auto, off, fixed,
-auto, ...): a shared machine drifts by tens of per cent over minutes, and interleaving puts that drift
-on every mode alike instead of on whichever ran last. Per cell, over its slices:
-time to first token, inter-token latency percentiles (a chunk of k tokens arriving g seconds after
-the previous one counts as k gaps of g / k), tokens/s per user and for the system, mean τ from the
-responses, and — from the server's metrics, scraped before and after — the verified-length
-histogram, the acceptance rate of each block position, and how many calls the draft and verify
-models served and how long one took on average (Triton's own per-model request counters): the cost
-side of speculation, next to its gain (τ).
+of one concurrency run interleaved, in slices of at least c requests whose order of modes rotates
+(off fixed auto, fixed auto off, auto off fixed, ...): a shared machine drifts by tens of per cent
+over minutes, and interleaving puts that drift on every mode alike instead of on whichever ran last.
+Per cell, over its slices: time to first token, inter-token latency percentiles (a chunk of k tokens
+arriving g seconds after the previous one counts as k gaps of g / k), tokens/s per user and for the
+system, mean τ from the responses, and — from the server's metrics, scraped before and after — the
+verified-length histogram, the acceptance rate of each block position, and how many calls the draft
+and verify models served and how long one took on average (Triton's own per-model request counters):
+the cost side of speculation, next to its gain (τ).
 """
 
 from __future__ import annotations
@@ -144,6 +144,13 @@ def summarise(done: list[Completion], wall: float, before: dict, after: dict) ->
     }
 
 
+def slice_order(modes: list[str], slices: int) -> list[tuple[int, str]]:
+    """(slice, mode) in the order they run: every slice runs each mode once, and the order rotates
+    from slice to slice (off fixed auto, fixed auto off, ...), so that neither the machine's drift
+    nor whatever a mode leaves behind for the next one (caches, a busier server) favours one mode."""
+    return [(k, modes[(k + i) % len(modes)]) for k in range(slices) for i in range(len(modes))]
+
+
 def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     cells = []
     total = sum(max(config.requests, c) for c in config.concurrencies) * len(config.modes)
@@ -156,19 +163,18 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             done: dict[str, list[Completion]] = {mode: [] for mode in config.modes}
             wall = dict.fromkeys(config.modes, 0.0)
             counters: dict[str, dict[str, float]] = {mode: {} for mode in config.modes}
-            for k in range(slices):
-                for mode in config.modes:
-                    bar.update(task, description=f"c={concurrency} slice {k + 1}/{slices} {mode:5s}")
-                    before = scrape(config.metrics_url)
-                    duration = config.duration / slices if config.duration else None
-                    got, seconds = asyncio.run(_slice(config, mode, concurrency, range(bounds[k], bounds[k + 1]),
-                                                      duration, lambda: bar.advance(task)))
-                    time.sleep(0.5)  # the server buffers metric updates for up to 0.25 s
-                    after = scrape(config.metrics_url)
-                    done[mode] += got
-                    wall[mode] += seconds
-                    for key in after:
-                        counters[mode][key] = counters[mode].get(key, 0.0) + after[key] - before.get(key, 0.0)
+            for k, mode in slice_order(config.modes, slices):
+                bar.update(task, description=f"c={concurrency} slice {k + 1}/{slices} {mode:5s}")
+                before = scrape(config.metrics_url)
+                duration = config.duration / slices if config.duration else None
+                got, seconds = asyncio.run(_slice(config, mode, concurrency, range(bounds[k], bounds[k + 1]),
+                                                  duration, lambda: bar.advance(task)))
+                time.sleep(0.5)  # the server buffers metric updates for up to 0.25 s
+                after = scrape(config.metrics_url)
+                done[mode] += got
+                wall[mode] += seconds
+                for key in after:
+                    counters[mode][key] = counters[mode].get(key, 0.0) + after[key] - before.get(key, 0.0)
             for mode in config.modes:
                 cell = summarise(done[mode], wall[mode], {}, counters[mode])
                 cells.append({"mode": mode, "concurrency": concurrency, "slices": slices, **cell})

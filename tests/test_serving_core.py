@@ -212,6 +212,16 @@ def test_a_failed_prefill_fails_its_requests_and_keeps_the_slots(qwen3_ckpt: Pat
         orch.stop()
 
 
+def test_bench_rotates_the_order_of_the_modes() -> None:
+    from dspark_trt.client.bench import slice_order
+
+    order = slice_order(["off", "fixed", "auto"], 4)
+    assert [m for k, m in order if k == 0] == ["off", "fixed", "auto"]
+    assert [m for k, m in order if k == 1] == ["fixed", "auto", "off"]
+    assert [m for k, m in order if k == 2] == ["auto", "off", "fixed"]
+    assert sorted(order) == sorted((k, m) for k in range(4) for m in ("off", "fixed", "auto"))
+
+
 def test_eight_gpu_layout(qwen3_pair: Path, tmp_path: Path) -> None:
     from dspark_trt.builder.convert import convert
 
