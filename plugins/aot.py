@@ -4,7 +4,8 @@ Triton compiles for an explicit `GPUTarget("cuda", 90 | 100, 32)`: its LLVM back
 bundled `ptxas` assembles the cubin, neither of which needs a device. `dspark-build plugins` writes
 
     DIR/manifest.json                 format dspark-trt/plugins: one entry per (variant, arch)
-    DIR/sm_90/<variant>.ptx|.cubin    the kernel, named in the manifest with its launch metadata
+    DIR/sm_90/<variant>.ptx|.cubin    the kernel as Triton compiled it (for Triton-style launchers)
+    DIR/sm_90/<variant>.tensorrt.ptx  the same kernel declaring only the arguments TensorRT passes
 
 A *variant* is one specialisation of a kernel: its pointer types and compile-time constants (Markov
 head kind, noise source, padded rank, tile sizes). `trt.py` compiles the same specs on the build
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -130,6 +132,7 @@ class Compiled:
     shared_mem: int
     ptx_version: str
     seconds: float
+    tensorrt_ptx: str  # `ptx` with the entry TensorRT's AOT launch matches (tensorrt_entry)
 
 
 def compile_spec(spec: KernelSpec, arch: str, ptx_version: int | None = None) -> Compiled:
@@ -152,8 +155,7 @@ def compile_spec(spec: KernelSpec, arch: str, ptx_version: int | None = None) ->
         options["ptx_version"] = ptx_version
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     meta = compiled.metadata
-    # TensorRT's AOT launch passes only inputs, int32 scalars and outputs; Triton's hidden scratch
-    # pointers then arrive as null, which is only safe if the kernel never uses them.
+    # TensorRT's AOT launch has no buffers to give Triton's hidden scratch pointers (see tensorrt_entry).
     for scratch in ("global_scratch_size", "profile_scratch_size"):
         if getattr(meta, scratch, 0):
             raise RuntimeError(f"{spec.variant}: kernel needs {scratch}={getattr(meta, scratch)}; "
@@ -161,7 +163,34 @@ def compile_spec(spec: KernelSpec, arch: str, ptx_version: int | None = None) ->
     ptx = compiled.asm["ptx"]
     version = next((line.split()[1] for line in ptx.splitlines() if line.startswith(".version")), "?")
     return Compiled(spec, arch, meta.name, ptx, compiled.asm["cubin"], meta.num_warps, meta.shared, version,
-                    time.perf_counter() - start)
+                    time.perf_counter() - start, tensorrt_entry(ptx, meta.name, len(spec.signature)))
+
+
+def tensorrt_entry(ptx: str, kernel: str, declared: int) -> str:
+    """`ptx` whose entry declares only the kernel's own `declared` arguments.
+
+    Triton appends hidden parameters after the declared ones (`global_scratch`, `profile_scratch`;
+    its own launchers and `triton/tools/compile.py` pass them). TensorRT's AOT launch passes exactly
+    the input pointers, the `SymIntExprs` and the output pointers (`_TemplateAOTPlugin.get_launch_params`
+    sets `nbSymExprs = len(extra_args)`, nothing more), while `cuLaunchKernel` reads one argument per
+    parameter the entry declares: the hidden ones would be read past the end of TensorRT's argument
+    array. So the entry handed to TensorRT drops them, which is only valid because the kernel never
+    reads them (checked here; their scratch sizes are 0, checked in `compile_spec`).
+    """
+    header = re.search(rf"\.entry {re.escape(kernel)}\((.*?)\)", ptx, re.DOTALL)
+    if header is None:
+        raise RuntimeError(f"{kernel}: no `.entry {kernel}(...)` in the compiled PTX")
+    params = [line for line in header.group(1).splitlines() if line.strip()]
+    names = [line.strip().rstrip(",").split()[-1] for line in params]
+    if names[:declared] != [f"{kernel}_param_{i}" for i in range(declared)]:
+        raise RuntimeError(f"{kernel}: PTX parameters {names} do not start with the {declared} declared arguments")
+    body = ptx[header.end():]
+    used = [name for name in names[declared:] if re.search(rf"\b{re.escape(name)}\b", body)]
+    if used:
+        raise RuntimeError(f"{kernel}: the kernel reads Triton's hidden parameters {used}; TensorRT's AOT launch "
+                           "does not pass them")
+    kept = "\n".join(params[:declared]).rstrip(",")
+    return ptx[:header.start(1)] + "\n" + kept + "\n" + ptx[header.end(1):]
 
 
 def compile_plugins(out: Path, archs: list[str], specs: list[KernelSpec], *, force: bool = False,
@@ -187,11 +216,14 @@ def compile_plugins(out: Path, archs: list[str], specs: list[KernelSpec], *, for
             for spec in specs:
                 result = compile_spec(spec, arch, ptx_version)
                 ptx_path, cubin_path = tmp / arch / f"{spec.variant}.ptx", tmp / arch / f"{spec.variant}.cubin"
+                trt_ptx_path = tmp / arch / f"{spec.variant}.tensorrt.ptx"
                 ptx_path.write_text(result.ptx)
+                trt_ptx_path.write_text(result.tensorrt_ptx)
                 cubin_path.write_bytes(result.cubin)
                 entries.append({
                     "plugin": spec.plugin, "variant": spec.variant, "arch": arch, "kernel_name": result.name,
                     "ptx": f"{arch}/{ptx_path.name}", "cubin": f"{arch}/{cubin_path.name}",
+                    "tensorrt_ptx": f"{arch}/{trt_ptx_path.name}",
                     "ptx_version": result.ptx_version, "num_warps": result.num_warps,
                     "shared_mem": result.shared_mem, "signature": spec.signature, "constexprs": spec.constexprs,
                     "cubin_sha256": hashlib.sha256(result.cubin).hexdigest(),

@@ -10,9 +10,12 @@ compilation, launch metadata) is in `aot.py` / `launch.py` and tested there.
 Launch convention (TensorRT's AOT plugins): the kernel receives the input pointers, then the
 `SymIntExprs` extra arguments (int32 only), then the output pointers; `KernelLaunchParams` give the
 grid and block. Plugin attributes are not serialised into AOT engines; they only select the variant.
-"""
+The PTX handed to TensorRT declares exactly those parameters (`aot.Compiled.tensorrt_ptx`).
 
-from __future__ import annotations
+No `from __future__ import annotations` here: `tensorrt.plugin` validates the decorated signatures
+with `issubclass(annotation, TensorDesc)` and `annotation == str`, so the annotations must be the real
+classes, not strings.
+"""
 
 import ctypes
 import functools
@@ -45,8 +48,9 @@ def _device_arch() -> str:
 
 
 def _constant(expr, fallback: int | None = None) -> int:
-    if getattr(expr, "is_constant", False):
-        return int(expr.constant_value)
+    """The value of a build-time-constant `ShapeExpr` (`is_constant` is a property, `constant_value()` a method)."""
+    if expr.is_constant:
+        return int(expr.constant_value())
     if fallback is None:
         raise ValueError("this dimension must be static (a build-time constant) for the DSpark plugins")
     return fallback
@@ -65,13 +69,16 @@ def register() -> None:
     def compile_for_device(spec: aot.KernelSpec) -> aot.Compiled:
         return aot.compile_spec(spec, _device_arch(), _driver_ptx_version())
 
-    def launch(compiled: aot.Compiled, grid_x, extra: list):
+    # What an aot_impl returns: kernel name, PTX, launch parameters, the int32 scalar arguments.
+    AotKernel = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
+
+    def launch(compiled: aot.Compiled, grid_x, extra: list) -> AotKernel:
         params = trtp.KernelLaunchParams()
         params.grid_x = grid_x
         params.block_x = compiled.num_warps * 32
         params.shared_mem = compiled.shared_mem
         args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in extra])
-        return compiled.name.encode(), compiled.ptx.encode(), params, args
+        return compiled.name.encode(), compiled.tensorrt_ptx.encode(), params, args
 
     # -- MarkovSample ----------------------------------------------------------------------------
     @trtp.register(f"{ns}::MarkovSample")
@@ -87,7 +94,7 @@ def register() -> None:
 
     @trtp.aot_impl(f"{ns}::MarkovSample")
     def _markov_aot(base_logits, hidden, anchors, temperatures, noise, w1, w2, proj_weight, proj_bias, kind: str,
-                    noise_source: str, outputs, tactic: int):
+                    noise_source: str, outputs, tactic: int) -> AotKernel:
         rank = _constant(w1.shape_expr[1])
         spec = aot.markov_spec(kind, noise_source == "philox", rank, dtype_names[w1.dtype], dtype_names[hidden.dtype])
         shape = base_logits.shape_expr
@@ -117,7 +124,8 @@ def register() -> None:
         return tuple(trtp.from_shape_expr((batch, gamma), dtype=trt.float32) for _ in range(3))
 
     @trtp.aot_impl(f"{ns}::DSparkConfidence")
-    def _confidence_aot(hidden, markov_emb, weight, bias, sts_temperatures, with_markov: int, outputs, tactic: int):
+    def _confidence_aot(hidden, markov_emb, weight, bias, sts_temperatures, with_markov: int, outputs,
+                        tactic: int) -> AotKernel:
         spec = aot.confidence_spec(bool(with_markov), dtype_names[weight.dtype], dtype_names[hidden.dtype])
         shape = hidden.shape_expr
         return launch(compile_for_device(spec), shape[0], [shape[1], shape[2], markov_emb.shape_expr[2]])
@@ -145,7 +153,7 @@ def register() -> None:
 
     @trtp.aot_impl(f"{ns}::DSparkSchedule")
     def _schedule_aot(survival, token_counts, step_time_ms, batch_sizes, batch_overhead_ms, scalars, mode: str,
-                      outputs, tactic: int):
+                      outputs, tactic: int) -> AotKernel:
         gamma = _constant(survival.shape_expr[1])
         # One program holds every live request: engines must cap the batch at SCHEDULE_MAX_ROWS.
         spec = aot.schedule_spec(mode == "production", gamma, SCHEDULE_MAX_ROWS)

@@ -15,6 +15,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 
 from dspark_trt.builder.cli_engine import plugins  # noqa: E402
 from dspark_trt.plugins import aot  # noqa: E402
@@ -30,7 +31,7 @@ def compiled(qwen3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
-def test_cubins_for_sm90_and_sm100(compiled: Path):
+def test_cubins_for_sm90_and_sm100(compiled: Path, tmp_path: Path):
     manifest = json.loads((compiled / "manifest.json").read_text())
     assert manifest["format"] == "dspark-trt/plugins"
     entries = manifest["kernels"]
@@ -45,10 +46,16 @@ def test_cubins_for_sm90_and_sm100(compiled: Path):
             ptx = (compiled / entry["ptx"]).read_text()
             assert f".target {target}" in ptx
             assert f".entry {entry['kernel_name']}(" in ptx
-            # TensorRT's order: the declared runtime arguments, then Triton's two scratch pointers (unused:
-            # TensorRT passes null for arguments it was not given, checked at compile time).
-            params = re.findall(rf"\.param \S+(?: \.ptr \.global \.align \d+)? {entry['kernel_name']}_param_\d+", ptx)
-            assert len(params) == len(entry["signature"]) + 2
+            # Triton's entry: the declared runtime arguments, then its two hidden scratch pointers; the entry
+            # TensorRT gets declares only what TensorRT's AOT launch passes, and still assembles.
+            param = rf"\.param \S+(?: \.ptr \.global \.align \d+)? {entry['kernel_name']}_param_\d+"
+            assert len(re.findall(param, ptx)) == len(entry["signature"]) + 2
+            trt_ptx = compiled / entry["tensorrt_ptx"]
+            assert len(re.findall(param, trt_ptx.read_text())) == len(entry["signature"])
+            ptxas = get_ptxas(int(arch[3:])).path
+            done = subprocess.run([ptxas, f"-arch={target}", str(trt_ptx), "-o", str(tmp_path / "check.cubin")],
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
 
 
 def test_variants_are_named_by_their_specialisation(compiled: Path):
