@@ -397,8 +397,9 @@ def stop(pid_file: Path) -> None:
 
 def _register_engine_commands() -> None:
     from .cli_engine import engine, export, plugins
+    from .evaluate import eval_cmd
 
-    for command in (plugins, export, engine):
+    for command in (plugins, export, engine, eval_cmd):
         main.add_command(command)
 
 
