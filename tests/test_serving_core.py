@@ -15,6 +15,7 @@ from dspark_trt.runtime.detok import CONTEXT_TOKENS, IncrementalText, text_delta
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.loader import open_checkpoint
 from dspark_trt.runtime.model_handlers import DraftHandler, VerifyHandler
+from dspark_trt.runtime.placement import PlacementError, model_gpus, require_cpu
 from dspark_trt.runtime.serving import Limits, Orchestrator, ParamError, RemoteDrafter, RemoteTarget, parse_request
 
 TEXT = "naïve café — 東京 ✓ 🚀 ok"
@@ -222,18 +223,48 @@ def test_bench_rotates_the_order_of_the_modes() -> None:
     assert sorted(order) == sorted((k, m) for k in range(4) for m in ("off", "fixed", "auto"))
 
 
+def _model_config(repo: Path, model: str):
+    """config.pbtxt parsed by Triton's own model-config protobuf (tritonclient)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(_config(repo, model), model_config_pb2.ModelConfig())
+
+
+def _instances(config) -> int:
+    """How many instances Triton starts: a KIND_GPU group's `count` is per listed GPU."""
+    return sum(g.count * (len(g.gpus) if g.kind == g.KIND_GPU and g.gpus else 1) for g in config.instance_group)
+
+
 def test_eight_gpu_layout(qwen3_pair: Path, tmp_path: Path) -> None:
     from dspark_trt.builder.convert import convert
 
     convert(qwen3_pair / "target", qwen3_pair / "drafter", tmp_path / "ckpt", tp=8, show_progress=False)
     build_repo(tmp_path / "ckpt", tmp_path / "repo", layout="gpu", gpus=8, tp=8)
     verify, draft = _config(tmp_path / "repo", "dspark_verify"), _config(tmp_path / "repo", "dspark_draft")
-    assert "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0, 1, 2, 3, 4, 5, 6, 7 ] } ]" in verify
     assert re.search(r'key: "tp" value: \{ string_value: "8" \}', verify)
-    assert "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]" in draft  # beside verify's rank 0
+    # one instance owning the 8 ranks, rank r on GPU r; the drafter beside verify's rank 0
+    for model, gpus in (("dspark_verify", [0, 1, 2, 3, 4, 5, 6, 7]), ("dspark_draft", [0])):
+        config = _model_config(tmp_path / "repo", model)
+        assert _instances(config) == 1, model
+        assert config.instance_group[0].kind == config.instance_group[0].KIND_MODEL
+        assert model_gpus({k: v.string_value for k, v in config.parameters.items()}, model) == gpus
     assert "decoupled: true" in _config(tmp_path / "repo", "dspark")
     for model in ("preprocessing", "postprocessing", "dspark"):
         assert "KIND_CPU" in _config(tmp_path / "repo", model)
     assert not list((tmp_path / "repo").rglob("*.template"))
     with pytest.raises(Exception, match="--tp 2 differs from the checkpoint's tensor parallelism"):
         build_repo(tmp_path / "ckpt", tmp_path / "repo2", layout="gpu", gpus=8, tp=2)
+    with pytest.raises(Exception, match="--gpus 4: the one verify instance places its 8 tensor-parallel ranks"):
+        build_repo(tmp_path / "ckpt", tmp_path / "repo3", layout="gpu", gpus=4)
+
+
+def test_models_read_their_gpus_from_their_config() -> None:
+    assert model_gpus({"gpus": ""}, "dspark_verify", 2) == []  # the CPU layout
+    assert model_gpus({"gpus": "0,1"}, "dspark_verify", 2) == [0, 1]
+    for bad in ("0,0", "0", "0,x", "-1,0"):
+        with pytest.raises(PlacementError, match=f"dspark_verify: parameter gpus='{bad}'"):
+            model_gpus({"gpus": bad}, "dspark_verify", 2)
+    require_cpu([], "dspark_verify", "reference")
+    with pytest.raises(PlacementError, match=r"GPUs \[0, 1\], but the reference backend runs on the CPU only"):
+        require_cpu([0, 1], "dspark_verify", "reference")

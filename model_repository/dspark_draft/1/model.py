@@ -5,6 +5,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from dspark_trt.runtime.model_handlers import DraftHandler, execute_batched
+from dspark_trt.runtime.placement import model_gpus, require_cpu
 
 INPUTS = ("SLOTS", "CTX_START", "CTX_COUNTS", "CTX_FEATURES", "ANCHORS", "TEMPERATURES", "SEEDS", "GAMMA")
 
@@ -16,6 +17,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"backend {params['backend']!r}: this build serves the reference backend; the TensorRT draft "
                 "plan is built by `dspark-build engine --backend tensorrt` (see README, 'Deploying on GPUs')")
+        # GPU of each rank from this model's own config (one KIND_MODEL instance; see runtime/placement.py)
+        require_cpu(model_gpus(params, "dspark_draft"), "dspark_draft", params["backend"])
         self.handler = DraftHandler(params["engine_dir"], num_slots=int(params["num_slots"]),
                                     max_len=int(params["max_len"]), threads=int(params["threads"]))
 
