@@ -1,8 +1,14 @@
 """`dspark-build repo`: fill the Triton model templates for a deployment layout.
 
     cpu  every model on the CPU (reference backend; verify runs --tp gloo ranks)
-    gpu  verify spans GPUs 0..N-1 with tensor parallel N; the drafter shares GPU 0 (a separate
-         DSpark drafter, tp 1) or all N GPUs (DeepSeek-V4's mtp drafter, sharded like the target)
+    gpu  ONE verify instance owns all N tensor-parallel ranks, rank r on GPU r; the drafter sits on
+         verify's rank-0 GPU (a separate DSpark drafter, tp 1) or on GPUs 0..N-1 (DeepSeek-V4's mtp
+         drafter, sharded like the target)
+
+In Triton an instance group's `count` is per listed GPU, so `kind: KIND_GPU gpus: [0..7]` starts
+eight instances, each with its own caches, and calls land on whichever is free. The gpu layout
+therefore asks for one `KIND_MODEL` instance (the model places its own work) and hands it the GPU of
+each rank in the `gpus` parameter, which the Python models read.
 """
 
 from __future__ import annotations
@@ -26,6 +32,13 @@ def template_dir() -> Path:
     return Path(str(resources.files("dspark_trt.model_repository")))
 
 
+def gpu_lists(layout: str, tp: int, draft_tp: int) -> tuple[str, str]:
+    """The `gpus` parameters of dspark_verify (GPU of each rank) and dspark_draft ("" on the CPU)."""
+    if layout != "gpu":
+        return "", ""
+    return ",".join(str(g) for g in range(tp)), ",".join(str(g) for g in range(draft_tp))
+
+
 def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 1, tp: int | None = None,
                num_slots: int = 16, max_prompt_tokens: int = 1024, max_new_tokens: int = 512,
                scheduler: str = "production", min_gain: float = DEFAULT_MIN_GAIN, sps_table: Path | None = None,
@@ -41,12 +54,12 @@ def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 
     if tp != ckpt_tp:
         raise CheckpointError(ckpt / "manifest.json", f"--tp {tp} differs from the checkpoint's tensor parallelism",
                               subject="tp", found=ckpt_tp, expected=f"{tp} (convert again with --tp {tp})")
-    if layout == "gpu" and gpus % tp:
-        raise CheckpointError(ckpt / "manifest.json", f"--gpus {gpus} is not a multiple of --tp {tp}", subject="tp",
-                              found=tp, expected=f"a divisor of {gpus}")
+    if layout == "gpu" and gpus != tp:
+        raise CheckpointError(ckpt / "manifest.json", f"--gpus {gpus}: the one verify instance places its {tp} "
+                              "tensor-parallel ranks on one GPU each", subject="tp", found=tp,
+                              expected=f"--gpus {tp}, or convert again with --tp {gpus}")
     draft_tp = manifest.get("draft_tp") or 1
-    all_gpus = ", ".join(str(g) for g in range(tp))
-    draft_gpus = ", ".join(str(g) for g in range(draft_tp))
+    verify_gpus, draft_gpus = gpu_lists(layout, tp, draft_tp)
     engine_manifest = engine_dir / "manifest.json"
     backend = "reference"
     if engine_manifest.is_file() and engine_dir != ckpt:
@@ -58,12 +71,12 @@ def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 
         "max_prompt_tokens": max_prompt_tokens, "max_new_tokens": max_new_tokens, "scheduler": scheduler,
         "min_gain": min_gain, "live_costs": str(live_costs).lower(), "draft_threads": draft_threads,
         "preprocessing_instances": 1, "postprocessing_instances": 1,
-        "instance_kind": "KIND_GPU" if layout == "gpu" else "KIND_CPU",
-        "verify_gpus": f" gpus: [ {all_gpus} ]" if layout == "gpu" else "",
-        "draft_gpus": f" gpus: [ {draft_gpus} ]" if layout == "gpu" else "",
-        "layout_comment_verify": (f"Layout gpu: one instance spanning GPUs {all_gpus} (tensor parallel {tp})."
-                                  if layout == "gpu" else f"Layout cpu: one instance, {tp} gloo rank(s)."),
-        "layout_comment_draft": (f"Layout gpu: on GPU(s) {draft_gpus}, beside verify's rank(s) there."
+        "instance_kind": "KIND_MODEL" if layout == "gpu" else "KIND_CPU",
+        "verify_gpus": verify_gpus, "draft_gpus": draft_gpus,
+        "layout_comment_verify": (f"Layout gpu: one instance owning {tp} tensor-parallel rank(s), rank r on GPU r "
+                                  f"of `gpus` ({verify_gpus})." if layout == "gpu"
+                                  else f"Layout cpu: one instance, {tp} gloo rank(s)."),
+        "layout_comment_draft": (f"Layout gpu: one instance on GPU(s) {draft_gpus}, beside verify's rank(s) there."
                                  if layout == "gpu" else "Layout cpu: one instance."),
     }
     with atomic_directory(out, force=force) as tmp:
