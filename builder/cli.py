@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..runtime.atomic import OutputExistsError
+from ..runtime.atomic import OutputExistsError, check_output
 from ..runtime.errors import CheckpointError
 
 EXIT_INVALID_INPUT = 1
@@ -51,6 +51,10 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OutputExistsError as e:
             err.print(f"[red]error:[/] {escape(str(e))}")
             sys.exit(EXIT_OUTPUT_EXISTS)
+        except OSError as e:  # a file we were told to read or write is not there or not ours: no traceback
+            where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "(no file named)"
+            err.print(f"[red]error:[/] {escape(where)}: {escape(e.strerror or str(e))}")
+            sys.exit(EXIT_INVALID_INPUT)
 
     return wrapper
 
@@ -68,7 +72,17 @@ def main() -> None:
 
     \b
     Families: Qwen3 target + DeepSpec Qwen3DSparkModel drafter; DeepSeek-V4 with the drafter
-    built in under mtp.0..2.*. Exit codes: 0 ok, 1 invalid input, 2 usage, 3 output exists.
+    built in under mtp.0..2.*.
+
+    \b
+    Exit codes:
+      0  success
+      1  invalid input: the message names the file, tensor or field, what was found and what
+         was expected (also: an output that overlaps an input or cannot be written there)
+      2  bad command-line usage
+      3  the output exists (pass --force to replace it)
+      4  a missing optional dependency (TensorRT / TensorRT-LLM; the message names the install)
+      5  the server failed to start (its log is printed)
     """
 
 
@@ -93,8 +107,9 @@ def fixture(family: str, out: Path, seed: int, markov_head: str, scale: int, for
 
     Generated locally in seconds; nothing is downloaded.
     """
-    if out.exists() and not force:
-        raise OutputExistsError(out)
+    from .corpus import stdlib_root
+
+    check_output(out, inputs=[stdlib_root()], force=force)  # the tokenizer is trained on that corpus
     # The generators write atomically themselves: OUT appears whole or not at all.
     if family == "qwen3":
         from .fixture_qwen3 import write_qwen3_fixture
@@ -228,10 +243,11 @@ def profile(engine_dir: Path, out: Path, batch_sizes: str, verify_lengths: str |
     JSON: {"format": "dspark-trt/sps-table", "token_counts": [...], "step_time_ms": [...],
            "fixed_overhead_ms": x, "batch_sizes": [...], "batch_overhead_ms": [...], "meta": {...}}
     """
+    from ..runtime.scheduler import FORMAT
     from .profile import profile_checkpoint
 
-    if out.exists() and not force:
-        raise OutputExistsError(out)
+    # The table may live in ENGINE_DIR (where `repo` looks for it) but never replace another file there.
+    check_output(out, inputs=[engine_dir], force=force, replaceable=lambda f: _json_field(f, "format") == FORMAT)
     table = profile_checkpoint(engine_dir, batch_sizes=_ints(batch_sizes),
                                verify_lengths=_ints(verify_lengths) if verify_lengths else None,
                                context=context, warmup=warmup, steps=steps)
@@ -239,6 +255,15 @@ def profile(engine_dir: Path, out: Path, batch_sizes: str, verify_lengths: str |
     one, many = table.step_ms(1, 1), table.step_ms(table.batch_sizes[-1], table.token_counts[-1])
     stdout.print(f"[green]✓[/] wrote {out}: {one:.2f} ms for one token, {many:.2f} ms for "
                  f"{table.token_counts[-1]} tokens in a batch of {table.batch_sizes[-1]}")
+
+
+def _json_field(path: Path, key: str) -> Any:
+    """`key` of the JSON object in `path`, or None when the file is not such a JSON object."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return document.get(key) if isinstance(document, dict) else None
 
 
 def _ints(text: str) -> list[int]:
@@ -269,11 +294,16 @@ def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max
     the calibration error of the cumulative product) on two thirds of the rounds, and reports the
     ECE on the held-out third before and after.
     """
+    from ..runtime.calibration import KEY
     from .calibrate import builtin_prompts, encode, read_prompts
     from .calibrate import calibrate as run_calibration
 
-    texts = read_prompts(prompts_file) if prompts_file else builtin_prompts()
     out = out or engine_dir / "draft" / "sts.json"
+    # Writing ENGINE_DIR/draft/sts.json is the point (the drafter picks it up); replacing any other
+    # file of the checkpoint is not. Recalibrating replaces the earlier calibration without --force.
+    check_output(out, inputs=[engine_dir, prompts_file], force=True,
+                 replaceable=lambda f: _json_field(f, KEY) is not None)
+    texts = read_prompts(prompts_file) if prompts_file else builtin_prompts()
     report = run_calibration(engine_dir, encode(engine_dir, texts), out, max_new_tokens=max_new_tokens,
                              temperature=temperature)
     table = Table("position", "temperature", "acceptance", "ECE before", "ECE after", title="STS calibration "

@@ -64,7 +64,9 @@ def plugins(archs: str, out: Path, ckpt: Path | None, dtypes: str, ptx_version: 
     OUT/manifest.json (kernel names, launch metadata, signatures, compile times).
     """
     from ..plugins import aot
+    from ..runtime.atomic import check_output
 
+    check_output(out, inputs=[ckpt], force=force)
     arch_list = _csv(archs)
     for arch in arch_list:
         try:

@@ -32,7 +32,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..runtime.atomic import atomic_directory
+from ..runtime.atomic import atomic_directory, check_output
 from ..runtime.errors import CheckpointError
 from ..runtime.manifest import sampled_sha256, sha256_file, write_manifest
 from ..runtime.safetensors_io import PlannedTensor, StreamingWriter, TensorInfo
@@ -158,6 +158,7 @@ def convert(target: Path, drafter: Path | None, out: Path, *, tp: int = 1, draft
             dequantize: bool = False, force: bool = False, show_progress: bool = True,
             full_hash: bool = False) -> dict[str, Any]:
     """Validate, plan and write a converted checkpoint; returns the manifest."""
+    check_output(out, inputs=[target, drafter], force=force)  # fail fast, before reading any weights
     pair = open_pair([target] + ([drafter] if drafter else []))
     if pair.target is None:
         raise CheckpointError(target, "no target checkpoint given", found="only a drafter",
@@ -177,7 +178,9 @@ def convert(target: Path, drafter: Path | None, out: Path, *, tp: int = 1, draft
         plans["draft"] = (pair.drafter, draft)
     total = sum(_source_bytes(s, p) for s, p in plans.values())
 
-    with atomic_directory(out, force=force) as tmp, ThreadPoolExecutor(1) as hasher:
+    # Every file read, too: a shard index may name weights outside the directory given.
+    inputs = [target, drafter, pair.calibration, *(f for src in _sources(pair).values() for f in src.ckpt.files)]
+    with atomic_directory(out, force=force, inputs=inputs) as tmp, ThreadPoolExecutor(1) as hasher:
         hash_file = sha256_file if full_hash else sampled_sha256
         hashes = {role: {f.name: hasher.submit(hash_file, f) for f in src.ckpt.files}
                   for role, src in _sources(pair).items()}

@@ -30,7 +30,7 @@ from ..plugins.deps import (
     require_tensorrt,
     require_trtllm_build,
 )
-from ..runtime.atomic import atomic_directory
+from ..runtime.atomic import atomic_directory, check_output
 from ..runtime.errors import CheckpointError
 from ..runtime.manifest import read_manifest, write_manifest
 from ..runtime.scheduler import DEFAULT_MIN_GAIN
@@ -69,11 +69,10 @@ def build_engine(ckpt: Path, out: Path, *, backend: str = "reference", force: bo
     """Build ENGINE_DIR `out` from converted checkpoint `ckpt`; returns the engine manifest."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_output(out, inputs=[ckpt], force=force)
     manifest = _checkpoint(ckpt)
-    if Path(out).absolute().is_relative_to(Path(ckpt).absolute()):
-        raise CheckpointError(out, "the engine directory cannot be inside the checkpoint", expected="another path")
     if backend == "reference":
-        with atomic_directory(out, force=force) as tmp:
+        with atomic_directory(out, force=force, inputs=[ckpt]) as tmp:
             _link_tree(Path(ckpt), tmp / "checkpoint")
             return write_manifest(tmp, "engine", **_engine_fields(manifest, backend, ckpt))
     if manifest["family"] == "qwen3":
@@ -136,7 +135,7 @@ def _build_qwen3_tensorrt(ckpt: Path, out: Path, manifest: dict[str, Any], *, fo
 
     gamma = manifest["dspark"]["block_size"]
     draft_config = json.loads((ckpt / "draft" / "config.json").read_text())
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, inputs=[ckpt]) as tmp:
         onnx_manifest = export_onnx(ckpt, tmp / "onnx")
         profiles = plan_profiles(onnx_manifest, draft_config, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         for graph, shapes in profiles.items():
@@ -217,7 +216,7 @@ def _write_deepseek_v4_config(ckpt: Path, out: Path, manifest: dict[str, Any], *
     import yaml
 
     model = (manifest.get("sources") or {}).get("target", {}).get("path")
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, inputs=[ckpt]) as tmp:
         _link_tree(ckpt, tmp / "checkpoint")
         sts = tmp / "checkpoint" / "draft" / "sts.json"
         config = trtllm_serve_config(manifest, calibration=str(Path(out).absolute() / "checkpoint/draft/sts.json")

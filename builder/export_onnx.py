@@ -175,11 +175,12 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 def export_onnx(ckpt: Path, out: Path, *, force: bool = False, schedule_mode: str = "paper") -> dict[str, Any]:
     """Write draft.onnx, context.onnx and schedule.onnx for a converted Qwen3 checkpoint; returns the manifest."""
-    from ..runtime.atomic import atomic_directory
+    from ..runtime.atomic import atomic_directory, check_output
     from ..runtime.manifest import write_manifest
 
     if schedule_mode not in onnx_ops.SCHEDULE_MODES:
         raise ValueError(f"schedule_mode must be one of {onnx_ops.SCHEDULE_MODES}, got {schedule_mode!r}")
+    check_output(out, inputs=[ckpt], force=force)  # fail fast, before loading the drafter
     drafter, manifest = open_drafter(ckpt)
     onnx_ops.register_schemas()
     batch, dims = torch.export.Dim("batch", min=1, max=4096), {}
@@ -199,7 +200,7 @@ def export_onnx(ckpt: Path, out: Path, *, force: bool = False, schedule_mode: st
     dims["schedule"] = {"survival": {0: rows}, "token_counts": {0: points}, "step_time_ms": {0: points},
                         "batch_sizes": {0: sizes}, "batch_overhead_ms": {0: sizes}, "scalars": {}}
 
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, inputs=[ckpt]) as tmp:
         _export(DraftGraph(drafter), draft_args, tmp / "draft.onnx", DRAFT_INPUTS, DRAFT_OUTPUTS, dims["draft"])
         _export(ContextGraph(drafter), (features, torch.tensor([0, 5])), tmp / "context.onnx", CONTEXT_INPUTS,
                 CONTEXT_OUTPUTS, dims["context"])

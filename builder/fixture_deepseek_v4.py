@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from ..runtime.atomic import atomic_directory
 from ..runtime.fp8 import quantize_fp8_block
+from .corpus import stdlib_root
 from .fixture_qwen3 import shard_size_for
 from .tokenizer import special_token_ids, train_tokenizer
 
@@ -113,7 +114,7 @@ def v4_config(token_ids: dict[str, int], **overrides: object) -> DeepseekV4Confi
         pad_token_id=token_ids[PAD],
         dspark_block_size=DSPARK_BLOCK_SIZE,
         dspark_noise_token_id=token_ids[MASK],
-        # V4 reads the INPUT residual of these layers, so the last layer (3) is allowed here.
+        # Layer outputs, the last layer's (3) included, as V4-Flash-DSpark reads [40, 41, 42] of 43 layers.
         dspark_target_layer_ids=list(DSPARK_TARGET_LAYER_IDS),
         dspark_markov_rank=MARKOV_RANK,
     )
@@ -264,7 +265,7 @@ def write_deepseek_v4_fixture(out: Path, seed: int = 0) -> None:
     from transformers import AutoModelForCausalLM
 
     # Regenerating a fixture is idempotent, so an existing `out` is replaced (atomically).
-    with atomic_directory(out, force=True) as tmp:
+    with atomic_directory(out, force=True, inputs=[stdlib_root()]) as tmp:  # the tokenizer's corpus
         target_dir = tmp / "target"
         tokenizer_path = train_tokenizer(
             target_dir,

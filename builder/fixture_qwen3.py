@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..runtime.atomic import atomic_directory
+from ..runtime.heads import markov_tensor_shapes
+from .corpus import stdlib_root
 from .tokenizer import QWEN3_SPECIAL_TOKENS, TOKENIZER_FILES, special_token_ids, train_tokenizer
 
 if TYPE_CHECKING:  # transformers is imported lazily: it takes seconds to import
@@ -32,6 +34,9 @@ DRAFT_LAYERS = 2
 BLOCK_SIZE = 7
 TARGET_LAYER_IDS = [1, 2, 4]
 MARKOV_RANK = 32
+# DeepSpec's anchors sampled per training sequence (config/dspark/dspark_qwen3_8b.py); inference ignores it,
+# but DeepSpec's Qwen3DSparkModel requires the field.
+NUM_ANCHORS = 512
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 MASK_TOKEN = "<|mask|>"
 
@@ -60,7 +65,8 @@ def _norm_weight(size: int, gen: torch.Generator) -> torch.Tensor:
     return (1.0 + torch.randn(size, generator=gen) * 0.01).to(torch.bfloat16)
 
 
-def _target_config(token_ids: dict[str, int], scale: int, layers: int) -> Qwen3Config:
+def _target_config(token_ids: dict[str, int], scale: int, layers: int, rope_scaling: dict | None = None
+                   ) -> Qwen3Config:
     from transformers import Qwen3Config
 
     return Qwen3Config(
@@ -73,7 +79,7 @@ def _target_config(token_ids: dict[str, int], scale: int, layers: int) -> Qwen3C
         head_dim=BASE_HEAD_DIM * scale,
         tie_word_embeddings=False,
         max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, **(rope_scaling or {})},
         # Qwen3 convention: <|endoftext|> is bos and pad, <|im_end|> ends a turn.
         bos_token_id=token_ids["<|endoftext|>"],
         eos_token_id=token_ids["<|im_end|>"],
@@ -81,10 +87,11 @@ def _target_config(token_ids: dict[str, int], scale: int, layers: int) -> Qwen3C
     )
 
 
-def _write_target(target_dir: Path, token_ids: dict[str, int], seed: int, scale: int, layers: int) -> None:
+def _write_target(target_dir: Path, token_ids: dict[str, int], seed: int, scale: int, layers: int,
+                  rope_scaling: dict | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
-    config = _target_config(token_ids, scale, layers)
+    config = _target_config(token_ids, scale, layers, rope_scaling)
     torch.manual_seed(seed)
     # Built directly in bf16 so a multi-GB benchmark model never exists in float32.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -122,17 +129,8 @@ def drafter_tensors(
         t[p + "mlp.gate_proj.weight"] = _normal((inter, h), gen)
         t[p + "mlp.up_proj.weight"] = _normal((inter, h), gen)
         t[p + "mlp.down_proj.weight"] = _normal((h, inter), gen)
-    t["markov_head.markov_w1.weight"] = _normal((v, r), gen)
-    t["markov_head.markov_w2.weight"] = _normal((v, r), gen)
-    head_type = config["markov_head_type"]
-    if head_type == "gated":
-        t["markov_head.markov_gate.weight"] = _normal((r, h + r), gen)
-        t["markov_head.markov_gate.bias"] = _normal((r,), gen)
-    elif head_type == "rnn":
-        t["markov_head.markov_rnn.weight"] = _normal((3 * r, 2 * r + h), gen)
-        t["markov_head.markov_rnn.bias"] = _normal((3 * r,), gen)
-    elif head_type != "vanilla":
-        raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}, got {head_type!r}")
+    for name, shape in markov_tensor_shapes(config["markov_head_type"], v, r, h).items():
+        t[name] = _normal(shape, gen)
     conf_in = h + r if config["confidence_head_with_markov"] else h
     t["confidence_head.proj.weight"] = _normal((1, conf_in), gen)
     t["confidence_head.proj.bias"] = _normal((1,), gen)
@@ -149,6 +147,7 @@ def drafter_config(target_config: dict, mask_token_id: int, markov_head_type: st
         block_size=BLOCK_SIZE,
         mask_token_id=mask_token_id,
         target_layer_ids=list(TARGET_LAYER_IDS),
+        num_anchors=NUM_ANCHORS,
         enable_confidence_head=True,
         confidence_head_with_markov=True,
         markov_rank=MARKOV_RANK,
@@ -179,12 +178,16 @@ def write_qwen3_fixture(
     markov_head_type: str = "vanilla",
     scale: int = 1,
     layers: int = TARGET_LAYERS,
+    rope_scaling: dict | None = None,
 ) -> None:
     """Write `out/target` (Qwen3ForCausalLM, sharded bf16) and `out/drafter` (Qwen3DSparkModel, bf16).
 
     `scale` multiplies hidden size, intermediate size and head_dim (heads stay 8 / 4 KV); `layers` sets
-    the target depth. Both are size knobs for benchmarks. No `sts.json` is written: calibration is fitted
-    later. The whole of `out` appears at once (built in a hidden sibling, then renamed).
+    the target depth. Both are size knobs for benchmarks. `rope_scaling` (e.g. {"rope_type": "yarn",
+    "factor": 4.0, "original_max_position_embeddings": 512}) goes into the target's `rope_parameters`, and
+    so into the drafter's, whose config is the target's with the DSpark fields added (as DeepSpec's
+    `build_draft_config` makes it). No `sts.json` is written: calibration is fitted later. The whole of
+    `out` appears at once (built in a hidden sibling, then renamed).
     """
     if markov_head_type not in MARKOV_HEAD_TYPES:
         raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}, got {markov_head_type!r}")
@@ -196,7 +199,7 @@ def write_qwen3_fixture(
         raise ValueError(f"layers must be >= {minimum} for target_layer_ids {TARGET_LAYER_IDS}, got {layers}")
 
     # Regenerating a fixture is idempotent, so an existing `out` is replaced (atomically).
-    with atomic_directory(out, force=True) as tmp:
+    with atomic_directory(out, force=True, inputs=[stdlib_root()]) as tmp:  # the tokenizer's corpus
         target_dir, drafter_dir = tmp / "target", tmp / "drafter"
         tokenizer_path = train_tokenizer(
             target_dir,
@@ -208,7 +211,7 @@ def write_qwen3_fixture(
             model_max_length=2048,
         )
         token_ids = special_token_ids(tokenizer_path, QWEN3_SPECIAL_TOKENS)
-        _write_target(target_dir, token_ids, seed, scale, layers)
+        _write_target(target_dir, token_ids, seed, scale, layers, rope_scaling)
 
         drafter_dir.mkdir()
         for name in TOKENIZER_FILES:

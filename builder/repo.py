@@ -79,7 +79,7 @@ def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 
         "layout_comment_draft": (f"Layout gpu: one instance on GPU(s) {draft_gpus}, beside verify's rank(s) there."
                                  if layout == "gpu" else "Layout cpu: one instance."),
     }
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, inputs=[engine_dir, ckpt, sps_table]) as tmp:
         values["sps_table"] = ""
         if sps_table is not None:
             shutil.copyfile(sps_table, tmp / "sps_table.json")

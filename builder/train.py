@@ -26,8 +26,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..runtime.atomic import OutputExistsError, atomic_directory, write_text_atomic
-from .corpus import HELD_OUT_PERCENT, corpus_texts, heldout_prompts, token_stream
+from ..runtime.atomic import atomic_directory, check_output, write_text_atomic
+from .corpus import HELD_OUT_PERCENT, corpus_texts, heldout_prompts, stdlib_root, token_stream
 from .tokenizer import QWEN3_SPECIAL_TOKENS, TOKENIZER_FILES, special_token_ids, train_tokenizer
 from .train_drafter import DrafterRecipe, drafter_config, train_drafter
 from .train_target import TargetRecipe, load_target, target_config, train_target
@@ -90,9 +90,11 @@ def train_pair(
     hf_logging.disable_progress_bar()  # ours is enough
     target_recipe, drafter_recipe = target_recipe or TargetRecipe(), drafter_recipe or DrafterRecipe()
     out, record_path = Path(out), Path(out) / "training.json"
+    corpus = [stdlib_root()]
+    check_output(out, inputs=corpus, force=force or resume)
+    if ablation is not None:  # replaced whole when retrained, so it must stay clear of OUT as well
+        check_output(ablation, inputs=[*corpus, out], force=True)
     if out.exists() and not resume:
-        if not force:
-            raise OutputExistsError(out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -115,7 +117,7 @@ def train_pair(
     target_dir = out / "target"
     if not done("target", target_dir, target_recipe):
         set_determinism(seed, target_threads)
-        with atomic_directory(target_dir, force=True) as tmp:
+        with atomic_directory(target_dir, force=True, inputs=corpus) as tmp:
             train_tokenizer(tmp, VOCAB_SIZE, QWEN3_SPECIAL_TOKENS, seed=seed, eos_token="<|im_end|>",
                             pad_token="<|endoftext|>", model_max_length=2048, corpus=corpus_texts("train"))
             tokenizer = Tokenizer.from_file(str(tmp / "tokenizer.json"))
@@ -139,7 +141,7 @@ def train_pair(
         target_cfg = json.loads((target_dir / "config.json").read_text())
     for name, directory, recipe in drafters:
         set_determinism(seed, drafter_threads)
-        with atomic_directory(directory, force=True) as tmp:
+        with atomic_directory(directory, force=True, inputs=[*corpus, target_dir]) as tmp:
             for file in TOKENIZER_FILES:
                 shutil.copyfile(target_dir / file, tmp / file)
             config = drafter_config(target_cfg, mask_id, recipe)

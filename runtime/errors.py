@@ -31,6 +31,6 @@ class CheckpointError(Exception):
     def describe(self) -> str:
         where = self.path + (f" [{self.subject}]" if self.subject else "")
         text = f"{where}: {self.problem}"
-        if self.found is not None or self.expected is not None:
-            text += f" (found {self.found}, expected {self.expected})"
-        return text
+        details = [f"{label} {value}" for label, value in (("found", self.found), ("expected", self.expected))
+                   if value is not None]
+        return text + (f" ({', '.join(details)})" if details else "")

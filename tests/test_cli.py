@@ -27,6 +27,18 @@ def test_build_help_explains_each_verb(verb: str | None, words: list[str]) -> No
         assert word in result.output, f"{word!r} missing from `dspark-build {verb or ''} --help`"
 
 
+def test_build_help_lists_every_exit_code() -> None:
+    """`dspark-build --help` names each exit code the commands use (0-5), one line each."""
+    import re
+
+    from dspark_trt.builder import cli, cli_engine
+
+    text = CliRunner().invoke(build, ["--help"]).output
+    listed = {int(code) for code in re.findall(r"^\s+(\d)\s+\w", text.split("Exit codes:")[1], re.MULTILINE)}
+    used = {0, 2, cli.EXIT_INVALID_INPUT, cli.EXIT_OUTPUT_EXISTS, cli.EXIT_SERVER, cli_engine.EXIT_MISSING_DEPENDENCY}
+    assert listed == used == {0, 1, 2, 3, 4, 5}
+
+
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert CliRunner().invoke(build, ["convert", "--target", str(tmp_path)]).exit_code == 2  # no -o
     assert CliRunner().invoke(build, ["fixture", "llama", str(tmp_path)]).exit_code == 2

@@ -56,7 +56,7 @@ def test_bad_input_is_exit_code_1(tmp_path: Path, qwen3_ckpt: Path):
     result = run(tmp_path / "empty", "-o", tmp_path / "out")
     assert result.exit_code == 1 and "manifest not found" in result.output
     result = run(qwen3_ckpt, "-o", qwen3_ckpt / "engine")
-    assert result.exit_code == 1 and "inside the checkpoint" in result.output
+    assert result.exit_code == 1 and "lies inside the input" in result.output
 
 
 @no_tensorrt
