@@ -21,7 +21,7 @@ REPO    := $(BUILD)/repo-$(FAMILY)
 DRAFTER := $(if $(filter qwen3,$(FAMILY)),--drafter $(PAIR)/drafter)
 CLIENT  := $(BIN)/dspark-client
 
-.PHONY: setup test demo fixture lint serve stop bench-convert bench-generate bench-serve soak clean help
+.PHONY: setup test demo fixture lint serve stop bench-convert bench-generate bench-serve soak clean help gpu-check
 
 help:
 	@echo "make setup          create $(VENV) with torch ($(TORCH)) and dspark-trt[dev] (editable)"
@@ -31,6 +31,7 @@ help:
 	@echo "make serve / stop   profile -> model repository -> tritonserver on 127.0.0.1 (detached) / stop it"
 	@echo "make lint           ruff"
 	@echo "make bench-convert | bench-generate | bench-serve | soak   benchmarks (bench/*.py)"
+	@echo "make gpu-check      one-shot check of the GPU parts on one NVIDIA GPU (machine's own torch/triton, no venv)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -96,3 +97,8 @@ soak: setup
 
 clean:
 	rm -rf $(BUILD) .pytest_cache
+
+# One-shot check of every GPU part on one NVIDIA GPU, with the machine's own torch and OpenAI Triton:
+# no venv, nothing installed, nothing but this checkout on the path (see plugins/gpu_check.py).
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m dspark_trt.plugins.gpu_check --out $(BUILD)/gpu-check.json

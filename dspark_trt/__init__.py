@@ -6,3 +6,12 @@ The repository's top-level folders are mapped under this namespace:
 """
 
 __version__ = "0.1.0"
+
+# A source checkout that was never installed (`make gpu-check` on a machine without `make setup`):
+# the top-level folders are found as this package's subpackages. An installed copy has no
+# pyproject.toml beside it, and its package-dir mapping already does this.
+import pathlib as _pathlib
+
+_root = _pathlib.Path(__file__).resolve().parent.parent
+if (_root / "pyproject.toml").is_file() and (_root / "runtime" / "__init__.py").is_file():
+    __path__.append(str(_root))

@@ -105,6 +105,6 @@ gpu = pytest.mark.skipif(not _gpu_available(), reason="needs an NVIDIA GPU with 
 def test_tensorrt_plugin_matches_reference(plugin: str):
     """Build a one-plugin TensorRT network with the AOT kernel and compare with the Triton launch (same
     kernel, already compared with the torch reference on CPU). Runs in a child process."""
-    done = subprocess.run([sys.executable, "-m", "dspark_trt.plugins.gpu_check", plugin],
+    done = subprocess.run([sys.executable, "-m", "dspark_trt.plugins.trt_check", plugin],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
