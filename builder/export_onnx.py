@@ -29,7 +29,7 @@ from torch import nn
 from ..plugins import onnx_ops
 from ..runtime.drafter import Qwen3DSparkDrafter
 from ..runtime.errors import CheckpointError
-from ..runtime.layers import apply_rope, attention, rms_norm, rope_tables, swiglu
+from ..runtime.layers import apply_rope, attention, rms_norm, swiglu
 from ..runtime.manifest import read_manifest
 
 OPSET = 20
@@ -54,7 +54,7 @@ class _Qwen3Graph(nn.Module):
         d = drafter
         self.w = _Weights(d.w)
         self.layers, self.heads, self.kv_heads, self.head_dim = d.layers, d.heads, d.kv_heads, d.head_dim
-        self.eps, self.theta, self.gamma, self.mask_token_id = d.eps, d.theta, d.block_size, d.mask_token_id
+        self.eps, self.rope, self.gamma, self.mask_token_id = d.eps, d.rope, d.block_size, d.mask_token_id
 
     def _kv(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key: str = "self_attn."
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +74,7 @@ class ContextGraph(_Qwen3Graph):
         w = self.w
         ctx = rms_norm(F.linear(features, w["fc.weight"]), w["hidden_norm.weight"], self.eps)
         positions = start[:, None] + torch.arange(features.shape[1], device=features.device)
-        cos, sin = rope_tables(positions, self.head_dim, self.theta)
+        cos, sin = self.rope(positions)
         kvs = [self._kv(layer, ctx, cos, sin) for layer in range(self.layers)]
         return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])
 
@@ -104,7 +104,7 @@ class DraftGraph(_Qwen3Graph):
         ids = torch.cat([anchors[:, None], torch.full_like(anchors[:, None], self.mask_token_id).expand(-1, gamma - 1)],
                         dim=1)
         positions = ctx_lens[:, None] + torch.arange(gamma, device=anchors.device)
-        cos, sin = rope_tables(positions, self.head_dim, self.theta)
+        cos, sin = self.rope(positions)
         # Every block position sees the row's context (first ctx_len cache entries) and the whole block.
         in_context = torch.arange(width, device=anchors.device)[None, :] < ctx_lens[:, None]
         allowed = torch.cat([in_context, torch.ones_like(in_context[:, :1]).expand(-1, gamma)], dim=1)

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..runtime.heads import ConfidenceHead, MarkovHead
-from ..runtime.layers import apply_rope, attention, rms_norm, rope_tables, swiglu
+from ..runtime.layers import apply_rope, attention, rms_norm, swiglu
+from ..runtime.qwen3 import qwen3_rope
 from .corpus import WindowSampler, eval_windows
 from .fixture_qwen3 import drafter_config as fixture_drafter_config
 from .fixture_qwen3 import drafter_tensors as fixture_drafter_tensors
@@ -79,6 +80,7 @@ def drafter_config(target_config: dict, mask_token_id: int, recipe: DrafterRecip
     config = fixture_drafter_config(target_config, mask_token_id, "vanilla")
     config.update(num_hidden_layers=recipe.layers, block_size=recipe.block_size,
                   target_layer_ids=list(recipe.target_layer_ids), markov_rank=recipe.markov_rank,
+                  num_anchors=recipe.anchors,  # DeepSpec's name for the anchors sampled per sequence
                   # Without a Markov head there is no W1 embedding to feed the confidence head.
                   confidence_head_with_markov=recipe.markov_rank > 0)
     if isinstance(target_config.get("layer_types"), list):
@@ -102,7 +104,7 @@ class DSparkDraftModel:
         self.gamma, self.mask_token_id = c["block_size"], c["mask_token_id"]
         self.layers, self.eps = c["num_hidden_layers"], c["rms_norm_eps"]
         self.heads, self.kv_heads, self.head_dim = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
-        self.theta = float(c.get("rope_theta") or c["rope_parameters"]["rope_theta"])
+        self.rope = qwen3_rope(c, "drafter config")
         self.markov_kind = c["markov_head_type"] if c["markov_rank"] > 0 else "none"
 
     @classmethod
@@ -175,8 +177,8 @@ class DSparkDraftModel:
         allowed = torch.cat([sees_context, sees_block], dim=2)
 
         ctx = rms_norm(F.linear(features, w["fc.weight"]), w["hidden_norm.weight"], self.eps)
-        ctx_cos, ctx_sin = rope_tables(torch.arange(length)[None], self.head_dim, self.theta)
-        cos, sin = rope_tables(block_pos, self.head_dim, self.theta)
+        ctx_cos, ctx_sin = self.rope(torch.arange(length)[None])
+        cos, sin = self.rope(block_pos)
         x = F.embedding(ids, w["embed_tokens.weight"])
         for layer in range(self.layers):
             p = f"layers.{layer}."
@@ -203,10 +205,7 @@ class DSparkDraftModel:
         # with the true previous tokens in place of the drafted ones.
         prev = tokens.gather(1, block_pos).view(batch * n, gamma)
         flat = hidden.reshape(batch * n, gamma, -1)
-        proj = {"gated": "markov_gate", "rnn": "markov_rnn"}.get(self.markov_kind)
-        markov = MarkovHead(self.markov_kind, w.get("markov_head.markov_w1.weight"),
-                            w.get("markov_head.markov_w2.weight"), w.get(f"markov_head.{proj}.weight"),
-                            w.get(f"markov_head.{proj}.bias"))
+        markov = MarkovHead.from_weights(self.markov_kind, w)
         confidence = ConfidenceHead(w["confidence_head.proj.weight"], w.get("confidence_head.proj.bias"),
                                     bool(self.config["confidence_head_with_markov"]))
         biases, conf = [], []

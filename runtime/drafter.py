@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from .calibration import read_calibration
 from .errors import CheckpointError
 from .heads import ConfidenceHead, MarkovHead, sample
-from .layers import Projection, apply_rope, native_bf16, rms_norm, rope_tables
+from .layers import Projection, apply_rope, native_bf16, rms_norm
+from .qwen3 import qwen3_rope
 from .safetensors_io import SafetensorsCheckpoint
 
 CALIBRATION_FILE = "sts.json"
@@ -46,10 +47,6 @@ class Draft:
     @property
     def survival(self) -> torch.Tensor:
         return torch.cumprod(self.confidence, dim=-1)
-
-
-def _rope_theta(config: dict) -> float:
-    return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1e6))
 
 
 class SlotContext:
@@ -108,13 +105,10 @@ class Qwen3DSparkDrafter(SlotContext):
         self.w = w = {name: ckpt.get(name).to(dtype) for name in ckpt.tensors}
         self.block_size, self.mask_token_id = dspark["block_size"], dspark["mask_token_id"]
         self.target_layer_ids = tuple(dspark["target_layer_ids"])
-        self.layers, self.eps, self.theta = c["num_hidden_layers"], c["rms_norm_eps"], _rope_theta(c)
+        self.layers, self.eps = c["num_hidden_layers"], c["rms_norm_eps"]
         self.heads, self.kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
-        kind = dspark["markov_head_type"]
-        proj = {"gated": "markov_gate", "rnn": "markov_rnn"}.get(kind)
-        self.markov = MarkovHead(kind, w.get("markov_head.markov_w1.weight"), w.get("markov_head.markov_w2.weight"),
-                                 w.get(f"markov_head.{proj}.weight"), w.get(f"markov_head.{proj}.bias"))
+        self.markov = MarkovHead.from_weights(dspark["markov_head_type"], w, source=draft_dir / "rank0.safetensors")
         calibration = draft_dir / CALIBRATION_FILE
         temperatures = read_calibration(calibration, self.block_size) if calibration.is_file() else None
         self.confidence = ConfidenceHead(w["confidence_head.proj.weight"], w.get("confidence_head.proj.bias"),
@@ -147,7 +141,8 @@ class Qwen3DSparkDrafter(SlotContext):
         self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
         self.max_len, self.dtype = max_len, dtype
         # Every position a context token or a block can take, computed once (a round is many small ops).
-        self.cos_table, self.sin_table = rope_tables(torch.arange(max_len + self.block_size), self.head_dim, self.theta)
+        self.rope = qwen3_rope(c, draft_dir / "config.json")
+        self.cos_table, self.sin_table = self.rope(torch.arange(max_len + self.block_size))
 
     def _write_context(self, slot_of: torch.Tensor | int, positions: torch.Tensor | slice,
                        features: torch.Tensor) -> None:

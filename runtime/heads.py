@@ -7,12 +7,52 @@ on one block position at a time for a batch of requests, exactly like the `Marko
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .errors import CheckpointError
+
 MARKOV_KINDS = ("none", "vanilla", "gated", "rnn")
+
+# The Markov head's tensors inside a drafter, relative to the module holding them (`markov_head.` in a
+# Qwen3 drafter, `mtp.{last}.markov_head.` in DeepSeek-V4), as DeepSpec names them in
+# deepspec/modeling/dspark/markov_head.py: `markov_w1` (nn.Embedding, [V, r]), `markov_w2` (nn.Linear
+# r -> V, [V, r]); GatedMarkovHead's `gate_proj` (nn.Linear d + r -> r, input [h_k; W1[x_{k-1}]]) and
+# RNNHead's `joint_proj` (nn.Linear 2r + d -> 3r, input [s_{k-1}; W1[x_{k-1}]; h_k], output chunks
+# gate / candidate / output), both with a bias.
+MARKOV_PROJECTION = {"gated": "gate_proj", "rnn": "joint_proj"}
+# Names that older checkpoints use for the same tensors -> DeepSpec's: this project's first gated / rnn
+# drafters (`markov_gate`, `markov_rnn`) and older DeepSeek-V4 MTP stages (`embed`, `head`).
+_OLD_MARKOV_NAME = re.compile(r"(^|\.)markov_head\.(markov_gate|markov_rnn|embed|head)\.(weight|bias)$")
+_OLD_TO_DEEPSPEC = {"markov_gate": "gate_proj", "markov_rnn": "joint_proj", "embed": "markov_w1", "head": "markov_w2"}
+
+
+def canonical_markov_name(name: str) -> str:
+    """A tensor name with an older Markov-head name replaced by DeepSpec's; any other name unchanged."""
+    m = _OLD_MARKOV_NAME.search(name)
+    if m is None:
+        return name
+    return f"{name[: m.start(2)]}{_OLD_TO_DEEPSPEC[m.group(2)]}.{m.group(3)}"
+
+
+def markov_tensor_shapes(kind: str, vocab: int, rank: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """DeepSpec's names (under `markov_head.`) and shapes of a `kind` Markov head's tensors, in the
+    order DeepSpec's modules declare them; {} for no head."""
+    if kind == "none" or rank == 0:
+        return {}
+    shapes = {"markov_w1.weight": (vocab, rank), "markov_w2.weight": (vocab, rank)}
+    if kind == "gated":
+        shapes |= {"gate_proj.weight": (rank, hidden + rank), "gate_proj.bias": (rank,)}
+    elif kind == "rnn":
+        shapes |= {"joint_proj.weight": (3 * rank, 2 * rank + hidden), "joint_proj.bias": (3 * rank,)}
+    elif kind != "vanilla":
+        raise ValueError(f"markov_head_type must be one of {MARKOV_KINDS[1:]}, got {kind!r}")
+    return {f"markov_head.{name}": shape for name, shape in shapes.items()}
 
 
 @dataclass
@@ -27,8 +67,26 @@ class MarkovHead:
     kind: str
     w1: torch.Tensor | None = None
     w2: torch.Tensor | None = None
-    proj_weight: torch.Tensor | None = None  # gated: [r, d + r]; rnn: [3r, 2r + d]
+    proj_weight: torch.Tensor | None = None  # gated `gate_proj`: [r, d + r]; rnn `joint_proj`: [3r, 2r + d]
     proj_bias: torch.Tensor | None = None
+
+    @classmethod
+    def from_weights(cls, kind: str, weights: Mapping[str, torch.Tensor], prefix: str = "",
+                     source: str | Path = "drafter") -> MarkovHead:
+        """The `kind` head held in a drafter's `weights` under `prefix` + `markov_head.` (DeepSpec's names
+        or the older ones `canonical_markov_name` knows). `source` names the checkpoint in errors."""
+        if kind == "none":
+            return cls("none")
+        names = {canonical_markov_name(n): n for n in weights if n.startswith(prefix)}
+        wanted = [prefix + n for n in markov_tensor_shapes(kind, vocab=1, rank=1, hidden=1)]
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise CheckpointError(source, f"missing {kind} Markov head tensor", subject=missing[0],
+                                  expected=", ".join(wanted))
+        w = {n: weights[names[n]] for n in wanted}
+        proj = f"{prefix}markov_head.{MARKOV_PROJECTION[kind]}." if kind in MARKOV_PROJECTION else None
+        return cls(kind, w[f"{prefix}markov_head.markov_w1.weight"], w[f"{prefix}markov_head.markov_w2.weight"],
+                   None if proj is None else w[proj + "weight"], None if proj is None else w[proj + "bias"])
 
     def __post_init__(self) -> None:
         # [r, V]: one row of bias per step is `e @ w2_t`, faster on CPU than F.linear(e, w2) (x @ Wᵀ).

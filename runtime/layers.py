@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import CheckpointError
+
 # Weights from this many elements up are multiplied in bf16 where the CPU does so natively (Projection).
 BF16_MIN_WEIGHTS = 1 << 17
 
@@ -24,12 +26,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for integer `positions` (any shape) -> [..., head_dim] (the "rotate half" layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = positions.to(torch.float32)[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+# Rope types whose frequencies change with the length of the sequence in flight: transformers'
+# `dynamic_rope_update` recomputes them call by call, statefully. The reference runners rotate each key
+# once, when it enters the cache, so they take only rope types with fixed frequencies.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+class Rope:
+    """Rotary embeddings exactly as transformers computes them for a model.
+
+    The frequencies and the attention scaling come from the model's own transformers rotary-embedding
+    module (`Qwen3RotaryEmbedding(config)`, ...), i.e. from `transformers.modeling_rope_utils`'s
+    ROPE_INIT_FUNCTIONS for the config's `rope_parameters` / `rope_scaling` (linear, yarn, llama3, ...) or
+    the model's default; cos / sin are its forward: [freqs; freqs] (the "rotate half" layout), scaled.
+    Shared by every family's runners, so a new rope type or family needs no table of its own here.
+    """
+
+    def __init__(self, rotary: torch.nn.Module, source: str | Path) -> None:
+        """`rotary`: a transformers rotary-embedding module; `source`: the config it came from (for errors)."""
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type in LENGTH_DEPENDENT_ROPE:
+            raise CheckpointError(source, "rope type not supported: its frequencies change with the sequence length",
+                                  subject="rope_parameters.rope_type", found=rope_type,
+                                  expected="default, linear, yarn, llama3 or another fixed-frequency type")
+        self.rope_type = rope_type
+        self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
+        self.attention_scaling = float(rotary.attention_scaling)
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin [..., rotary dim] for integer `positions` of any shape."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .errors import CheckpointError
-from .layers import apply_rope, attention, rms_norm, rope_tables, swiglu
+from .layers import Rope, apply_rope, attention, rms_norm, swiglu
 from .runner import SlotRunner
 from .safetensors_io import SafetensorsCheckpoint
 
@@ -36,7 +37,7 @@ class Qwen3Config:
     head_dim: int
     intermediate_size: int
     norm_eps: float
-    rope_theta: float
+    rope_parameters: dict[str, Any]  # transformers' `rope_parameters` (rope_type, rope_theta, scaling fields)
     max_positions: int
     tp: int
 
@@ -47,9 +48,34 @@ class Qwen3Config:
         if c.get("architecture") != "Qwen3ForCausalLM":
             raise CheckpointError(path, "not a converted Qwen3 target", subject="architecture",
                                   found=c.get("architecture"), expected="Qwen3ForCausalLM")
+        # TensorRT-LLM's `rotary_base` + `rotary_scaling` (HF's scaling fields, its type also under "type").
+        scaling = {k: v for k, v in (c.get("rotary_scaling") or {}).items() if k != "type"}
+        rope_type = scaling.get("rope_type") or (c.get("rotary_scaling") or {}).get("type") or "default"
+        rope = {**scaling, "rope_type": rope_type, "rope_theta": float(c["rotary_base"])}
         return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
                    c["num_key_value_heads"], c["head_size"], c["intermediate_size"], c["norm_epsilon"],
-                   float(c["rotary_base"]), c["max_position_embeddings"], c["mapping"]["tp_size"])
+                   rope, c["max_position_embeddings"], c["mapping"]["tp_size"])
+
+    def rope(self, source: str | Path) -> Rope:
+        return qwen3_rope({"rope_parameters": self.rope_parameters, "head_dim": self.head_dim,
+                           "hidden_size": self.hidden_size, "num_attention_heads": self.num_heads,
+                           "max_position_embeddings": self.max_positions}, source)
+
+
+# The config fields transformers' Qwen3 rotary embedding reads.
+_ROPE_FIELDS = ("rope_parameters", "rope_theta", "rope_scaling", "head_dim", "hidden_size", "num_attention_heads",
+                "max_position_embeddings")
+
+
+def qwen3_rope(config: dict[str, Any], source: str | Path) -> Rope:
+    """A Qwen3 model's rotary embedding from its HF config fields (`rope_parameters`, or the older
+    `rope_theta` + `rope_scaling`), computed by transformers' `Qwen3RotaryEmbedding`: targets and
+    DeepSpec's drafters (`Qwen3DSparkModel.rotary_emb`, deepspec/modeling/dspark/qwen3/modeling.py) alike."""
+    from transformers import Qwen3Config  # imported here: transformers takes seconds to import
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    hf = Qwen3Config(**{k: config[k] for k in _ROPE_FIELDS if config.get(k) is not None})
+    return Rope(Qwen3RotaryEmbedding(hf), source)
 
 
 class Qwen3Target(SlotRunner):
@@ -59,6 +85,7 @@ class Qwen3Target(SlotRunner):
                  dtype: torch.dtype = torch.float32) -> None:
         self.config = cfg = Qwen3Config.from_checkpoint(target_dir)
         self.rank, self.dtype = rank, dtype
+        self.rope = cfg.rope(Path(target_dir) / "config.json")
         if cfg.tp > 1 and not (dist.is_initialized() and dist.get_world_size() == cfg.tp):
             raise RuntimeError(f"{target_dir} is sharded for tp={cfg.tp}: run it with tp={cfg.tp} processes "
                                "(runtime.tp.DistributedTarget)")
@@ -85,9 +112,9 @@ class Qwen3Target(SlotRunner):
 
         Returns per slot the logits of its new tokens [n_i, vocab] (float32) and, when `capture`
         lists layer ids, the outputs of those layers concatenated [n_i, len(capture) * hidden]
-        (HF `hidden_states[l + 1]`, what DSpark's drafter reads). With `logits` False, each slot's
-        argmax token ids [n_i] stand in for its logits: all that greedy decoding needs, and under
-        tensor parallelism the vocabulary shards are never gathered.
+        (HF `hidden_states[l + 1]`, what DSpark's drafter reads; -1 is the embedding output). With
+        `logits` False, each slot's argmax token ids [n_i] stand in for its logits: all that greedy
+        decoding needs, and under tensor parallelism the vocabulary shards are never gathered.
         """
         cfg, w = self.config, self.w
         batch, n_new = len(slots), [len(t) for t in tokens]
@@ -101,7 +128,7 @@ class Qwen3Target(SlotRunner):
         for b, t in enumerate(tokens):
             ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         positions = start[:, None] + torch.arange(width)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = self.rope(positions)
         total = int((start + torch.tensor(n_new)).max())
         keys = torch.arange(total)
         valid = torch.arange(width)[None, :] < torch.tensor(n_new)[:, None]  # [B, T]
@@ -110,7 +137,7 @@ class Qwen3Target(SlotRunner):
         allowed[:, :, 0] |= ~valid
 
         x = F.embedding(ids, w["transformer.vocab_embedding.weight"])
-        captured = []
+        captured = [x] if -1 in capture else []  # layer id -1: the embedding output (HF hidden_states[0])
         for layer in range(cfg.num_layers):
             p = f"transformer.layers.{layer}."
             h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.norm_eps)

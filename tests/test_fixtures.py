@@ -154,12 +154,13 @@ def _expected_drafter(head_type: str) -> dict[str, tuple[int, ...]]:
                 p + "mlp.down_proj.weight": (h, inter),
             }
         )
+    # DeepSpec's names (deepspec/modeling/dspark/markov_head.py): GatedMarkovHead.gate_proj, RNNHead.joint_proj.
     if head_type == "gated":
-        shapes["markov_head.markov_gate.weight"] = (r, h + r)
-        shapes["markov_head.markov_gate.bias"] = (r,)
+        shapes["markov_head.gate_proj.weight"] = (r, h + r)
+        shapes["markov_head.gate_proj.bias"] = (r,)
     if head_type == "rnn":
-        shapes["markov_head.markov_rnn.weight"] = (3 * r, 2 * r + h)
-        shapes["markov_head.markov_rnn.bias"] = (3 * r,)
+        shapes["markov_head.joint_proj.weight"] = (3 * r, 2 * r + h)
+        shapes["markov_head.joint_proj.bias"] = (3 * r,)
     return shapes
 
 
@@ -194,6 +195,7 @@ def test_drafter_keys_shapes_and_config(drafter_pair: tuple[str, Path]) -> None:
         "num_target_layers": 6,
         "block_size": 7,
         "target_layer_ids": [1, 2, 4],
+        "num_anchors": 512,
         "enable_confidence_head": True,
         "confidence_head_with_markov": True,
         "markov_rank": 32,
@@ -201,6 +203,10 @@ def test_drafter_keys_shapes_and_config(drafter_pair: tuple[str, Path]) -> None:
         "tie_word_embeddings": False,
     }
     assert {k: config[k] for k in expected} == expected
+    # Every field DeepSpec's Qwen3DSparkModel.__init__ asserts (deepspec/modeling/dspark/qwen3/modeling.py).
+    deepspec_required = ("target_layer_ids", "mask_token_id", "num_anchors", "enable_confidence_head", "markov_rank",
+                         "markov_head_type", "confidence_head_with_markov", "block_size")
+    assert all(key in config for key in deepspec_required)
     for key in ("hidden_size", "vocab_size", "head_dim", "intermediate_size", "num_key_value_heads"):
         assert config[key] == target_config[key]
 

@@ -61,8 +61,7 @@ def open_pair(paths: list[Path]) -> Pair:
     pair: Pair | None = None
     for path in map(Path, paths):
         family, role, config = detect(path)
-        canonical = deepseek_v4.canonical if family == "deepseek-v4" else (lambda n: n)
-        source = Source(path, config, SafetensorsCheckpoint(path), canonical)
+        source = Source(path, config, SafetensorsCheckpoint(path), FAMILIES[family].canonical)
         if pair is None:
             pair = Pair(family)
         elif pair.family != family:

@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from ...runtime.errors import CheckpointError
+from ...runtime.heads import canonical_markov_name
 from .common import (
     SCALE_SUFFIX,
     Expect,
@@ -41,17 +42,11 @@ _FP8_LINEAR = re.compile(r"(\.|^)(wq_a|wq_b|wkv|wo_a|wo_b|w1|w2|w3|main_proj)\.w
 _COMPRESSOR = re.compile(r"\.(compressor|indexer)\.")
 _HF_RENAMES = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn",
                "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}
-_OLD_MARKOV_NAMES = {"markov_head.embed.weight": "markov_head.markov_w1.weight",
-                     "markov_head.head.weight": "markov_head.markov_w2.weight"}
 
 
 def canonical(stored: str) -> str:
     name = stored.removeprefix("model.")
-    name = _HF_RENAMES.get(name, name)
-    for old, new in _OLD_MARKOV_NAMES.items():
-        if name.endswith(old):
-            name = name[: -len(old)] + new
-    return name
+    return canonical_markov_name(_HF_RENAMES.get(name, name))
 
 
 def dims(src: Source) -> dict[str, Any]:

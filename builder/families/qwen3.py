@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...runtime.errors import CheckpointError
+from ...runtime.heads import canonical_markov_name, markov_tensor_shapes
 from .common import (
     Expect,
     Item,
@@ -27,6 +28,12 @@ from .common import (
 TARGET_ARCH = "Qwen3ForCausalLM"
 DRAFTER_ARCH = "Qwen3DSparkModel"
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+
+
+def canonical(stored: str) -> str:
+    """Drafters written by earlier versions of this project name the gated / rnn Markov projections
+    differently; they are read under DeepSpec's names (runtime/heads.py), which convert writes."""
+    return canonical_markov_name(stored)
 
 
 def dims(src: Source) -> dict[str, int]:
@@ -82,16 +89,9 @@ def drafter_tensors(src: Source) -> list[Expect]:
            Expect("norm.weight", (h,), (tag,))]
     for i in range(d["layers"]):
         out += _layer_tensors(f"layers.{i}.", d, tag)
-    if rank > 0:
-        out += [Expect("markov_head.markov_w1.weight", (v, rank), (tag,)),
-                Expect("markov_head.markov_w2.weight", (v, rank), (tag,))]
-        kind = src.field("markov_head_type", str, "vanilla")
-        if kind == "gated":
-            out += [Expect("markov_head.markov_gate.weight", (rank, h + rank), (tag,)),
-                    Expect("markov_head.markov_gate.bias", (rank,), (tag,))]
-        elif kind == "rnn":
-            out += [Expect("markov_head.markov_rnn.weight", (3 * rank, 2 * rank + h), (tag,)),
-                    Expect("markov_head.markov_rnn.bias", (3 * rank,), (tag,))]
+    kind = src.field("markov_head_type", str, "vanilla")
+    if rank > 0 and kind in MARKOV_HEAD_TYPES:  # an unknown kind is reported by check_drafter_fields
+        out += [Expect(name, shape, (tag,)) for name, shape in markov_tensor_shapes(kind, v, rank, h).items()]
     if src.config.get("enable_confidence_head", True):
         width = h + (rank if src.config.get("confidence_head_with_markov", True) and rank > 0 else 0)
         out += [Expect("confidence_head.proj.weight", (1, width), (tag,)),
@@ -134,13 +134,16 @@ def check_pair(target: Source, drafter: Source) -> list[CheckpointError]:
     if declared is not None and declared != n_layers:
         problems.append(CheckpointError(drafter.config_path, "num_target_layers differs from the target's depth",
                                         subject="num_target_layers", found=declared, expected=n_layers))
-    # Layer id l reads HF hidden_states[l + 1], the OUTPUT of layer l; the last layer's output is
-    # what the target itself decodes from, so DeepSpec excludes it.
+    # Layer id l reads HF hidden_states[l + 1], the OUTPUT of layer l, and -1 reads hidden_states[0], the
+    # embedding output (DeepSpec: deepspec/modeling/dspark/common.py, `extract_context_feature` and
+    # `validate_target_layer_ids`). DeepSpec also accepts the last layer, whose hidden_states entry is
+    # taken after the final norm; the runners capture layer outputs before it, so it is refused here.
     for layer in drafter.config.get("target_layer_ids") or []:
-        if isinstance(layer, int) and not 0 <= layer < n_layers - 1:
+        if isinstance(layer, int) and not -1 <= layer < n_layers - 1:
             problems.append(CheckpointError(drafter.config_path, "target layer id out of range",
                                             subject="target_layer_ids", found=layer,
-                                            expected=f"0 <= id < {n_layers - 1} (the last layer is not allowed)"))
+                                            expected=f"-1 (the embedding output) or 0 <= id < {n_layers - 1} "
+                                                     "(the last layer is not allowed)"))
     t_embed = target.by_name.get("model.embed_tokens.weight")
     t_head = target.by_name.get("lm_head.weight") or t_embed  # tied embeddings serve as the head
     for name, tinfo in (("embed_tokens.weight", t_embed), ("lm_head.weight", t_head)):
@@ -246,9 +249,7 @@ def target_plan(src: Source, tp: int) -> Plan:
         "hidden_act": src.config.get("hidden_act", "silu"),
         "norm_epsilon": src.config.get("rms_norm_eps", 1e-6),
         "position_embedding_type": "rope_gpt_neox",
-        "rotary_base": src.config.get("rope_theta")
-        or (src.config.get("rope_parameters") or {}).get("rope_theta", 1000000.0),
-        "rotary_scaling": src.config.get("rope_scaling"),
+        **_rotary_fields(src.config),
         "attn_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": bool(src.config.get("tie_word_embeddings", False)),
@@ -257,6 +258,17 @@ def target_plan(src: Source, tp: int) -> Plan:
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
     return Plan(config, items, tp)
+
+
+def _rotary_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """TensorRT-LLM's `rotary_base` and `rotary_scaling` (HF's scaling fields, the type also under its
+    older name "type") from transformers' `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    theta = params.pop("rope_theta", None) or config.get("rope_theta") or 1000000.0
+    scaling = None if rope_type == "default" else {"type": rope_type, "rope_type": rope_type, **params}
+    return {"rotary_base": theta, "rotary_scaling": scaling}
 
 
 _ROW_PARALLEL = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
