@@ -21,10 +21,18 @@ arbitrarily, and transformers' own full and incremental passes can then pick dif
 break ties towards the earlier entry (a stable sort), which does not depend on how the sequence was
 split into forwards; the oracle test gives transformers the same rule.
 
-Context features for DSpark (`target_feature`): `layer_input_hc_mean` (default, DSPARK_SPEC §2): the
-mean over the mHC streams of each chosen layer's input residual, i.e. transformers'
-`hidden_states[l].mean(-2)`. `layer_input_hc_collapsed` is the alternative reading: the layer's own
-attention-side mHC collapse of that input (what its attention sees before `attn_norm`).
+Context features for DSpark (`target_feature`). `layer_output_hc_mean` (default): the mean over the
+mHC streams of each chosen layer's OUTPUT, the residual after its hc_ffn post-mapping, concatenated in
+the order the layers are listed. This is what the V4 DSpark checkpoints were built for: DeepSeek's
+V4-Flash-DSpark `inference/model.py` does `h = layer(h); main_hiddens.append(h.mean(dim=2))` (quoted in
+warpfront/hipfire docs/design/2026-06-28-dspark-deepseek4-forward-spec.md) and TensorRT-LLM captures
+the post-mapped residual (NVIDIA/TensorRT-LLM tensorrt_llm/_torch/models/modeling_deepseekv4.py,
+`DeepseekV4DecoderLayer.forward`). For l < num_layers - 1 it equals transformers'
+`hidden_states[l + 1].mean(-2)`; the last layer's output is the residual before `hc_head`.
+Two input-side readings are kept as explicit, non-default choices (no V4 DSpark checkpoint uses them):
+`layer_input_hc_mean` (the streams entering layer l, i.e. layer l-1's output) and
+`layer_input_hc_collapsed` (layer l's attention-side mHC collapse, what its attention sees before
+`attn_norm`; DeepSeek's later V4.1 reference reads its target layers' attention input).
 
 Tensor/expert parallelism (gloo): query heads, sinks and output groups, the shared expert's columns and
 the vocabulary are sharded; routed experts live whole on their rank. Attention and FFN partial sums are
@@ -51,7 +59,7 @@ from .runner import SlotRunner
 from .safetensors_io import SafetensorsCheckpoint
 
 SCALE_SUFFIX = "_scale_inv"
-TARGET_FEATURES = ("layer_input_hc_mean", "layer_input_hc_collapsed")
+TARGET_FEATURES = ("layer_output_hc_mean", "layer_input_hc_mean", "layer_input_hc_collapsed")  # default first
 CSA, HCA, SLIDING = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
 
 
@@ -446,8 +454,10 @@ class DeepseekV4Target(SlotRunner):
         for layer in range(cfg.num_layers):
             p = f"layers.{layer}."
             post, comb, collapsed = hc_pre(streams, w, p + "hc_attn_", cfg)
-            if layer in capture:
-                captured[layer] = streams.mean(-2) if self.target_feature == TARGET_FEATURES[0] else collapsed
+            if layer in capture and self.target_feature == "layer_input_hc_mean":
+                captured[layer] = streams.mean(-2)
+            elif layer in capture and self.target_feature == "layer_input_hc_collapsed":
+                captured[layer] = collapsed
             h = rms_norm(collapsed, w[p + "attn_norm.weight"], cfg.eps)
             out = self._attention(layer, h, slots, start, n_new, positions)
             streams = hc_post(self._all_reduce(out), post, comb, streams)
@@ -456,6 +466,8 @@ class DeepseekV4Target(SlotRunner):
             ffn = torch.zeros_like(h)
             ffn[valid] = moe(h[valid], ids[valid], w, p + "ffn.", cfg, self.experts)
             streams = hc_post(self._all_reduce(ffn), post, comb, streams)
+            if layer in capture and self.target_feature == "layer_output_hc_mean":
+                captured[layer] = streams.mean(-2)
         self.lengths[slot_idx] = start + n_new
         hidden = rms_norm(hc_head(streams, w, "", cfg), w["norm.weight"], cfg.eps)
         head = self._head(F.linear(hidden, w["head.weight"]).float(), full=logits)
@@ -511,7 +523,7 @@ class DeepseekV4Target(SlotRunner):
 
 
 def _manifest_feature(ckpt_dir: Path) -> str:
-    """The checkpoint's `dspark.target_feature` (the converter records it), else the spec's default."""
+    """The checkpoint's `dspark.target_feature` (the converter records it), else the V4 DSpark default."""
     manifest = Path(ckpt_dir) / "manifest.json"
     if manifest.is_file():
         dspark = json.loads(manifest.read_text()).get("dspark") or {}

@@ -8,14 +8,16 @@ Mirrors the Qwen3 drafter (runtime/drafter.py) with V4 blocks; one round for a b
   2. the parallel backbone: the block [x0, MASK × (γ-1)] at positions ctx_len .. ctx_len+γ-1. Its
      embeddings (the target's `embed`) are copied into the `hc_mult` mHC streams, exactly as the target
      forms its residual from token embeddings. Each stage is a full V4 block (mHC, MQA with sinks, MoE):
-     queries from the block; keys/values [context; block]; no causal mask inside the block; context
-     positions obey the stage's sliding window relative to each query (key p visible iff
-     p > ctx_len + k - window, the target's window rule). The stages are sliding-attention blocks, so
-     no compressor runs. Then the last stage's `hc_head` and `norm`, and the target's `head` give the
+     queries from the block; keys/values [context; block]; no causal mask inside the block; every block
+     query sees the same context: the newest min(window, ctx_len) positions (the window is anchored at
+     the block, unlike the target's per-query sliding window). The stages are sliding-attention blocks,
+     so no compressor runs. Then the last stage's `hc_head` and `norm`, and the target's `head` give the
      base logits of all γ positions at once;
   3. the shared sequential heads (runtime/drafter.py `sequential_heads`): Markov head from the last
      stage's `markov_head` (older `embed`/`head` names are canonicalised by the converter and accepted
-     here too), bias-free confidence head, STS calibration from `sts.json` when present.
+     here too), bias-free confidence head on the pre-norm `hc_head` output, STS calibration from
+     `sts.json` when present.
+The README section "DeepSeek-V4 specifics" checks each step against the public implementations.
 
 Sharded drafts (convert --tp N writes the `mtp.*` shards like the target's) are reassembled into one
 unsharded drafter on the calling process: the drafter is small next to the target, and that keeps it
@@ -110,6 +112,18 @@ class DeepseekV4DSparkDrafter(SlotContext):
         for stage in range(self.stages):
             self.ctx_kv[stage, slot_of, positions] = shared_kv(ctx, w, f"mtp.{stage}.attn.", cfg, cos, sin)
 
+    def visible_context(self, ctx_len: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+        """(low, high, visible [B, high - low]): the context positions low .. high-1 that each slot's block sees.
+
+        Every block query sees the same keys: the slot's newest min(window, ctx_len) context positions (and,
+        in `draft`, the whole block, non-causally), as `get_dspark_topk_idxs` in NVIDIA/TensorRT-LLM
+        tensorrt_llm/_torch/models/modeling_dspark.py, ported from DeepSeek's reference, selects them. The
+        window is anchored at the block, not slid per query as in the target's own attention.
+        """
+        low, high = max(0, int(ctx_len.min()) - self.cfg.window), int(ctx_len.max())
+        keys = torch.arange(low, high)
+        return low, high, (keys < ctx_len[:, None]) & (keys >= ctx_len[:, None] - self.cfg.window)
+
     @torch.inference_mode()
     def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
               generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
@@ -120,11 +134,9 @@ class DeepseekV4DSparkDrafter(SlotContext):
         ids[:, 0] = torch.tensor(anchors)
         positions = ctx_len[:, None] + torch.arange(gamma)
         cos, sin = self.rope("main", positions)
-        # Context keys: the slot's own, inside each query's window; block keys: all of them.
-        low, high = max(0, int(ctx_len.min()) - cfg.window + 1), int(ctx_len.max())
-        keys = torch.arange(low, high)
-        in_context = (keys < ctx_len[:, None, None]) & (keys > positions[..., None] - cfg.window)
-        allowed = torch.cat([in_context, torch.ones(batch, gamma, gamma, dtype=torch.bool)], dim=-1)
+        low, high, in_context = self.visible_context(ctx_len)
+        allowed = torch.cat([in_context[:, None].expand(-1, gamma, -1),
+                             torch.ones(batch, gamma, gamma, dtype=torch.bool)], dim=-1)
 
         streams = F.embedding(ids, self.embed)[:, :, None].expand(-1, -1, cfg.hc, -1).contiguous()
         for stage in range(self.stages):
@@ -139,6 +151,15 @@ class DeepseekV4DSparkDrafter(SlotContext):
             h = rms_norm(collapsed, w[p + "ffn_norm.weight"], cfg.eps)
             ffn = moe(h.flatten(0, 1), ids.flatten(), w, p + "ffn.", cfg, self.experts).view_as(h)
             streams = hc_post(ffn, post, comb, streams)
-        hidden = rms_norm(hc_head(streams, w, self.last, cfg), w[self.last + "norm.weight"], cfg.eps)
+        head_hidden = hc_head(streams, w, self.last, cfg)
+        hidden = rms_norm(head_hidden, w[self.last + "norm.weight"], cfg.eps)
         base_logits = F.linear(hidden, self.head).float()
-        return sequential_heads(self.markov, self.confidence, hidden, base_logits, ids[:, 0], temperatures, generators)
+        # The confidence head reads the PRE-norm hc_head output: DeepSeek's V4-Flash-DSpark
+        # `inference/model.py` `forward_head` does `x = hc_head(x)`, `logits = head(norm(x))`, confidence on
+        # `cat[x, markov_w1[prev]]` (quoted in warpfront/hipfire
+        # docs/design/2026-06-28-dspark-deepseek4-forward-spec.md); vLLM feeds the same tensor
+        # (vllm-project/vllm vllm/models/deepseek_v4/nvidia/dspark.py: the model returns the pre-norm
+        # hc_head hidden, `compute_logits` norms it, `compute_confidence` does not). TensorRT-LLM passes the
+        # normed one but ships with confidence truncation disabled.
+        return sequential_heads(self.markov, self.confidence, hidden, base_logits, ids[:, 0], temperatures, generators,
+                                confidence_hidden=head_hidden)

@@ -205,9 +205,12 @@ class Qwen3DSparkDrafter(SlotContext):
 
 
 def sequential_heads(markov: MarkovHead, confidence: ConfidenceHead, hidden: torch.Tensor, base_logits: torch.Tensor,
-                     anchors: torch.Tensor, temperatures: list[float], generators: list[torch.Generator | None]
-                     ) -> Draft:
+                     anchors: torch.Tensor, temperatures: list[float], generators: list[torch.Generator | None],
+                     confidence_hidden: torch.Tensor | None = None) -> Draft:
     """The cheap left-to-right part of a DSpark round, shared by every family's drafter.
+
+    `confidence_hidden` is the confidence head's input where a family feeds it something other than
+    `hidden` (DeepSeek-V4: the hidden before the final norm).
 
     An all-greedy batch returns probs [B, γ, 0]: greedy drafts are verified by argmax, so their
     (one-hot) distributions would carry nothing.
@@ -228,6 +231,6 @@ def sequential_heads(markov: MarkovHead, confidence: ConfidenceHead, hidden: tor
         markov_embeddings.append(e)
     # Confidence needs nothing drawn later, so all positions go in one call once the tokens exist.
     e = None if markov_embeddings[0] is None else torch.stack(markov_embeddings, dim=1)
-    conf_logits = confidence.logit(hidden, e).float()
+    conf_logits = confidence.logit(hidden if confidence_hidden is None else confidence_hidden, e).float()
     return Draft(torch.stack(tokens, dim=1), torch.stack(probs, dim=1) if probs else base_logits[..., :0],
                  conf_logits, confidence.calibrated(conf_logits))

@@ -19,14 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import OracleDrafter  # tests/oracle.py
 from safetensors.torch import load_file, save_file
 
 from dspark_trt.builder.convert import convert
-from dspark_trt.runtime.deepseek_v4 import DeepseekV4Target
+from dspark_trt.runtime.deepseek_v4 import DeepseekV4Target, attend, hc_head
 from dspark_trt.runtime.deepseek_v4_drafter import DeepseekV4DSparkDrafter
 from dspark_trt.runtime.fp8 import dequantize_fp8_block
 from dspark_trt.runtime.generate import Request, generate
+from dspark_trt.runtime.layers import rms_norm
 from dspark_trt.runtime.loader import open_checkpoint
 from dspark_trt.runtime.tp import open_target
 
@@ -100,17 +102,40 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_target_matches_transformers(v4_ckpt: Path, oracle: torch.nn.Module, ties_to_earlier: None) -> None:
+    """Logits, and the DSpark features: the mean over the mHC streams of each chosen layer's OUTPUT.
+
+    transformers' `hidden_states[l + 1]` is layer l's output streams [.., hc, D] except for the last
+    layer: its entry is replaced by the model's final output (hc_head + norm, [.., D]). The fixture's
+    ids (1, 2, 3) include the last layer, as V4-Flash's (40, 41, 42) of 43 do, so the oracle records each
+    decoder layer's output with a forward hook.
+    """
     target = DeepseekV4Target(v4_ckpt / "target", num_slots=4, max_len=256)
+    assert target.target_feature == "layer_output_hc_mean"  # what the converter records for V4
     gen = torch.Generator().manual_seed(0)
     batch = [tokens(n, gen) for n in (200, 37, 140)]
     logits, features = target.forward([2, 0, 1], batch, capture=CAPTURE)  # slots out of order on purpose
-    with torch.no_grad():
-        for i, seq in enumerate(batch):
-            ref = oracle(torch.tensor([seq]), output_hidden_states=True)
-            assert max_err(logits[i], ref.logits[0]) <= TOL
-            # Features: the mean over the mHC streams of each chosen layer's input (hidden_states[l]).
-            expected = torch.cat([ref.hidden_states[layer][0].mean(-2) for layer in CAPTURE], dim=-1)
-            assert max_err(features[i], expected) <= TOL
+    outputs: dict[int, torch.Tensor] = {}
+    layers = oracle.model.layers
+    hooks = [layers[i].register_forward_hook(lambda module, args, out, i=i: outputs.__setitem__(i, out[0]))
+             for i in range(len(layers))]
+    try:
+        with torch.no_grad():
+            for i, seq in enumerate(batch):
+                ref = oracle(torch.tensor([seq]), output_hidden_states=True)
+                assert max_err(logits[i], ref.logits[0]) <= TOL
+                assert torch.equal(ref.hidden_states[3][0], outputs[2])  # layer 2's output, as said above
+                last = outputs[len(layers) - 1]  # [T, hc, D]
+                assert ref.hidden_states[len(layers)][0].shape == (len(seq), last.shape[-1])  # not its streams
+                expected = torch.cat([outputs[layer].mean(-2) for layer in CAPTURE], dim=-1)
+                assert max_err(features[i], expected) <= TOL
+            # The non-default input-side reading: the streams entering layer l (hidden_states[l]).
+            inputs = DeepseekV4Target(v4_ckpt / "target", num_slots=1, max_len=64, target_feature="layer_input_hc_mean")
+            _, (got,) = inputs.forward([0], [batch[1]], capture=CAPTURE)
+            ref = oracle(torch.tensor([batch[1]]), output_hidden_states=True)
+            assert max_err(got, torch.cat([ref.hidden_states[layer][0].mean(-2) for layer in CAPTURE], -1)) <= TOL
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_incremental_decoding_with_rollbacks_matches_transformers(v4_ckpt: Path, oracle: torch.nn.Module,
@@ -189,18 +214,73 @@ def test_drafter_batches_slots_and_slides_its_context_window(v4_ckpt: Path) -> N
         alone = drafter.draft([slot], [anchor], [0.0], [None])
         assert torch.equal(alone.tokens[0], together.tokens[row])
         assert max_err(alone.conf_logits[0], together.conf_logits[row]) <= 1e-5
-    # Slot 0 holds 170 context tokens: the block (positions 170..174) sees context positions > 170 + k - 128.
+    # Slot 0 holds 170 context tokens: the block (positions 170..174) sees context positions 42..169.
     before = drafter.draft([0], [11], [1.0], [torch.Generator().manual_seed(0)])
     changed = features[0].clone()
-    changed[:40] += 3.0  # positions 0..39: outside every block query's window
+    changed[:42] += 3.0  # positions 0..41: outside the window
     drafter.reset(0)
     drafter.add_context(0, changed)
     after = drafter.draft([0], [11], [1.0], [torch.Generator().manual_seed(0)])
     assert max_err(before.probs, after.probs) == 0.0
-    changed[-1] += 3.0  # the newest context position is inside the window
+    changed[42] += 3.0  # the oldest position inside the window (a per-query window hid it from every query)
     drafter.reset(0)
     drafter.add_context(0, changed)
-    assert max_err(before.probs, drafter.draft([0], [11], [1.0], [None]).probs) > 1e-4
+    assert max_err(before.probs, drafter.draft([0], [11], [1.0], [torch.Generator().manual_seed(0)]).probs) > 1e-4
+
+
+def test_every_block_query_sees_the_newest_window_of_context(v4_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """DeepSeek's and TensorRT-LLM's `get_dspark_topk_idxs`: every block query attends to the same keys, the
+    newest min(128, ctx_len) context positions and the whole block (non-causal), in every stage."""
+    from dspark_trt.runtime import deepseek_v4_drafter as module
+
+    masks: list[torch.Tensor] = []
+
+    def recording_attend(q, kv, allowed, sinks):
+        masks.append(allowed.clone())
+        return attend(q, kv, allowed, sinks)
+
+    monkeypatch.setattr(module, "attend", recording_attend)
+    drafter = DeepseekV4DSparkDrafter(v4_ckpt / "draft", num_slots=2, max_len=256)
+    gen = torch.Generator().manual_seed(4)
+    lengths = (170, 3)
+    for slot, n in enumerate(lengths):
+        drafter.add_context(slot, torch.randn(n, 3 * 256, generator=gen))
+    drafter.draft([0, 1], [11, 12], [0.0, 0.0], [None, None])
+    assert len(masks) == drafter.stages
+    for allowed in masks:
+        context, block = allowed[..., :170], allowed[..., 170:]  # columns: positions 0..169, then the block
+        assert block.shape[-1] == 5 and bool(block.all())
+        for row, n in enumerate(lengths):
+            for k in range(5):
+                assert context[row, k].nonzero()[:, 0].tolist() == list(range(max(0, n - 128), n)), (row, k)
+
+
+def test_confidence_head_reads_the_pre_norm_head_hidden(v4_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSeek's `forward_head` feeds `cat[hc_head(x), markov_w1[prev]]` to the confidence head, before `norm`."""
+    from dspark_trt.runtime import deepseek_v4_drafter as module
+
+    heads: list[torch.Tensor] = []
+
+    def recording_hc_head(*args):
+        heads.append(hc_head(*args))
+        return heads[-1]
+
+    monkeypatch.setattr(module, "hc_head", recording_hc_head)
+    drafter = DeepseekV4DSparkDrafter(v4_ckpt / "draft", num_slots=1, max_len=64)
+    drafter.add_context(0, torch.randn(20, 3 * 256, generator=torch.Generator().manual_seed(5)))
+    draft = drafter.draft([0], [5], [0.0], [None])
+    (head_hidden,) = heads
+    prev = torch.cat([torch.tensor([[5]]), draft.tokens[:, :-1]], dim=1)  # x_{k-1}: the anchor, then the drafts
+    markov = F.embedding(prev, drafter.markov.w1)
+
+    def confidence_logits(h: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.cat([h, markov], -1), drafter.confidence.weight)[..., 0]
+
+    assert max_err(draft.conf_logits, confidence_logits(head_hidden)) <= 1e-6
+    # The choice matters on this fixture: the normed hidden (TensorRT-LLM's input) gives other logits.
+    normed = rms_norm(head_hidden, drafter.w["mtp.2.norm.weight"], drafter.cfg.eps)
+    assert max_err(draft.conf_logits, confidence_logits(normed)) > 1e-2
 
 
 def test_drafter_reads_the_older_markov_names(v4_ckpt: Path, tmp_path: Path) -> None:

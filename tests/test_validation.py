@@ -105,10 +105,14 @@ def test_qwen3_target_layer_ids(qwen3_copy: Path, layer: int, why: str) -> None:
 
 
 def test_v4_target_layer_ids(v4_copy: Path) -> None:
-    # V4 reads a layer's input residual: the last layer (3 of 4) is fine, 4 is not.
+    # V4 reads a layer's output (the residual before hc_head for the last): layer 3 of 4 is fine, 4 is not.
     edit_config(v4_copy / "target", dspark_target_layer_ids=[1, 2, 4])
     expect_problem(inspect(v4_copy / "target"), "[dspark_target_layer_ids]: target layer id out of range (found 4, "
                    "expected 0 <= id < 4)")
+    # The references concatenate the features in layer order, so the list must be in that order.
+    edit_config(v4_copy / "target", dspark_target_layer_ids=[2, 1, 3])
+    expect_problem(inspect(v4_copy / "target"), "[dspark_target_layer_ids]: target layer ids must be strictly "
+                   "increasing (found [2, 1, 3]")
 
 
 def test_mask_id_outside_vocab(qwen3_copy: Path, v4_copy: Path) -> None:

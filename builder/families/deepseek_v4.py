@@ -189,12 +189,21 @@ def check_drafter_fields(src: Source) -> list[CheckpointError]:
         problems.append(CheckpointError(src.config_path, "mask (noise) token id outside the vocabulary",
                                         subject="dspark_noise_token_id", found=mask,
                                         expected=f"0 <= id < {d['vocab']}"))
-    # V4 reads each chosen layer's INPUT residual, so every layer, the last included, is usable.
-    for layer in src.field("dspark_target_layer_ids", list):
-        if not isinstance(layer, int) or not 0 <= layer < d["layers"]:
-            problems.append(CheckpointError(src.config_path, "target layer id out of range",
-                                            subject="dspark_target_layer_ids", found=layer,
-                                            expected=f"0 <= id < {d['layers']}"))
+    # V4 reads each chosen layer's OUTPUT: the mean of its mHC streams after hc_ffn post-mapping. Unlike
+    # Qwen3 (where DeepSpec excludes it), the last layer is allowed: its output is the residual before
+    # hc_head and the final norm, and V4-Flash-DSpark itself lists [40, 41, 42] of 43 layers. The
+    # references concatenate the features in layer order (DeepSeek's loop appends as it passes each
+    # layer; TensorRT-LLM sorts the ids), which equals list order only for increasing ids.
+    ids = src.field("dspark_target_layer_ids", list)
+    out_of_range = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < d["layers"]]
+    for layer in out_of_range:
+        problems.append(CheckpointError(src.config_path, "target layer id out of range",
+                                        subject="dspark_target_layer_ids", found=layer,
+                                        expected=f"0 <= id < {d['layers']}"))
+    if not out_of_range and (not ids or any(a >= b for a, b in zip(ids, ids[1:], strict=False))):
+        problems.append(CheckpointError(src.config_path, "target layer ids must be strictly increasing",
+                                        subject="dspark_target_layer_ids", found=ids,
+                                        expected="a non-empty list in layer order, e.g. [40, 41, 42]"))
     return problems
 
 
@@ -203,7 +212,8 @@ def dspark_fields(src: Source) -> dict[str, Any]:
         "block_size": src.field("dspark_block_size"),
         "mask_token_id": src.field("dspark_noise_token_id"),
         "target_layer_ids": src.field("dspark_target_layer_ids", list),
-        "target_feature": "layer_input_hc_mean",  # mean over the mHC streams of the layer's input
+        # What the V4 DSpark checkpoints were built for (see runtime/deepseek_v4.py `target_feature`).
+        "target_feature": "layer_output_hc_mean",
         "markov_rank": src.field("dspark_markov_rank", int, 256),
         "markov_head_type": src.field("dspark_markov_head_type", str, "vanilla"),
         "confidence_head": True,
