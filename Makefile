@@ -31,6 +31,7 @@ help:
 	@echo "make serve / stop   profile -> model repository -> tritonserver on 127.0.0.1 (detached) / stop it"
 	@echo "make lint           ruff"
 	@echo "make bench-convert | bench-generate | bench-serve | soak   benchmarks (bench/*.py)"
+	@echo "make deploy GPUS=8  GPU host: TensorRT-LLM route in NVIDIA's Triton container (DEPLOY_CKPT=converted ckpt)"
 	@echo "make gpu-check      one-shot check of the GPU parts on one NVIDIA GPU (machine's own torch/triton, no venv)"
 
 $(VENV)/.installed: pyproject.toml
@@ -82,6 +83,17 @@ serve: setup $(CKPT)/manifest.json
 
 stop:
 	$(BIN)/dspark-build stop
+
+# GPU host: the TensorRT-LLM route (target + DSpark drafter in TensorRT-LLM's PyTorch backend) in NVIDIA's
+# tritonserver:<release>-trtllm-python-py3 container, one MPI rank per GPU. The release is pinned in
+# builder/deploy.py (TRITON_RELEASE=... overrides it); DEPLOY_CKPT is a converted checkpoint whose source
+# checkpoints are on this host. Prints the docker command with DRY_RUN=1.
+GPUS        ?= 8
+DEPLOY_CKPT ?= $(CKPT)
+.PHONY: deploy
+deploy: setup
+	$(BIN)/dspark-build deploy $(DEPLOY_CKPT) --gpus $(GPUS) $(if $(TRITON_RELEASE),--release $(TRITON_RELEASE)) \
+		$(if $(DRY_RUN),,--run)
 
 bench-convert: setup
 	$(PY) bench/convert.py

@@ -340,11 +340,24 @@ def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max
                    "responses), or plan with the profiled table alone.")
 @click.option("--draft-threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="CPU threads of the reference drafter (1 suits a CPU shared with verify; see its config).")
+@click.option("--backend", type=click.Choice(["dspark", "tensorrt-llm"]), default="dspark", show_default=True,
+              help="dspark: our orchestrator and models (--layout). tensorrt-llm: TensorRT-LLM's PyTorch backend "
+                   "behind tensorrtllm_backend's llmapi model on --gpus GPUs (--num-slots = its max batch size).")
+@click.option("--trtllm-fields", type=click.Choice(["installed", "pr15808"]),
+              help="tensorrt-llm: the TensorRT-LLM release whose DSparkDecodingConfig fields model.yaml uses "
+                   "(default: the installed one, else pr15808 = TensorRT-LLM main, no confidence scheduling).")
+@click.option("--llmapi-model", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="tensorrt-llm: tensorrtllm_backend's all_models/llmapi/tensorrt_llm, whose 1/*.py are copied "
+                   "(in NVIDIA's container: /app/all_models/llmapi/tensorrt_llm).")
+@click.option("--trtllm-sps-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="tensorrt-llm, releases with confidence scheduling: a cost table from TensorRT-LLM's own "
+                   "profiler for the served engine.")
 @click.option("--force", is_flag=True, help="Replace the repository if it exists.")
 @reports_errors
 def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, num_slots: int, max_prompt_tokens: int,
          max_new_tokens: int, scheduler: str, min_gain: float, sps_table: Path | None, live_costs: bool,
-         draft_threads: int, force: bool) -> None:
+         draft_threads: int, backend: str, trtllm_fields: str | None, llmapi_model: Path | None,
+         trtllm_sps_table: Path | None, force: bool) -> None:
     """Write a Triton model repository serving ENGINE_DIR.
 
     \b
@@ -355,8 +368,22 @@ def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, nu
       dspark        decoupled orchestrator: in-flight batching, confidence scheduler
       dspark_draft  drafter (per-slot context)       dspark_verify  target (per-slot KV cache)
       postprocessing incremental detokenisation
+
+    With --backend tensorrt-llm: the same ensemble over preprocessing, dspark_llmapi (bridge) and
+    tensorrt_llm (tensorrtllm_backend's llmapi model, model.yaml generated; serve --world-size N).
     """
     from .repo import build_repo
+
+    if backend == "tensorrt-llm":
+        from .trtllm import build_trtllm_repo
+
+        values = build_trtllm_repo(engine_dir, out, gpus=gpus, release=trtllm_fields, llmapi_model=llmapi_model,
+                                   sps_table=trtllm_sps_table, max_batch_size=num_slots,
+                                   max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, force=force)
+        missing = "" if values["llmapi_model"] else " (no --llmapi-model: copy its 1/*.py into tensorrt_llm/1/)"
+        stdout.print(f"[green]✓[/] wrote {out}: TensorRT-LLM route, tensor parallel {gpus}, DSparkDecodingConfig "
+                     f"fields of {values['release']}{missing}; serve with --world-size {gpus}")
+        return
 
     if sps_table is None and (engine_dir / "sps_table.json").is_file():
         sps_table = engine_dir / "sps_table.json"
@@ -369,6 +396,53 @@ def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, nu
 
 
 @main.command()
+@click.argument("engine_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--gpus", default=8, show_default=True, type=click.IntRange(min=1), help="GPUs per node.")
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="1: a `docker run` line for this host. More: Kubernetes LeaderWorkerSet objects (--lws).")
+@click.option("--release", help="tritonserver:<release>-trtllm-python-py3 (default: pinned in builder/deploy.py).")
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="This project's source tree, installed inside the container.")
+@click.option("--run", is_flag=True, help="nodes 1: run the docker command instead of printing it.")
+@click.option("--lws", "lws_out", type=click.Path(path_type=Path), help="nodes > 1: YAML file to write.")
+@click.option("--image", help="nodes > 1: an image with kubectl + kubessh built from NVIDIA's (see README).")
+@click.option("--models-claim", default="dspark-models", show_default=True,
+              help="nodes > 1: PersistentVolumeClaim holding the checkpoints and --source, at their paths here.")
+@reports_errors
+def deploy(engine_dir: Path, gpus: int, nodes: int, release: str | None, source: Path, run: bool,
+           lws_out: Path | None, image: str | None, models_claim: str) -> None:
+    """Serve ENGINE_DIR's checkpoint with TensorRT-LLM on GPU hosts (NVIDIA's Triton TensorRT-LLM container).
+
+    The container writes the repository (repo --backend tensorrt-llm, its own TensorRT-LLM's fields)
+    and serves it under mpirun, one rank per GPU (serve --world-size).
+    """
+    import os
+    import shlex
+
+    from .deploy import TRITON_RELEASE, docker_run_command, lws_manifests
+
+    release = release or TRITON_RELEASE
+    if nodes == 1:
+        command = docker_run_command(engine_dir, gpus=gpus, release=release, source=source)
+        stdout.print(shlex.join(command), soft_wrap=True, highlight=False, markup=False)
+        if run:
+            os.execvp(command[0], command)
+        return
+    if lws_out is None:
+        raise click.UsageError("--nodes > 1 writes Kubernetes objects: give --lws FILE")
+    import yaml
+
+    from ..runtime.atomic import check_output, write_text_atomic
+
+    check_output(lws_out, inputs=[engine_dir, source], force=True)
+    objects = lws_manifests(engine_dir, nodes=nodes, gpus_per_node=gpus, source=source, release=release,
+                            models_claim=models_claim, image_name=image)
+    write_text_atomic(lws_out, yaml.safe_dump_all(objects, sort_keys=False))
+    stdout.print(f"[green]✓[/] wrote {lws_out}: LeaderWorkerSet of {nodes} pods x {gpus} GPUs "
+                 f"(kubectl apply -f {lws_out})")
+
+
+@main.command()
 @click.argument("repo", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (localhost unless told).")
 @click.option("--http-port", default=8000, show_default=True)
@@ -378,9 +452,15 @@ def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, nu
 @click.option("--pid-file", type=click.Path(path_type=Path), default=Path("build/tritonserver.pid"), show_default=True)
 @click.option("--log", "log_file", type=click.Path(path_type=Path), help="Server log (default: next to REPO).")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for readiness.")
+@click.option("--world-size", type=click.IntRange(min=1),
+              help="TensorRT-LLM-route repository: run one tritonserver per GPU under mpirun (= its tensor "
+                   "parallel size), as tensorrtllm_backend's launch_triton_server.py; runs in the foreground.")
+@click.option("--mpi-hosts", help="With --world-size over several nodes: their host names, rank 0's first.")
+@click.option("--print-command", is_flag=True, help="With --world-size: print the mpirun command, start nothing.")
 @reports_errors
 def serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path,
-          log_file: Path | None, timeout: float) -> None:
+          log_file: Path | None, timeout: float, world_size: int | None, mpi_hosts: str | None,
+          print_command: bool) -> None:
     """Run tritonserver on REPO and wait until every model is ready.
 
     Uses the system tritonserver if there is one, else the one bundled with nvidia-pytriton
@@ -389,6 +469,21 @@ def serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: i
     """
     from .serve import ServerError, start_server
 
+    if world_size is not None:
+        import os
+        import shlex
+
+        from .serve import find_tritonserver
+        from .trtllm import check_trtllm_repo, mpirun_command
+
+        check_trtllm_repo(repo, world_size)
+        command = mpirun_command(repo, world_size, tritonserver=str(find_tritonserver()[0]), host=host,
+                                 http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                                 mpi_hosts=mpi_hosts.split(",") if mpi_hosts else None)
+        stdout.print(shlex.join(command), soft_wrap=True, highlight=False, markup=False)
+        if not print_command:
+            os.execvp(command[0], command)
+        return
     try:
         server = start_server(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                               log=log_file, timeout=timeout)

@@ -130,9 +130,9 @@ def engine(ckpt: Path, backend: str, out: Path, max_batch_size: int, max_input_l
 
     \b
     reference  ENGINE/manifest.json + ENGINE/checkpoint/ (hard links): the PyTorch backend, any machine.
-    tensorrt   Qwen3: draft/context/schedule TensorRT plans with the dspark plugins + the target via
-               trtllm-build (draft_tokens_external). DeepSeek-V4: trtllm_serve.yaml for TensorRT-LLM's
-               PyTorch backend (DSparkDecodingConfig). Needs TensorRT / TensorRT-LLM (exit code 4 if absent).
+    tensorrt   Qwen3: draft/context/schedule TensorRT plans with the dspark plugins (the drafter of our
+               own orchestrator on a GPU). Needs TensorRT (exit code 4 if absent).
+    Target + drafter on TensorRT-LLM (any family): no engine step, `repo ENGINE_DIR --backend tensorrt-llm`.
     """
     from .engine import build_engine
 

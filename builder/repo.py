@@ -84,11 +84,18 @@ def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 
         if sps_table is not None:
             shutil.copyfile(sps_table, tmp / "sps_table.json")
             values["sps_table"] = str(Path(out).absolute() / "sps_table.json")
-        templates = template_dir()
         for model in MODELS:
             (tmp / model / "1").mkdir(parents=True)
-            text = (templates / model / "config.pbtxt.template").read_text()
-            (tmp / model / "config.pbtxt").write_text(Template(text).substitute(values))
-            for source in (templates / model / "1").glob("*.py"):
-                shutil.copyfile(source, tmp / model / "1" / source.name)
+            fill_template(model, tmp / model, values)
     return values
+
+
+def fill_template(model: str, dest: Path, values: dict[str, Any], flavour: str | None = None) -> None:
+    """Write `model`'s config.pbtxt (its template filled with `values`) and its 1/*.py into `dest`.
+    A flavour's own template (model_repository/<flavour>/<model>/) replaces the common one."""
+    templates = template_dir()
+    source = templates / flavour / model if flavour and (templates / flavour / model).is_dir() else templates / model
+    text = (source / "config.pbtxt.template").read_text()
+    (dest / "config.pbtxt").write_text(Template(text).substitute(values))
+    for script in (source / "1").glob("*.py"):
+        shutil.copyfile(script, dest / "1" / script.name)

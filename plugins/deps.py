@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import shutil
 
 TENSORRT_INSTALL = "pip install tensorrt --extra-index-url https://pypi.nvidia.com"
-# trtllm-build (the TensorRT-engine route) was removed after TensorRT-LLM 1.3.0rc20; 1.2.x still has it.
-TENSORRT_LLM_INSTALL = 'pip install "tensorrt_llm<1.3" --extra-index-url https://pypi.nvidia.com'
 # DSparkDecodingConfig (PyTorch backend) arrived in 1.3.0rc27 (DSPARK_SPEC section 6).
 TENSORRT_LLM_PYTORCH_INSTALL = 'pip install "tensorrt_llm>=1.3.0rc27" --extra-index-url https://pypi.nvidia.com'
 
@@ -25,12 +22,3 @@ def has_module(name: str) -> bool:
 def require_tensorrt() -> None:
     if not has_module("tensorrt"):
         raise MissingDependencyError(f"TensorRT is not installed (needed for --backend tensorrt): {TENSORRT_INSTALL}")
-
-
-def require_trtllm_build() -> str:
-    """Path of `trtllm-build`, or MissingDependencyError."""
-    path = shutil.which("trtllm-build")
-    if path is None:
-        raise MissingDependencyError("TensorRT-LLM's trtllm-build is not installed (needed to build the target "
-                                     f"engine): {TENSORRT_LLM_INSTALL}")
-    return path

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from dspark_trt.builder.cli_engine import engine
-from dspark_trt.builder.engine import plan_profiles, trtllm_build_command, trtllm_serve_config
+from dspark_trt.builder.engine import plan_profiles
 from dspark_trt.plugins.deps import has_module
 from dspark_trt.runtime.loader import resolve_checkpoint
-from dspark_trt.runtime.manifest import read_manifest, write_manifest
+from dspark_trt.runtime.manifest import read_manifest
 
 no_tensorrt = pytest.mark.skipif(has_module("tensorrt"), reason="TensorRT is installed here")
 
@@ -68,35 +68,14 @@ def test_tensorrt_backend_without_tensorrt_is_one_line_and_exit_4(qwen3_ckpt: Pa
     assert not (tmp_path / "trt").exists()
 
 
-@pytest.mark.skipif(has_module("tensorrt_llm"), reason="TensorRT-LLM is installed here")
-def test_deepseek_v4_route_needs_tensorrt_llm(tmp_path: Path):
-    ckpt = tmp_path / "v4"
-    ckpt.mkdir()
-    write_manifest(ckpt, "checkpoint", family="deepseek-v4", tp=8, dspark={"block_size": 5})
-    result = run(ckpt, "--backend", "tensorrt", "-o", tmp_path / "out")
-    assert result.exit_code == 4 and "tensorrt_llm>=1.3.0rc27" in result.output
+def test_deepseek_v4_has_no_tensorrt_engine_route(v4_pair: Path, tmp_path: Path):
+    """TensorRT-LLM runs V4 with its drafter on its PyTorch backend; there is no engine to build for it."""
+    from dspark_trt.builder.convert import convert
 
-
-def test_trtllm_build_command_for_external_draft_tokens(tmp_path: Path):
-    command = trtllm_build_command(tmp_path / "target", tmp_path / "out", gamma=7, max_batch_size=16,
-                                   max_input_len=1024, max_seq_len=2048)
-    flags = dict(zip(command[1::2], command[2::2], strict=False))
-    assert command[0] == "trtllm-build"
-    assert flags["--speculative_decoding_mode"] == "draft_tokens_external" and flags["--max_draft_len"] == "7"
-    assert flags["--use_paged_context_fmha"] == "enable" and "--gather_generation_logits" in command
-    assert flags["--checkpoint_dir"] == str(tmp_path / "target")
-
-
-def test_trtllm_serve_config_for_deepseek_v4():
-    manifest = {"family": "deepseek-v4", "tp": 8, "dspark": {
-        "block_size": 5, "mask_token_id": 128799, "target_layer_ids": [40, 41, 42], "markov_rank": 256,
-        "markov_head_type": "vanilla"}}
-    config = trtllm_serve_config(manifest, cost_table="/e/sps_table.json", calibration="/e/sts.json")
-    spec = config["speculative_config"]
-    assert config["backend"] == "pytorch" and config["tensor_parallel_size"] == 8
-    assert spec["decoding_type"] == "DSpark" and spec["max_draft_len"] == 5 and spec["mask_token_id"] == 128799
-    assert spec["enable_confidence_scheduling"] and spec["confidence_min_predicted_gain"] == 0.04
-    assert spec["confidence_calibration_path"] == "/e/sts.json"
+    convert(v4_pair / "target", None, tmp_path / "v4", tp=1, show_progress=False)
+    result = run(tmp_path / "v4", "--backend", "tensorrt", "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "repo ENGINE_DIR --backend tensorrt-llm" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_plan_profiles_cover_every_dynamic_input(qwen3_ckpt: Path):
