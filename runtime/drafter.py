@@ -161,6 +161,14 @@ class Qwen3DSparkDrafter(SlotContext):
     @torch.inference_mode()
     def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
               generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
+        hidden, base_logits = self.backbone(slots, anchors, gamma)
+        return sequential_heads(self.markov, self.confidence, hidden, base_logits, torch.tensor(anchors),
+                                temperatures, generators)
+
+    @torch.inference_mode()
+    def backbone(self, slots: list[int], anchors: list[int], gamma: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parallel part of a round: hidden states [B, γ, d] after `norm`, base logits U [B, γ, V] (float32)."""
         w, gamma = self.w, gamma or self.block_size
         batch, heads, kv_heads, head_dim = len(slots), self.heads, self.kv_heads, self.head_dim
         slot_idx = torch.tensor(slots)
@@ -200,8 +208,7 @@ class Qwen3DSparkDrafter(SlotContext):
             gate, up = self.gate_up[layer](h).chunk(2, dim=-1)
             x = x + self.down[layer](F.silu(gate) * up)
         hidden = rms_norm(x, w["norm.weight"], self.eps)
-        base_logits = self.lm_head(hidden).float()
-        return sequential_heads(self.markov, self.confidence, hidden, base_logits, ids[:, 0], temperatures, generators)
+        return hidden, self.lm_head(hidden).float()
 
 
 def sequential_heads(markov: MarkovHead, confidence: ConfidenceHead, hidden: torch.Tensor, base_logits: torch.Tensor,
