@@ -63,7 +63,8 @@ $(CKPT)/manifest.json: $(wildcard $(PAIR)/target/* $(PAIR)/drafter/*) | setup
 	$(BIN)/dspark-build convert --target $(PAIR)/target $(DRAFTER) --tp $(TP) -o $(CKPT) --force
 
 # The whole pipeline on CPU: checkpoints -> engines -> cost table -> repository -> tritonserver ->
-# one streamed completion -> auto versus off -> stop. The server is stopped even if a step fails.
+# one streamed completion -> off / mtp1 / auto: frontier plot and SLA table -> stop. The server is
+# stopped even if a step fails.
 demo: setup
 	rm -f $(CKPT)/manifest.json
 	$(MAKE) --no-print-directory $(CKPT)/manifest.json
@@ -74,7 +75,8 @@ demo: setup
 	$(BIN)/dspark-build serve $(REPO) --detach; \
 	echo; echo '$$ dspark-client generate "def read_lines(path):" --max-tokens 48'; \
 	$(CLIENT) generate "def read_lines(path):" --max-tokens 48; echo; \
-	$(CLIENT) bench --concurrency 1,4 --modes off,auto --requests 8 --max-tokens 48 -o $(BUILD)/demo-bench
+	$(CLIENT) bench --concurrency 1,4 --modes off,mtp1,auto --requests 8 --max-tokens 48 --sla 40,60,80 \
+		-o $(BUILD)/demo-bench
 
 serve: setup $(CKPT)/manifest.json
 	$(BIN)/dspark-build profile $(CKPT) -o $(CKPT)/sps_table.json --batch-sizes 1,4,16,$(SLOTS) --force

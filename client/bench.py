@@ -1,6 +1,12 @@
 """`dspark-client bench`: concurrency sweeps of a running dspark deployment.
 
-For every mode (off / fixed / auto) and concurrency c, c workers each send requests back to back
+Modes: `off`, `auto`, `fixed` (the drafter's full block verified every round), `fixed:G` (G drafts
+verified every round) and `mtp1`, the production baseline DSpark is measured against: one draft a
+round, always verified. `mtp1` is an alias of `fixed:1`: the drafter drafts its block and the first
+position alone is verified, which is exactly MTP-1 with the DSpark drafter's first position (the
+drafter still computes the whole block, so its draft call costs what `fixed`'s does).
+
+For every mode and concurrency c, c workers each send requests back to back
 (one event loop, one gRPC stream per request) until the cell's request count is reached. The cells
 of one concurrency run interleaved, in slices of at least c requests whose order of modes rotates
 (off fixed auto, fixed auto off, auto off fixed, ...): a shared machine drifts by tens of per cent
@@ -11,6 +17,11 @@ system, mean τ from the responses, and — from the server's metrics, scraped b
 verified-length histogram, the acceptance rate of each block position, and how many calls the draft
 and verify models served and how long one took on average (Triton's own per-model request counters):
 the cost side of speculation, next to its gain (τ).
+
+The throughput-interactivity frontier of a mode is its (tokens/s per user, tokens/s for the system)
+points across concurrencies; at a per-user SLA, a mode's throughput is the highest system throughput
+on its frontier (linearly interpolated between neighbouring concurrencies) where per-user speed still
+meets the SLA (`sla_table`).
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import json
 import re
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +55,32 @@ class BenchConfig:
     temperature: float = 0.0
     duration: float | None = None  # per cell: stop starting requests after this many seconds
     slices: int = 4  # per cell, interleaved across modes (fewer if a slice would hold < c requests)
+    slas: list[float] = field(default_factory=lambda: [40.0, 60.0, 80.0])  # tokens/s per user
 
 
 MODEL_CALLS = ("dspark_draft", "dspark_verify")
+MODE_ALIASES = {"mtp1": ("fixed", 1)}
+
+
+def mode_request(mode: str) -> tuple[str, int | None]:
+    """(speculation, gamma) a bench mode sends: `fixed:G` -> ("fixed", G), `mtp1` -> ("fixed", 1)."""
+    if mode in MODE_ALIASES:
+        return MODE_ALIASES[mode]
+    speculation, _, gamma = mode.partition(":")
+    if speculation not in ("off", "fixed", "auto") or (gamma and (speculation != "fixed" or not gamma.isdigit()
+                                                               or int(gamma) < 1)):
+        raise ValueError(f"unknown bench mode {mode!r}: expected off, auto, fixed, fixed:G (G >= 1) or mtp1")
+    return speculation, int(gamma) if gamma else None
+
+
+def expand_modes(modes: list[str], gammas: list[int] | None) -> list[str]:
+    """The modes to run: `fixed` becomes one `fixed:G` per G of `gammas` when given; each is checked."""
+    out: list[str] = []
+    for mode in modes:
+        out += [f"fixed:{g}" for g in gammas] if mode == "fixed" and gammas else [mode]
+    for mode in out:
+        mode_request(mode)
+    return list(dict.fromkeys(out))
 _SERIES = re.compile(r'^((?:dspark_|nv_inference_request_(?:success|duration_us)\{model="dspark_)\S+) (\S+)$', re.M)
 
 
@@ -91,8 +125,9 @@ async def _slice(config: BenchConfig, mode: str, concurrency: int, ids: range, d
         while not queue.empty() and time.perf_counter() < deadline:
             i = queue.get_nowait()
             prompt = config.prompts[i % len(config.prompts)]
-            done.append(await acomplete(client, prompt, max_tokens=config.max_tokens, speculation=mode,
-                                        temperature=config.temperature, seed=i))
+            speculation, gamma = mode_request(mode)
+            done.append(await acomplete(client, prompt, max_tokens=config.max_tokens, speculation=speculation,
+                                        gamma=gamma, temperature=config.temperature, seed=i))
             advance()
 
     start = time.perf_counter()
@@ -180,7 +215,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 cells.append({"mode": mode, "concurrency": concurrency, "slices": slices, **cell})
     cells.sort(key=lambda c: (config.modes.index(c["mode"]), c["concurrency"]))
     return {"config": {k: v for k, v in config.__dict__.items() if k != "prompts"} | {"prompts": len(config.prompts)},
-            "cells": cells}
+            "cells": cells, "sla": sla_table(cells, config.slas)}
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -220,7 +255,70 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+def frontier(cells: list[dict[str, Any]], mode: str) -> list[tuple[int, float, float]]:
+    """A mode's (concurrency, tokens/s per user, system tokens/s), by concurrency."""
+    return sorted((c["concurrency"], c["per_user_tokens_per_s"], c["system_tokens_per_s"])
+                  for c in cells if c["mode"] == mode)
+
+
+def throughput_at_sla(points: list[tuple[int, float, float]], sla: float) -> float | None:
+    """The highest system throughput along a frontier while per-user speed is at least `sla`.
+
+    Measured points that meet the SLA count as they are; between two neighbouring concurrencies
+    where per-user speed crosses the SLA, the system throughput is interpolated linearly in per-user
+    speed at the crossing. None when no point or crossing meets it.
+    """
+    best = [system for _, user, system in points if user >= sla]
+    for (_, u0, s0), (_, u1, s1) in zip(points, points[1:], strict=False):
+        if min(u0, u1) < sla <= max(u0, u1):
+            best.append(s0 + (s1 - s0) * (sla - u0) / (u1 - u0))
+    return max(best) if best else None
+
+
+def sla_table(cells: list[dict[str, Any]], slas: list[float], *, ours: str = "auto", baseline: str = "mtp1"
+              ) -> list[dict[str, Any]]:
+    """Per SLA: each mode's system throughput at it (None: not reached) and `ours`' gain over `baseline`
+    (None unless both reach it)."""
+    modes = list(dict.fromkeys(c["mode"] for c in cells))
+    rows = []
+    for sla in slas:
+        reached = {mode: throughput_at_sla(frontier(cells, mode), sla) for mode in modes}
+        a, b = reached.get(ours), reached.get(baseline)
+        rows.append({"sla_tokens_per_s_per_user": sla, "system_tokens_per_s": reached,
+                     f"{ours}_over_{baseline}": a / b - 1 if a is not None and b else None})
+    return rows
+
+
+def plot_frontier(result: dict[str, Any], path: Path) -> Path:
+    """System tokens/s against tokens/s per user, one line per mode, points labelled by concurrency;
+    the SLAs as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = result["cells"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for mode in dict.fromkeys(c["mode"] for c in cells):
+        points = frontier(cells, mode)
+        ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=mode)
+        for concurrency, user, system in points:
+            ax.annotate(str(concurrency), (user, system), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for row in result.get("sla", []):
+        ax.axvline(row["sla_tokens_per_s_per_user"], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("tokens/s per user (interactivity)")
+    ax.set_ylabel("tokens/s, system (throughput)")
+    ax.set_title("throughput-interactivity frontier (points: concurrency; dotted: SLAs)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    return out_dir / "bench.json", plot(result, out_dir / "bench.png")
+    return out_dir / "bench.json", plot(result, out_dir / "bench.png"), plot_frontier(result, out_dir / "frontier.png")

@@ -98,8 +98,14 @@ def generate(prompt: str, url: str, stream: bool, max_tokens: int, temperature: 
 @main.command()
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="Triton gRPC endpoint.")
 @click.option("--metrics-url", default="http://127.0.0.1:8002/metrics", show_default=True)
-@click.option("--concurrency", default="1,4,16,64", show_default=True, help="Comma-separated concurrencies.")
-@click.option("--modes", default="off,fixed,auto", show_default=True, help="Comma-separated speculation modes.")
+@click.option("--concurrency", default="1,2,4,8,16,32", show_default=True, help="Comma-separated concurrencies.")
+@click.option("--modes", default="off,mtp1,fixed,auto", show_default=True,
+              help="Comma-separated: off, auto, fixed (full block), fixed:G (G drafts), mtp1 (= fixed:1: one draft "
+                   "a round, always verified, the MTP-1 baseline).")
+@click.option("--gammas", help="Run `fixed` once per block length, e.g. 1,3,5 (as fixed:1, fixed:3, fixed:5).")
+@click.option("--sla", default="40,60,80", show_default=True,
+              help="Per-user SLAs (tokens/s per user) of the SLA table: each mode's best system throughput "
+                   "meeting it, and auto's gain over mtp1.")
 @click.option("--prompts", default="code", show_default=True,
               help="Built-in set (code | chat) or a file (JSON list of strings, or one prompt per line).")
 @click.option("--requests", default=16, show_default=True, type=click.IntRange(min=1),
@@ -113,30 +119,37 @@ def generate(prompt: str, url: str, stream: bool, max_tokens: int, temperature: 
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("-o", "--output", "out_dir", default=Path("bench/results/client"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Directory for bench.json and bench.png.")
-def bench(url: str, metrics_url: str, concurrency: str, modes: str, prompts: str, requests: int,
-          duration: float | None, slices: int, max_tokens: int, temperature: float, out_dir: Path) -> None:
+def bench(url: str, metrics_url: str, concurrency: str, modes: str, gammas: str | None, sla: str, prompts: str,
+          requests: int, duration: float | None, slices: int, max_tokens: int, temperature: float,
+          out_dir: Path) -> None:
     """Measure a running deployment: TTFT, inter-token latency, tokens/s per user and system, τ.
 
     For each mode and concurrency: TTFT and inter-token latency p50/p90/p99, per-user and system
     tokens/s, mean τ, the verified-length histogram and per-position acceptance (from the server's
-    metrics). Writes JSON and a PNG plot (tokens/s vs concurrency per mode; acceptance per block
-    position).
+    metrics). Writes JSON, a PNG plot (tokens/s vs concurrency per mode; acceptance per block
+    position), the throughput-interactivity frontier (frontier.png: system against per-user tokens/s,
+    one line per mode, points labelled by concurrency) and prints the SLA table.
     """
     from rich.table import Table
     from tritonclient.utils import InferenceServerException
 
     from . import prompts as prompt_sets
-    from .bench import BenchConfig, run_bench, scrape, write
+    from .bench import BenchConfig, expand_modes, run_bench, scrape, write
     from .stream import RequestError
 
+    try:
+        mode_list = expand_modes(modes.split(","), [int(g) for g in gammas.split(",")] if gammas else None)
+        slas = [float(v) for v in sla.split(",")]
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
     try:
         texts = prompt_sets.load(prompts)
         scrape(metrics_url)
     except (OSError, ValueError) as e:
         err.print(f"[red]error:[/] {e}")
         sys.exit(EXIT_UNREACHABLE if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else 2)
-    config = BenchConfig(url, metrics_url, modes.split(","), [int(c) for c in concurrency.split(",")], texts,
-                         requests, max_tokens, temperature, duration, slices)
+    config = BenchConfig(url, metrics_url, mode_list, [int(c) for c in concurrency.split(",")], texts,
+                         requests, max_tokens, temperature, duration, slices, slas)
     try:
         result = run_bench(config)
     except RequestError as e:
@@ -160,8 +173,18 @@ def bench(url: str, metrics_url: str, concurrency: str, modes: str, prompts: str
         if ("auto", c) in by_cell and ("off", c) in by_cell:
             ratio = by_cell[("auto", c)]["per_user_tokens_per_s"] / by_cell[("off", c)]["per_user_tokens_per_s"]
             stdout.print(f"concurrency {c}: auto / off per-user tokens/s = {ratio:.2f}x")
-    json_path, png_path = write(result, out_dir)
-    stdout.print(f"wrote {json_path} and {png_path}")
+    modes_run = list(dict.fromkeys(c["mode"] for c in result["cells"]))
+    sla_rows = Table("SLA tok/s/user", *(f"{m} tok/s" for m in modes_run), "auto vs mtp1",
+                     title="highest system throughput meeting each per-user SLA (interpolated along the frontier)")
+    for row in result["sla"]:
+        reached = row["system_tokens_per_s"]
+        gain = row["auto_over_mtp1"]
+        sla_rows.add_row(f"{row['sla_tokens_per_s_per_user']:g}",
+                         *(f"{reached[m]:.1f}" if reached[m] is not None else "not reached" for m in modes_run),
+                         f"{gain:+.1%}" if gain is not None else "-")
+    stdout.print(sla_rows)
+    json_path, png_path, frontier_path = write(result, out_dir)
+    stdout.print(f"wrote {json_path}, {png_path} and {frontier_path}")
 
 
 if __name__ == "__main__":

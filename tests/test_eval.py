@@ -74,6 +74,65 @@ def test_a_capped_round_inside_deepspecs_range_is_refused() -> None:
         deepspec_rounds(result, max_new_tokens=8, stop_ids=(), gamma=5)
 
 
+def _deepspec_loop(sequence: list[int], accept: list[int], max_new: int, gamma: int, stops: set[int]
+                   ) -> tuple[list[int], list[int], int]:
+    """DeepSpec's `generate_decoding_sample` loop, greedy, in generated-token coordinates: `sequence` is
+    the target's greedy output, `accept[i]` how many drafts a round starting at token i gets accepted.
+    Returns (acceptance_lengths, proposal_lengths, output tokens)."""
+    if sequence[0] in stops:
+        return [], [], 1
+    start, acceptance, proposals = 0, [], []
+    while start < max_new:
+        accepted, proposed = accept[start], gamma
+        hits = [j for j, t in enumerate(sequence[start + 1: start + 1 + accepted]) if t in stops]
+        if hits:
+            accepted = proposed = hits[0] + 1
+            acceptance.append(accepted)
+            proposals.append(proposed)
+            start += accepted
+            break
+        new = sequence[start + 1: start + accepted + 2]
+        acceptance.append(accepted + 1)
+        proposals.append(proposed)
+        start += accepted + 1
+        if any(t in stops for t in new):
+            break
+    output = sequence[: min(start + 1, max_new)]
+    stop_at = next((i for i, t in enumerate(output) if t in stops), None)
+    return acceptance, proposals, len(output) if stop_at is None else stop_at + 1
+
+
+def _our_decoder(sequence: list[int], accept: list[int], budget: int, gamma: int, stops: set[int]) -> Result:
+    """What SpeculativeDecoder records for the same world in fixed mode with `budget` max_new_tokens."""
+    result = Result(tokens=[sequence[0]])
+    while result.tokens[-1] not in stops and len(result.tokens) < budget:
+        produced = len(result.tokens)
+        verified = max(0, min(gamma, budget - produced - 1))
+        accepted = min(accept[produced - 1], verified)
+        result.taus.append(accepted + 1)
+        result.verified.append(verified)
+        for token in sequence[produced: produced + accepted + 1]:
+            result.tokens.append(token)
+            if token in stops or len(result.tokens) >= budget:
+                break
+    return result
+
+
+def test_replay_matches_deepspecs_loop_on_random_worlds() -> None:
+    rng = random.Random(0)
+    for _ in range(2000):
+        gamma, max_new = rng.randint(1, 6), rng.randint(1, 30)
+        length = max_new + 3 * gamma + 3
+        sequence = [rng.choice(range(10)) for _ in range(length)]  # 9 is the stop id, often present
+        accept = [rng.choice([0, 0, 1, 2, gamma, gamma]) for _ in range(length)]
+        accept = [min(a, gamma) for a in accept]
+        acceptance, proposals, output = _deepspec_loop(sequence, accept, max_new, gamma, {9})
+        result = _our_decoder(sequence, accept, max_new + gamma + 1, gamma, {9})
+        rounds, tokens = deepspec_rounds(result, max_new_tokens=max_new, stop_ids=(9,), gamma=gamma)
+        assert [r.tau for r in rounds] == acceptance and [r.proposed for r in rounds] == proposals
+        assert tokens == output
+
+
 def test_conditional_acceptance_and_survival_by_position() -> None:
     rounds = [Round(5, 2, 3), Round(5, 0, 1), Round(5, 5, 6)]
     s = summarise([(rounds, 10)], 5)

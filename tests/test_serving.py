@@ -176,11 +176,11 @@ def test_bench_measures_and_plots(served, tmp_path: Path) -> None:
     from dspark_trt.client.bench import BenchConfig, run_bench, write
 
     server, _ = served
-    config = BenchConfig(url(server), server.endpoints["metrics"], ["off", "fixed"], [1, 2], ["def f(x):", "import os"],
-                         requests=2, max_tokens=16)
+    config = BenchConfig(url(server), server.endpoints["metrics"], ["off", "fixed", "mtp1"], [1, 2],
+                         ["def f(x):", "import os"], requests=2, max_tokens=16, slas=[1.0, 1e6])
     result = run_bench(config, progress=False)
     cells = {(c["mode"], c["concurrency"]): c for c in result["cells"]}
-    assert set(cells) == {("off", 1), ("off", 2), ("fixed", 1), ("fixed", 2)}
+    assert set(cells) == {(m, c) for m in ("off", "fixed", "mtp1") for c in (1, 2)}
     for cell in cells.values():
         assert cell["requests"] == 2 and cell["tokens"] == 32 and cell["system_tokens_per_s"] > 0
         assert cell["ttft_ms"]["p50"] > 0 and cell["itl_ms"]["p99"] >= cell["itl_ms"]["p50"]
@@ -200,5 +200,15 @@ def test_bench_measures_and_plots(served, tmp_path: Path) -> None:
     fixed_calls = cells[("fixed", 1)]["model_calls"]
     assert fixed_calls["dspark_draft"]["calls"] >= 2 and fixed_calls["dspark_draft"]["mean_ms"] > 0
     assert fixed_calls["dspark_verify"]["calls"] >= fixed_calls["dspark_draft"]["calls"]
-    json_path, png_path = write(result, tmp_path)
+    # mtp1: one draft verified a round (none where the budget has no room left), from the full block's first position.
+    for cell in (cells[("mtp1", 1)], cells[("mtp1", 2)]):
+        histogram = cell["verified_length_histogram"]
+        assert histogram["1"] >= 2 and histogram["0"] + histogram["1"] == cell["rounds"]
+        assert len(cell["position_acceptance"]) == 1
+    # Every mode meets a 1 tok/s/user SLA (its best system throughput); none meets 1e6.
+    low, high = result["sla"]
+    assert low["system_tokens_per_s"]["mtp1"] == max(cells[("mtp1", c)]["system_tokens_per_s"] for c in (1, 2))
+    assert set(high["system_tokens_per_s"].values()) == {None} and high["auto_over_mtp1"] is None
+    json_path, png_path, frontier_path = write(result, tmp_path)
     assert json.loads(json_path.read_text())["cells"] and png_path.read_bytes()[:4] == b"\x89PNG"
+    assert frontier_path.read_bytes()[:4] == b"\x89PNG"
