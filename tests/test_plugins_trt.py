@@ -84,7 +84,9 @@ def trtp(monkeypatch: pytest.MonkeyPatch):
     plugin = importlib.import_module("tensorrt_bindings.plugin")
     trt.plugin = plugin
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", plugin)
-    return plugin
+    yield plugin
+    for name in [m for m in sys.modules if m.startswith("tensorrt_bindings.")]:  # built over the stand-in
+        del sys.modules[name]
 
 
 def _fresh_register():
