@@ -163,3 +163,13 @@ def test_target_layer_ids_out_of_range_are_refused(qwen3_copy: Path) -> None:
     assert not info["ok"]
     assert any("target layer id out of range" in p and "found -2" in p and "-1 (the embedding output)" in p
                for p in info["problems"])
+
+
+def test_every_drafter_config_this_project_writes_has_num_anchors(qwen3_pair: Path) -> None:
+    """DeepSpec's Qwen3DSparkModel asserts `num_anchors`: the fixture's and the trainer's configs carry it."""
+    from dspark_trt.builder.train_drafter import DrafterRecipe, drafter_config
+
+    assert json.loads((qwen3_pair / "drafter" / "config.json").read_text())["num_anchors"] == 512
+    target_config = json.loads((qwen3_pair / "target" / "config.json").read_text())
+    recipe = DrafterRecipe(anchors=24)
+    assert drafter_config(target_config, 5, recipe)["num_anchors"] == 24
