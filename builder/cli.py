@@ -87,11 +87,11 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("family", type=click.Choice(["qwen3", "deepseek-v4"]))
+@click.argument("family", type=click.Choice(["qwen3", "deepseek-v4", "gemma4"]))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed for weights (same seed, same bytes).")
 @click.option("--markov-head", "markov_head", type=click.Choice(["vanilla", "gated", "rnn"]), default="vanilla",
-              show_default=True, help="Qwen3 drafter's Markov head variant.")
+              show_default=True, help="Qwen3 / Gemma4 drafter's Markov head variant.")
 @click.option("--scale", default=1, show_default=True, type=click.IntRange(min=1),
               help="Qwen3 only: multiply hidden and MLP widths (a size knob for benchmarks).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -104,6 +104,8 @@ def fixture(family: str, out: Path, seed: int, markov_head: str, scale: int, for
                  OUT/drafter (DeepSpec Qwen3DSparkModel)
     deepseek-v4  OUT/target  (DeepseekV4ForCausalLM, FP8 e4m3 linears with 128x128 block
                  scales, DSpark drafter under mtp.0..2.*)
+    gemma4       OUT/target  (Gemma4ForConditionalGeneration: sliding + global layers, PLE,
+                 k_eq_v, softcapping; tokenizer)  OUT/drafter (DeepSpec Gemma4DSparkModel)
 
     Generated locally in seconds; nothing is downloaded.
     """
@@ -115,6 +117,10 @@ def fixture(family: str, out: Path, seed: int, markov_head: str, scale: int, for
         from .fixture_qwen3 import write_qwen3_fixture
 
         write_qwen3_fixture(out, seed=seed, markov_head_type=markov_head, scale=scale)
+    elif family == "gemma4":
+        from .fixture_gemma4 import write_gemma4_fixture
+
+        write_gemma4_fixture(out, seed=seed, markov_head_type=markov_head)
     else:
         from .fixture_deepseek_v4 import write_deepseek_v4_fixture
 

@@ -15,10 +15,10 @@ from typing import Any
 
 from ...runtime.errors import CheckpointError
 from ...runtime.safetensors_io import SafetensorsCheckpoint
-from . import deepseek_v4, qwen3
+from . import deepseek_v4, gemma4, qwen3
 from .common import Source, check_tensors, load_config
 
-FAMILIES: dict[str, ModuleType] = {"qwen3": qwen3, "deepseek-v4": deepseek_v4}
+FAMILIES: dict[str, ModuleType] = {"qwen3": qwen3, "deepseek-v4": deepseek_v4, "gemma4": gemma4}
 CALIBRATION_FILE = "sts.json"
 
 
@@ -51,9 +51,14 @@ def detect(path: Path) -> tuple[str, str, dict[str, Any]]:
         return "qwen3", "target", config
     if model_type == deepseek_v4.MODEL_TYPE or deepseek_v4.ARCH in archs:
         return "deepseek-v4", "target", config
+    if gemma4.DRAFTER_ARCH in archs:
+        return "gemma4", "drafter", config
+    if model_type in gemma4.MODEL_TYPES:
+        return "gemma4", "target", gemma4.text_config(config, Path(path) / "config.json")
     raise CheckpointError(Path(path) / "config.json", "unsupported model", subject="architectures/model_type",
                           found=f"{archs or None} / {model_type}",
-                          expected=f"{qwen3.TARGET_ARCH}, {qwen3.DRAFTER_ARCH} or model_type {deepseek_v4.MODEL_TYPE}")
+                          expected=f"{qwen3.TARGET_ARCH}, {qwen3.DRAFTER_ARCH}, {gemma4.DRAFTER_ARCH} or model_type "
+                                   f"{deepseek_v4.MODEL_TYPE} | {' | '.join(gemma4.MODEL_TYPES)}")
 
 
 def open_pair(paths: list[Path]) -> Pair:

@@ -1,0 +1,267 @@
+"""The Gemma4 family: fixture, inspect / convert, target runner against transformers, DeepSpec drafter.
+
+`DeepSpecGemma4Drafter` below restates DeepSpec's `Gemma4DSparkModel` (deepseek-ai/DeepSpec,
+`deepspec/modeling/dspark/gemma4/modeling.py` @ d2caaebd396254607c4f7bc2cd921cdf050a53e3) module for
+module, with transformers' own Gemma4 building blocks where DeepSpec imports them, and the inference
+path of `deepspec/eval/dspark/draft_ops.py` (context positions before the block, block positions
+ctx_len .. ctx_len + γ - 1, no mask). Its `load_state_dict(strict=True)` is the check that the fixture
+drafter has every tensor DeepSpec's model declares and no other; its forward is the oracle for
+`runtime.gemma4_drafter`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dspark_trt.builder.families import open_pair, validate
+from dspark_trt.builder.fixture_gemma4 import TARGET_LAYER_IDS, write_gemma4_fixture
+
+
+@pytest.fixture(scope="module")
+def gemma4_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gemma4") / "pair"
+    write_gemma4_fixture(out, seed=0)
+    return out
+
+
+def _convert(pair: Path, out: Path, tp: int = 1) -> Path:
+    from dspark_trt.builder.convert import convert
+
+    convert(pair / "target", pair / "drafter", out, tp=tp, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gemma4_ckpt(gemma4_pair: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _convert(gemma4_pair, tmp_path_factory.mktemp("gemma4-ckpt") / "tp1")
+
+
+def _tensors(root: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(root.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+# ------------------------------------------------------------------------------- DeepSpec's drafter
+
+
+def deepspec_gemma4_drafter(draft_dir: Path) -> torch.nn.Module:
+    """DeepSpec's Gemma4DSparkModel (inference path) built from a drafter directory, float32."""
+    from torch import nn
+    from transformers import Gemma4TextConfig
+    from transformers.models.gemma4.modeling_gemma4 import (
+        Gemma4RMSNorm,
+        Gemma4TextMLP,
+        Gemma4TextRotaryEmbedding,
+        Gemma4TextScaledWordEmbedding,
+        apply_rotary_pos_emb,
+    )
+
+    raw = json.loads((draft_dir / "config.json").read_text())
+    keep = {k: v for k, v in raw.items() if k in Gemma4TextConfig.__dataclass_fields__ or k in (
+        "global_head_dim", "num_global_key_value_heads")}
+    config = Gemma4TextConfig(**keep)
+    for k in ("block_size", "mask_token_id", "target_layer_ids", "markov_rank", "confidence_head_with_markov"):
+        setattr(config, k, raw[k])
+    k_eq_v = bool(raw["attention_k_eq_v"])
+
+    class Attention(nn.Module):  # Gemma4DSparkAttention
+        def __init__(self) -> None:
+            super().__init__()
+            h, self.heads, self.head_dim = raw["hidden_size"], raw["num_attention_heads"], raw["global_head_dim"]
+            self.kv = raw["num_global_key_value_heads"] if k_eq_v else raw["num_key_value_heads"]
+            self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=False)
+            self.k_proj = nn.Linear(h, self.kv * self.head_dim, bias=False)
+            self.v_proj = None if k_eq_v else nn.Linear(h, self.kv * self.head_dim, bias=False)
+            self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+            eps = raw["rms_norm_eps"]
+            self.q_norm, self.k_norm = Gemma4RMSNorm(self.head_dim, eps), Gemma4RMSNorm(self.head_dim, eps)
+            self.v_norm = Gemma4RMSNorm(self.head_dim, eps, with_scale=False)
+
+        def forward(self, x, ctx, cos, sin):
+            b, q_len = x.shape[:2]
+            n = ctx.shape[1] + q_len
+            q = self.q_norm(self.q_proj(x).view(b, q_len, self.heads, self.head_dim)).transpose(1, 2)
+            k_ctx, k_noise = self.k_proj(ctx), self.k_proj(x)
+            v_ctx, v_noise = (k_ctx, k_noise) if self.v_proj is None else (self.v_proj(ctx), self.v_proj(x))
+            k = torch.cat([k_ctx, k_noise], 1).view(b, n, self.kv, self.head_dim)
+            v = torch.cat([v_ctx, v_noise], 1).view(b, n, self.kv, self.head_dim)
+            k, v = self.k_norm(k).transpose(1, 2), self.v_norm(v).transpose(1, 2)
+            q = apply_rotary_pos_emb(q, cos[:, -q_len:], sin[:, -q_len:], unsqueeze_dim=1)
+            k = apply_rotary_pos_emb(k, cos, sin, unsqueeze_dim=1)
+            groups = self.heads // self.kv
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+            return self.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
+
+    class Layer(nn.Module):  # Gemma4DSparkDecoderLayer
+        def __init__(self, i: int) -> None:
+            super().__init__()
+            h, eps = raw["hidden_size"], raw["rms_norm_eps"]
+            self.self_attn, self.mlp = Attention(), Gemma4TextMLP(config, i)
+            self.input_layernorm, self.post_attention_layernorm = Gemma4RMSNorm(h, eps), Gemma4RMSNorm(h, eps)
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = (Gemma4RMSNorm(h, eps),
+                                                                               Gemma4RMSNorm(h, eps))
+            self.register_buffer("layer_scalar", torch.ones(1))
+
+        def forward(self, x, ctx, cos, sin):
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx, cos, sin))
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x * self.layer_scalar
+
+    class Model(nn.Module):  # Gemma4DSparkModel
+        def __init__(self) -> None:
+            super().__init__()
+            h, v, eps = raw["hidden_size"], raw["vocab_size"], raw["rms_norm_eps"]
+            self.embed_tokens = Gemma4TextScaledWordEmbedding(v, h, raw.get("pad_token_id"), embed_scale=h**0.5)
+            self.layers = nn.ModuleList(Layer(i) for i in range(raw["num_hidden_layers"]))
+            self.norm, self.hidden_norm = Gemma4RMSNorm(h, eps), Gemma4RMSNorm(h, eps)
+            # transformers >= 5.2x: one rotary module for every layer type (DeepSpec passes layer_type).
+            self.rotary_emb = Gemma4TextRotaryEmbedding(config)
+            self.fc = nn.Linear(len(raw["target_layer_ids"]) * h, h, bias=False)
+            self.lm_head = nn.Linear(h, v, bias=False)
+            rank = raw["markov_rank"]
+            self.markov_head = nn.Module()
+            self.markov_head.markov_w1 = nn.Embedding(v, rank)
+            self.markov_head.markov_w2 = nn.Linear(rank, v, bias=False)
+            self.confidence_head = nn.Module()
+            self.confidence_head.proj = nn.Linear(h + rank, 1)
+
+        def compute_logits(self, hidden):
+            logits = self.lm_head(hidden)
+            cap = raw.get("final_logit_softcapping")
+            return logits if cap is None else torch.tanh(logits / cap) * cap
+
+        def backbone(self, features, anchor):  # draft_ops.forward_dspark_draft_block, one request
+            gamma, ctx_len = raw["block_size"], features.shape[0]
+            ids = torch.full((1, gamma), raw["mask_token_id"])
+            ids[0, 0] = anchor
+            x = self.embed_tokens(ids)
+            ctx = self.hidden_norm(self.fc(features[None]))
+            positions = torch.arange(ctx_len + gamma)[None]
+            cos, sin = self.rotary_emb(x, positions, "full_attention")
+            for layer in self.layers:
+                x = layer(x, ctx, cos, sin)
+            hidden = self.norm(x)
+            return hidden[0], self.compute_logits(hidden)[0]
+
+    model = Model()
+    model.load_state_dict({k: v.float() for k, v in load_file(draft_dir / "model.safetensors").items()}, strict=True)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ fixture
+
+
+def test_fixture_target_is_a_real_gemma4_with_what_the_architecture_has(gemma4_pair: Path) -> None:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(gemma4_pair / "target")
+    text = config.text_config
+    assert config.model_type == "gemma4" and text.model_type == "gemma4_text"
+    assert {"sliding_attention", "full_attention"} <= set(text.layer_types)
+    assert text.attention_k_eq_v and text.hidden_size_per_layer_input > 0 and text.final_logit_softcapping
+    model = AutoModelForImageTextToText.from_pretrained(gemma4_pair / "target")  # loads with no missing keys
+    stored = _tensors(gemma4_pair / "target")
+    assert len(list((gemma4_pair / "target").glob("*.safetensors"))) >= 2
+    # Norm weights and layer scalars are not transformers' all-ones initialisation.
+    scalars = torch.stack([t.float() for k, t in stored.items() if k.endswith("layer_scalar")])
+    assert scalars.std() > 0.01
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_fixture_drafter_loads_strictly_in_deepspecs_model(gemma4_pair: Path) -> None:
+    config = json.loads((gemma4_pair / "drafter" / "config.json").read_text())
+    # Gemma4DSparkModel's required fields (deepspec/modeling/dspark/gemma4/modeling.py) and the ones
+    # build_draft_config writes (deepspec/modeling/dspark/gemma4/config.py).
+    for field in ("target_layer_ids", "mask_token_id", "num_anchors", "enable_confidence_head", "markov_rank",
+                  "num_global_key_value_heads", "global_head_dim", "markov_head_type", "confidence_head_with_markov",
+                  "block_size", "num_target_layers", "target_model_type", "target_text_model_type"):
+        assert field in config, field
+    assert config["architectures"] == ["Gemma4DSparkModel"] and config["block_size"] == 7
+    assert config["layer_types"] == ["full_attention"] * config["num_hidden_layers"]
+    assert config["hidden_size_per_layer_input"] == 0 and not config["enable_moe_block"]
+    assert config["target_layer_ids"] == TARGET_LAYER_IDS
+    deepspec_gemma4_drafter(gemma4_pair / "drafter")  # strict: no missing or unexpected tensor
+
+
+def test_fixture_is_deterministic(gemma4_pair: Path, tmp_path: Path) -> None:
+    write_gemma4_fixture(tmp_path / "again", seed=0)
+    for role in ("target", "drafter"):
+        a, b = _tensors(gemma4_pair / role), _tensors(tmp_path / "again" / role)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------- inspect / convert
+
+
+def test_inspect_accepts_the_pair_without_warnings(gemma4_pair: Path) -> None:
+    pair = open_pair([gemma4_pair / "drafter", gemma4_pair / "target"])
+    assert pair.family == "gemma4"
+    report = validate(pair)
+    assert report.ok, [p.describe() for p in report.problems]
+    assert not report.warnings
+
+
+def test_inspect_names_a_missing_drafter_field_and_tensor(gemma4_pair: Path, tmp_path: Path) -> None:
+    pair_dir = tmp_path / "pair"
+    shutil.copytree(gemma4_pair, pair_dir)
+    config_path = pair_dir / "drafter" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["global_head_dim"]
+    config_path.write_text(json.dumps(config))
+    weights = load_file(pair_dir / "drafter" / "model.safetensors")
+    del weights["layers.1.layer_scalar"]
+    save_file(weights, str(pair_dir / "drafter" / "model.safetensors"))
+    report = validate(open_pair([pair_dir / "target", pair_dir / "drafter"]))
+    assert any(p.subject == "global_head_dim" for p in report.problems)
+    config_path.write_text(json.dumps({**config, "global_head_dim": 32}))
+    report = validate(open_pair([pair_dir / "target", pair_dir / "drafter"]))
+    assert [(p.problem, p.subject) for p in report.problems] == [("missing tensor", "layers.1.layer_scalar")]
+
+
+def test_unsupported_gemma4_variant_is_refused_by_name(gemma4_pair: Path, tmp_path: Path) -> None:
+    pair_dir = tmp_path / "pair"
+    shutil.copytree(gemma4_pair, pair_dir)
+    config_path = pair_dir / "target" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["text_config"]["enable_moe_block"] = True
+    config_path.write_text(json.dumps(config))
+    report = validate(open_pair([pair_dir / "target"]))
+    assert any(p.subject == "enable_moe_block" for p in report.problems)
+
+
+def test_convert_tp2_writes_tensorrt_llm_names_that_reassemble(gemma4_pair: Path, tmp_path: Path) -> None:
+    ckpt = _convert(gemma4_pair, tmp_path / "tp2", tp=2)
+    source = {k.replace("model.language_model.", "model."): v for k, v in _tensors(gemma4_pair / "target").items()}
+    ranks = [load_file(ckpt / "target" / f"rank{r}.safetensors") for r in range(2)]
+    config = json.loads((ckpt / "target" / "config.json").read_text())
+    assert config["architecture"] == "Gemma4ForCausalLM" and config["mapping"]["tp_size"] == 2
+    assert ranks[0].keys() == ranks[1].keys()
+    # Row-parallel output projections and column-parallel MLP reassemble to the source.
+    for i in range(config["num_hidden_layers"]):
+        hf, trt = f"model.layers.{i}.", f"transformer.layers.{i}."
+        dense = torch.cat([r[trt + "attention.dense.weight"] for r in ranks], 1)
+        assert torch.equal(dense, source[hf + "self_attn.o_proj.weight"])
+        gate = torch.cat([r[trt + "mlp.fc.weight"] for r in ranks], 0)
+        assert torch.equal(gate, source[hf + "mlp.gate_proj.weight"])
+        assert torch.equal(ranks[1][trt + "layer_scalar"], source[hf + "layer_scalar"])
+    # A global layer (keys are values: q and k only) with one KV head: each rank holds its query heads
+    # and the one key head.
+    hd = config["global_head_size"]
+    q, k = source["model.layers.2.self_attn.q_proj.weight"], source["model.layers.2.self_attn.k_proj.weight"]
+    half = q.shape[0] // 2
+    assert torch.equal(ranks[1]["transformer.layers.2.attention.qkv.weight"], torch.cat([q[half:], k[:hd]]))
+    # Tied embeddings: the head is the embedding, split over the vocabulary.
+    assert torch.equal(torch.cat([r["lm_head.weight"] for r in ranks]), source["model.embed_tokens.weight"])
+    draft = load_file(ckpt / "draft" / "rank0.safetensors")
+    assert draft.keys() == load_file(gemma4_pair / "drafter" / "model.safetensors").keys()
