@@ -4,11 +4,25 @@ Uses the system `tritonserver` when there is one (e.g. an NGC container), else t
 in the `nvidia-pytriton` wheel. For the bundled one, the Python backend needs a backend directory
 holding the stub built for this Python version, the wheel's own libraries on LD_LIBRARY_PATH, and
 this environment's `bin` first on PATH so the stub finds our packages.
+
+What a server start sets up, and `stop` takes down again:
+- explicit model control (every model loaded at start), so that the orchestrator can reload a model
+  whose process died (model_repository/dspark/1/model.py); the repository API that could do the same
+  is restricted to callers that send the server's key in a header;
+- a random key in DSPARK_INTERNAL_KEY, inherited by every model process: the orchestrator sends it on
+  each call to dspark_draft / dspark_verify, which refuse calls without it (clients cannot reach
+  the per-slot state);
+- a shared-memory prefix of its own for the Python backend's regions, and a state file (pid,
+  ports, prefix) in the per-user state directory, so that `stop` and the next start remove every
+  process and /dev/shm region a server left behind, whatever the current directory, also after a
+  model process or tritonserver itself was killed.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,6 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.errors import CheckpointError
+from ..runtime.model_handlers import KEY_ENV
+
+KEY_HEADER = "dspark-internal-key"  # the header that opens the restricted repository API
+SHM_DIR = Path("/dev/shm")
 
 
 class ServerError(RuntimeError):
@@ -35,6 +53,8 @@ class Server:
     grpc_port: int
     metrics_port: int
     log: Path
+    shm_prefix: str = ""
+    state_file: Path | None = None
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -42,15 +62,62 @@ class Server:
                 "metrics": f"http://{self.host}:{self.metrics_port}/metrics"}
 
     def stop(self, timeout: float = 30) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=timeout)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            pass
-        stop_process(self.process.pid, timeout=1)  # whatever of the group is left
+        stop_process(self.process.pid, timeout=timeout, shm_prefix=self.shm_prefix)
         self.process.wait(timeout=5)
+        if self.state_file is not None:
+            self.state_file.unlink(missing_ok=True)
+
+
+def state_dir() -> Path:
+    """Where server state files live: $DSPARK_STATE_DIR, else $XDG_STATE_HOME/dspark-trt, else
+    ~/.local/state/dspark-trt (per user, independent of the current directory)."""
+    if os.environ.get("DSPARK_STATE_DIR"):
+        return Path(os.environ["DSPARK_STATE_DIR"])
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "dspark-trt"
+
+
+def default_state_file(http_port: int) -> Path:
+    return state_dir() / f"tritonserver-{http_port}.json"
+
+
+def read_state(path: Path) -> dict:
+    """A state file written by start_server (or, from older versions, a file holding just the pid)."""
+    text = path.read_text().strip()
+    return json.loads(text) if text.startswith("{") else {"pid": int(text)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead; it only waits for its parent to collect it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def clean_stale(directory: Path | None = None) -> list[int]:
+    """Take down what servers whose tritonserver is gone (killed, crashed) left behind: model processes
+    still in their process group, their shared-memory regions, their state files. Returns their pids."""
+    cleaned = []
+    for path in sorted((directory or state_dir()).glob("tritonserver-*.json")):
+        try:
+            state = read_state(path)
+        except (OSError, ValueError):
+            continue
+        if _alive(state["pid"]):
+            continue
+        prefix = state.get("shm_prefix", "")
+        if prefix and _group_has(state["pid"], prefix):  # its model processes (the pid may be reused)
+            stop_process(state["pid"], timeout=5, shm_prefix=prefix)
+        for region in SHM_DIR.glob(f"{prefix}*") if prefix else ():
+            region.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        cleaned.append(state["pid"])
+    return cleaned
 
 
 def find_tritonserver() -> tuple[Path, Path]:
@@ -115,8 +182,9 @@ def server_env(binary: Path) -> dict[str, str]:
 
 def start_server(repo: Path, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, log: Path | None = None, timeout: float = 600,
-                 cache: Path | None = None) -> Server:
-    """Start tritonserver on `repo` and wait until every model is ready."""
+                 cache: Path | None = None, state_file: Path | None = None) -> Server:
+    """Start tritonserver on `repo` and wait until every model is ready. Its state (pid, ports,
+    shared-memory prefix) goes to `state_file` (default: one per HTTP port in `state_dir()`)."""
     repo = Path(repo).absolute()
     if not (repo / "ensemble" / "config.pbtxt").is_file():
         raise CheckpointError(repo, "not a model repository", expected="the output of `dspark-build repo`")
@@ -125,6 +193,7 @@ def start_server(repo: Path, *, host: str = "127.0.0.1", http_port: int = 8000, 
         if not _port_free(host, port):
             raise ServerError(f"{name} port {port} on {host} is in use (another tritonserver? stop it with "
                               f"`dspark-build stop`, or pick another --{name}-port)")
+    clean_stale()
     binary, backends = find_tritonserver()
     cache = cache or Path.home() / ".cache" / "dspark-trt"
     cache.mkdir(parents=True, exist_ok=True)
@@ -135,13 +204,25 @@ def start_server(repo: Path, *, host: str = "127.0.0.1", http_port: int = 8000, 
            f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--allow-metrics=true",
            "--allow-gpu-metrics=false", "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
            "--exit-timeout-secs=10"]
+    key, shm_prefix = secrets.token_hex(16), f"dspark_{secrets.token_hex(6)}_"
+    cmd += ["--model-control-mode=explicit", "--load-model=*",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            f"--http-restricted-api=model-repository:{KEY_HEADER}={key}",
+            f"--grpc-restricted-protocol=model-repository:{KEY_HEADER}={key}"]
+    env = server_env(binary)
+    env[KEY_ENV] = key
     with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(binary),
-                                   start_new_session=True)
-    server = Server(process, host, http_port, grpc_port, metrics_port, log)
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    state_file = Path(state_file or default_state_file(http_port)).absolute()
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"pid": process.pid, "host": host, "http_port": http_port,
+                                      "grpc_port": grpc_port, "metrics_port": metrics_port,
+                                      "shm_prefix": shm_prefix, "log": str(log), "repo": str(repo)}) + "\n")
+    server = Server(process, host, http_port, grpc_port, metrics_port, log, shm_prefix, state_file)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            server.stop(timeout=5)
             raise ServerError(f"tritonserver exited with code {process.returncode}; last lines of {log}:\n"
                               + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
         try:
@@ -165,21 +246,52 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def stop_process(pid: int, timeout: float = 30) -> bool:
-    """SIGTERM the server's process group, SIGKILL it if it lingers. False if it was not running."""
+def stop_process(pid: int, timeout: float = 30, shm_prefix: str = "") -> bool:
+    """SIGTERM the server's process group (tritonserver, its model processes and their workers, also
+    ones orphaned by a killed tritonserver), SIGKILL what lingers, then remove the group's /dev/shm
+    regions (those named with `shm_prefix`). False if nothing of the group was running."""
     try:
         os.killpg(pid, signal.SIGTERM)
+        running = True
     except ProcessLookupError:
-        return False
+        running = False
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
+    while running and time.monotonic() < deadline and _group_alive(pid):
         time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return True
+    if running and _group_alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for _ in range(50):  # the kernel takes a moment to reap a killed group
+            if not _group_alive(pid):
+                break
+            time.sleep(0.1)
+    if shm_prefix:
+        for region in SHM_DIR.glob(f"{shm_prefix}*"):
+            region.unlink(missing_ok=True)
+    return running
+
+
+def _group_has(pgid: int, text: str) -> bool:
+    """Whether a live process of this group has `text` in its command line."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid and \
+                    text.encode() in (stat.parent / "cmdline").read_bytes():
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of this group still runs (zombies excepted: they hold no resources)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False

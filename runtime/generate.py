@@ -16,6 +16,8 @@ calibration and benchmarks.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +36,9 @@ from .scheduler import (
 from .verify import verify_greedy, verify_sampling
 
 Mode = Literal["off", "fixed", "auto"]
+# A request's seed is any int64; the sampler is seeded with it modulo 2**64 (a negative seed is its
+# two's-complement bit pattern, -1 -> 2**64 - 1), the full range of torch.Generator.manual_seed.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 EXPLORE_EVERY = 16  # with live costs, one in this many rounds that `auto` would not draft drafts anyway
 # Survival estimates are scaled by observed / predicted acceptance per block position: decayed sums
 # that start at this many rows of agreement and fade by this factor a round.
@@ -51,10 +56,23 @@ class Request:
     gamma: int | None = None  # fixed mode's block; default: the drafter's block size
 
 
+def generator_seed(seed: int) -> int:
+    """The torch.Generator seed of a request seed in [SEED_MIN, SEED_MAX]."""
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be an int64, in [{SEED_MIN}, {SEED_MAX}], got {seed}")
+    return seed % 2**64
+
+
+def wire_seed(generator: torch.Generator) -> int:
+    """A generator's seed as the int64 the draft model's SEEDS carries (inverse of generator_seed)."""
+    seed = generator.initial_seed()
+    return seed - 2**64 if seed > SEED_MAX else seed
+
+
 @dataclass
 class Result:
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # length | stop | error (see `SpeculativeDecoder.errors`)
     taus: list[int] = field(default_factory=list)  # accepted drafts + 1, per round
     verified: list[int] = field(default_factory=list)  # draft tokens verified, per round
 
@@ -102,6 +120,9 @@ class SpeculativeDecoder:
         self._predicted = torch.full((drafter.block_size,), ADAPT_PRIOR_ROWS, dtype=torch.float64)
         self._observed = self._predicted.clone()
         self.live: dict[int, _Live] = {}
+        # Slots whose own per-request work raised, with the reason: that request fails, its round
+        # goes on for the others (their finish_reason is "error").
+        self.errors: dict[int, str] = {}
         # (raw confidence logits, accepted flags) of every round that verified a full block, for STS.
         self.calibration_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if record_calibration else None
 
@@ -128,14 +149,25 @@ class SpeculativeDecoder:
             self.free.extend(slots[::-1])  # the requests were never admitted: their slots are free again
             raise
         for i, (slot, request) in enumerate(zip(slots, requests, strict=True)):
-            live = _Live(request, Result(), torch.Generator().manual_seed(request.seed), anchor=-1,
-                         cached=len(request.prompt))
+            live = _Live(request, Result(), torch.Generator(), anchor=-1, cached=len(request.prompt))
             self.live[slot] = live
-            self._commit(slot, [self._sample(head[i][-1], live)])
+            with self._isolated(slot):
+                live.generator.manual_seed(generator_seed(request.seed))
+                self._commit(slot, [self._sample(head[i][-1], live)])
         return slots
+
+    @contextmanager
+    def _isolated(self, slot: int) -> Iterator[None]:
+        """Run one request's own work: if it raises, that request ends with an error, nobody else does."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - reported to that request's client
+            self.errors[slot] = f"{type(e).__name__}: {e}"
+            self.live[slot].result.finish_reason = "error"
 
     def release(self, slot: int) -> Result:
         live = self.live.pop(slot)
+        self.errors.pop(slot, None)
         self.free.append(slot)
         return live.result
 
@@ -161,26 +193,29 @@ class SpeculativeDecoder:
         accepted_counts = []
         for i, slot in enumerate(slots):
             live, n = self.live[slot], lengths[i]
-            if n:
-                drafts = draft.tokens[i, :n]
-                if live.request.temperature <= 0:
-                    accepted, nxt = verify_greedy(drafts, head[i].argmax(dim=-1) if sampled else head[i])
+            accepted = 0
+            with self._isolated(slot):
+                if n:
+                    drafts = draft.tokens[i, :n]
+                    if live.request.temperature <= 0:
+                        accepted, nxt = verify_greedy(drafts, head[i].argmax(dim=-1) if sampled else head[i])
+                    else:
+                        accepted, nxt = verify_sampling(drafts, draft.probs[i, :n], head[i],
+                                                        live.request.temperature, live.generator)
+                    new = drafts[:accepted].tolist() + [nxt]
+                    if self.calibration_rows is not None and n == draft.tokens.shape[1]:
+                        self.calibration_rows.append((draft.conf_logits[i], torch.arange(n) < accepted))
                 else:
-                    accepted, nxt = verify_sampling(drafts, draft.probs[i, :n], head[i], live.request.temperature,
-                                                    live.generator)
-                new = drafts[:accepted].tolist() + [nxt]
-                if self.calibration_rows is not None and n == draft.tokens.shape[1]:
-                    self.calibration_rows.append((draft.conf_logits[i], torch.arange(n) < accepted))
-            else:
-                accepted, new = 0, [self._sample(head[i][0], live)]
+                    new = [self._sample(head[i][0], live)]
+                committed[slot] = self._commit(slot, new)
             # x0 and the accepted drafts stay cached (the rest is rolled back by the next call's
-            # `start`); their features join the drafter's context.
+            # `start`); their features join the drafter's context (a failed request's too: it is
+            # released before the next round, and the batch keeps one row per slot).
             live.cached += 1 + accepted
             context.append(features[i][: 1 + accepted])
             live.result.taus.append(accepted + 1)
             live.result.verified.append(n)
             accepted_counts.append(accepted)
-            committed[slot] = self._commit(slot, new)
         if draft is not None and self.adapt_survival:
             positions = torch.arange(draft.tokens.shape[1])
             verified_mask = positions < torch.tensor(lengths)[:, None]

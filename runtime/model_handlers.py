@@ -3,22 +3,70 @@
 Each handler owns a runner and its per-slot state and turns one batched request (numpy arrays by
 name) into one batched response. The Triton models are thin wrappers around these, and in-process
 tests call them directly.
+
+Both models hold per-slot state (caches, drafter context, samplers), so only the orchestrator may
+call them: `dspark-build serve` gives every model process a key in the environment
+(DSPARK_INTERNAL_KEY), the orchestrator sends it as a request parameter on each call, and a call
+without it is refused. Every field is still validated as if it came from outside before any state
+changes: a malformed call fails alone and cannot reach a tensor-parallel worker.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .generate import generator_seed
 from .loader import FAMILIES, resolve_checkpoint
 from .manifest import read_manifest
 from .tp import open_target
 
+KEY_ENV = "DSPARK_INTERNAL_KEY"  # set by `dspark-build serve`, inherited by every model process
+KEY_PARAMETER = "dspark_internal_key"  # the request parameter the orchestrator sends it in
+
 
 class OutOfSync(RuntimeError):
     """The orchestrator's idea of a slot's state differs from the model's (a bug, reported loudly)."""
+
+
+class BadCall(ValueError):
+    """A field of a call to an internal model is malformed or out of range; the message names it."""
+
+
+def internal_key() -> str:
+    """The key shared by the orchestrator and the internal models of this server process."""
+    key = os.environ.get(KEY_ENV, "")
+    if len(key) < 16:
+        raise RuntimeError(f"environment variable {KEY_ENV} is {'too short' if key else 'not set'}: the internal "
+                           "models only serve the orchestrator, which proves itself with this key. Start the server "
+                           "with `dspark-build serve`, or export a random value of at least 16 characters "
+                           "(e.g. `export DSPARK_INTERNAL_KEY=$(openssl rand -hex 16)`) before `tritonserver`")
+    return key
+
+
+def _vector(inputs: dict[str, np.ndarray], name: str, rows: int, low: float, high: float) -> np.ndarray:
+    """Field `name` as a vector of `rows` values in [low, high]."""
+    value = np.asarray(inputs[name])
+    if value.ndim != 1 or value.shape[0] != rows:
+        raise BadCall(f"{name} must have shape [{rows}] (one value per slot), got {list(value.shape)}")
+    if value.size and (not np.isfinite(value).all() or value.min() < low or value.max() > high):
+        raise BadCall(f"{name} must lie in [{low:g}, {high:g}], got {value.min()}..{value.max()}")
+    return value
+
+
+def _slots(inputs: dict[str, np.ndarray], num_slots: int) -> list[int]:
+    slots = np.asarray(inputs["SLOTS"])
+    if slots.ndim != 1 or slots.size == 0:
+        raise BadCall(f"SLOTS must have shape [B] with B >= 1, got {list(slots.shape)}")
+    _vector(inputs, "SLOTS", slots.size, 0, num_slots - 1)
+    if len(set(slots.tolist())) != slots.size:
+        raise BadCall(f"SLOTS must not repeat a slot, got {slots.tolist()}")
+    return slots.astype(np.int64).tolist()
 
 
 class VerifyHandler:
@@ -27,17 +75,36 @@ class VerifyHandler:
         manifest = read_manifest(ckpt, "checkpoint")
         kind = FAMILIES[manifest["family"]][0]
         self.capture = tuple(manifest["dspark"]["target_layer_ids"])
+        self.num_slots, self.max_len = num_slots, max_len
         self.target = open_target(kind, ckpt / "target", num_slots=num_slots, max_len=max_len)
+        self.vocab_size = self.target.config.vocab_size
 
-    def handle(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        slots = inputs["SLOTS"].astype(np.int64).tolist()
-        starts, counts = inputs["START"].tolist(), inputs["COUNTS"].tolist()
-        for slot, start in zip(slots, starts, strict=True):
+    def validate(self, inputs: dict[str, np.ndarray]) -> tuple[list[int], list[int], list[list[int]], bool]:
+        """(slots, starts, tokens per slot, want_logits), or BadCall / OutOfSync naming the field."""
+        slots = _slots(inputs, self.num_slots)
+        rows = len(slots)
+        tokens = np.asarray(inputs["TOKENS"])
+        if tokens.ndim != 2 or tokens.shape[0] != rows or tokens.shape[1] == 0:
+            raise BadCall(f"TOKENS must have shape [{rows}, T] with T >= 1, got {list(tokens.shape)}")
+        counts = _vector(inputs, "COUNTS", rows, 1, tokens.shape[1]).astype(np.int64).tolist()
+        starts = _vector(inputs, "START", rows, 0, self.max_len).astype(np.int64).tolist()
+        rows_tokens = [row[:n].astype(np.int64).tolist() for row, n in zip(tokens, counts, strict=True)]
+        for slot, start, row in zip(slots, starts, rows_tokens, strict=True):
             held = int(self.target.lengths[slot])
             if start > held:
                 raise OutOfSync(f"slot {slot}: asked to continue at {start} but the cache holds {held} tokens")
-        tokens = [row[:n].tolist() for row, n in zip(inputs["TOKENS"], counts, strict=True)]
-        want_logits = bool(inputs["WANT_LOGITS"].reshape(-1)[0])
+            if start + len(row) > self.max_len:
+                raise BadCall(f"slot {slot}: START {start} + COUNTS {len(row)} exceeds the cache length {self.max_len}")
+            if min(row) < 0 or max(row) >= self.vocab_size:
+                raise BadCall(f"TOKENS of slot {slot} must lie in [0, {self.vocab_size}), got {min(row)}..{max(row)}")
+        want = np.asarray(inputs["WANT_LOGITS"])
+        if want.size != 1:
+            raise BadCall(f"WANT_LOGITS must hold one value, got {want.size}")
+        return slots, starts, rows_tokens, bool(want.reshape(-1)[0])
+
+    def handle(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        slots, starts, tokens, want_logits = self.validate(inputs)
+        counts = [len(t) for t in tokens]
         head, features = self.target.forward(slots, tokens, capture=self.capture, start=starts, logits=want_logits)
         width = max(counts)
         top_ids = np.zeros((len(slots), width), dtype=np.int32)
@@ -65,33 +132,72 @@ class DraftHandler:
         module, name = FAMILIES[manifest["family"]][1].split(":")
         self.drafter = getattr(import_module(module), name)(ckpt / "draft", num_slots=num_slots, max_len=max_len)
         self.generators = [torch.Generator() for _ in range(num_slots)]
+        self.num_slots, self.max_len = num_slots, max_len
+        self.vocab_size = json.loads((ckpt / "target" / "config.json").read_text())["vocab_size"]
+        fc = getattr(self.drafter, "fc", None)
+        self.feature_width = getattr(fc, "in_features", None)  # what the drafter reads, where it says
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> list[int]:
+        """The slots of a well-formed call, or BadCall / OutOfSync naming the field; changes nothing."""
+        slots = _slots(inputs, self.num_slots)
+        rows = len(slots)
+        features = np.asarray(inputs["CTX_FEATURES"])
+        width = self.feature_width
+        if features.ndim != 3 or features.shape[0] != rows or (width is not None and features.shape[2] != width):
+            raise BadCall(f"CTX_FEATURES must have shape [{rows}, N, {width or 'F'}], got {list(features.shape)}")
+        if not np.isfinite(features).all():
+            raise BadCall("CTX_FEATURES must be finite")
+        counts = _vector(inputs, "CTX_COUNTS", rows, 0, features.shape[1])
+        starts = _vector(inputs, "CTX_START", rows, 0, self.max_len)
+        for slot, start, count in zip(slots, starts.tolist(), counts.tolist(), strict=True):
+            held = int(self.drafter.ctx_len[slot])
+            if start not in (0, held):
+                raise OutOfSync(f"slot {slot}: context starts at {start} but the drafter holds {held}")
+            if start + count > self.max_len:
+                raise BadCall(f"slot {slot}: CTX_START {start} + CTX_COUNTS {count} exceeds the context length "
+                              f"{self.max_len}")
+        _vector(inputs, "ANCHORS", rows, 0, self.vocab_size - 1)
+        _vector(inputs, "TEMPERATURES", rows, 0, 100)
+        _vector(inputs, "SEEDS", rows, -(2**63), 2**63 - 1)
+        _vector(inputs, "GAMMA", 1, 1, self.drafter.block_size)
+        return slots
 
     def handle(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        slots = inputs["SLOTS"].astype(np.int64).tolist()
+        slots = self.validate(inputs)
         for i, slot in enumerate(slots):
-            start = int(inputs["CTX_START"][i])
-            if start == 0:
+            if int(inputs["CTX_START"][i]) == 0:
                 self.drafter.reset(slot)
-                self.generators[slot].manual_seed(int(inputs["SEEDS"][i]))
-            elif start != int(self.drafter.ctx_len[slot]):
-                raise OutOfSync(f"slot {slot}: context starts at {start} but the drafter holds "
-                                f"{int(self.drafter.ctx_len[slot])}")
+                self.generators[slot].manual_seed(generator_seed(int(inputs["SEEDS"][i])))
         features = torch.from_numpy(inputs["CTX_FEATURES"])
         self.drafter.add_context_batch(slots, [features[i, :n] for i, n in enumerate(inputs["CTX_COUNTS"].tolist())])
         temperatures = inputs["TEMPERATURES"].astype(float).tolist()
         draft = self.drafter.draft(slots, inputs["ANCHORS"].astype(np.int64).tolist(), temperatures,
-                                   [self.generators[s] for s in slots], int(inputs["GAMMA"][0]))
+                                   [self.generators[s] for s in slots], int(inputs["GAMMA"].reshape(-1)[0]))
         return {"TOKENS": draft.tokens.numpy().astype(np.int32), "PROBS": draft.probs.numpy().astype(np.float32),
                 "CONF_LOGITS": draft.conf_logits.numpy().astype(np.float32),
                 "CONFIDENCE": draft.confidence.numpy().astype(np.float32)}
 
 
+def from_orchestrator(parameters: str, key: str) -> bool:
+    """Whether a request's parameters (Triton's JSON) carry this server's internal key."""
+    try:
+        sent = json.loads(parameters or "{}").get(KEY_PARAMETER, "")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(sent, str) and hmac.compare_digest(sent.encode(), key.encode())
+
+
 def execute_batched(handler: VerifyHandler | DraftHandler, requests: list, input_names: tuple[str, ...],
-                    pb_utils: object, model: str) -> list:
+                    pb_utils: object, model: str, key: str) -> list:
     """The `execute` of the dspark_verify / dspark_draft Triton models (pb_utils is passed in because
     it only exists inside Triton's Python backend). A failure answers its request, the model stays up."""
     responses = []
     for request in requests:
+        if not from_orchestrator(request.parameters(), key):
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"{model} is internal to the dspark orchestrator and serves no clients: send requests to the "
+                "`ensemble` model")))
+            continue
         try:
             inputs = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in input_names}
             outputs = handler.handle(inputs)

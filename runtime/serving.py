@@ -32,7 +32,7 @@ import torch
 
 from .detok import CONTEXT_TOKENS, IncrementalText
 from .drafter import Draft
-from .generate import Request, SpeculativeDecoder
+from .generate import SEED_MAX, SEED_MIN, Request, SpeculativeDecoder, wire_seed
 
 Call = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 SPECULATION_MODES = ("auto", "off", "fixed")
@@ -96,6 +96,8 @@ def parse_request(inputs: dict[str, Any], limits: Limits) -> tuple[Request, list
     if any(not s for s in stops):
         raise ParamError("stop strings must not be empty")
     seed = _scalar(inputs, "SEED", int, 0)
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise ParamError(f"seed must be an int64, in [{SEED_MIN}, {SEED_MAX}], got {seed}")
     request = Request(prompt.tolist(), max_new_tokens=max_tokens, temperature=temperature, seed=seed,
                       stop_ids=stop_ids, speculation=speculation, gamma=gamma)
     return request, stops
@@ -167,7 +169,7 @@ class RemoteDrafter:
             "CTX_START": np.asarray([0 if s in self.fresh else int(self.ctx_len[s]) for s in slots], dtype=np.int32),
             "CTX_COUNTS": np.asarray([f.shape[0] for f in new], dtype=np.int32), "CTX_FEATURES": ctx,
             "ANCHORS": np.asarray(anchors, dtype=np.int32), "TEMPERATURES": np.asarray(temperatures, dtype=np.float32),
-            "SEEDS": np.asarray([g.initial_seed() if g is not None else 0 for g in generators], dtype=np.int64),
+            "SEEDS": np.asarray([wire_seed(g) if g is not None else 0 for g in generators], dtype=np.int64),
             "GAMMA": np.asarray([gamma or self.block_size], dtype=np.int32)})
         for i, s in enumerate(slots):
             self.ctx_len[s] += new[i].shape[0]
@@ -205,17 +207,29 @@ class _Stream:
 
 
 class Orchestrator:
-    """In-flight batching over all live requests: one background thread runs admit/draft/verify rounds."""
+    """In-flight batching over all live requests: one background thread runs admit/draft/verify rounds.
+
+    Failures stay as small as their cause: a request whose own work raises fails alone (the round goes
+    on for the others); a failed model call fails the requests of that call; a dead model process
+    (`dependency_failed`, from the process watch) fails every live and queued request once, and
+    new requests are refused with the reason until `dependency_recovered`.
+    """
 
     def __init__(self, target: Any, drafter: Any, *, num_slots: int, decode: Callable[[Sequence[int]], str],
-                 metrics: Metrics | None = None, **decoder_options: Any) -> None:
+                 metrics: Metrics | None = None, diagnose: Callable[[], str | None] | None = None,
+                 **decoder_options: Any) -> None:
         self.decoder = SpeculativeDecoder(target, drafter, num_slots=num_slots, **decoder_options)
         self.decode, self.metrics = decode, metrics
+        # Names a dead model process, if any: a failed model call is then reported as that.
+        self.diagnose = diagnose or (lambda: None)
         self.queue: queue.Queue[_Stream] = queue.Queue()
         self.streams: dict[int, _Stream] = {}
         self._stop = threading.Event()
         self._cancelled_ids: set[str] = set()
         self._lock = threading.Lock()
+        self.unavailable: str | None = None  # why requests are refused now (a model is being reloaded)
+        self._fault: str | None = None  # a dead dependency the loop has not acted on yet
+        self._fault_handled = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dspark-orchestrator", daemon=True)
 
     def start(self) -> None:
@@ -226,7 +240,30 @@ class Orchestrator:
         self._thread.join(timeout=30)
 
     def submit(self, request: Request, stops: list[str], sink: Sink, request_id: str = "") -> None:
-        self.queue.put(_Stream(request, stops, sink, IncrementalText(self.decode) if stops else None, request_id))
+        with self._lock:
+            refused = self.unavailable
+            if refused is None:
+                self.queue.put(_Stream(request, stops, sink, IncrementalText(self.decode) if stops else None,
+                                       request_id))
+        if refused is not None:
+            _error(sink, refused)
+
+    def dependency_failed(self, reason: str) -> None:
+        """A model process the rounds depend on died: its state (caches, contexts) is gone. Every live
+        and queued request fails once with `reason`; new ones are refused until `dependency_recovered`."""
+        with self._lock:
+            self.unavailable = f"the server is recovering: {reason}; retry in a few seconds"
+            self._fault = f"this request was stopped: {reason}. The server reloads the model by itself; retry " \
+                          "in a few seconds"
+            self._fault_handled.clear()
+
+    def wait_fault_handled(self, timeout: float) -> bool:
+        """Wait until the loop has failed the requests a `dependency_failed` concerned."""
+        return self._fault_handled.wait(timeout)
+
+    def dependency_recovered(self) -> None:
+        with self._lock:
+            self.unavailable = None
 
     def cancel(self, request_id: str) -> None:
         """Stop every live or queued request with this id (how a cancelled ensemble stream is noticed:
@@ -247,18 +284,42 @@ class Orchestrator:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._fail_on_fault()
             try:
                 self._admit()
                 if not self.streams:
                     continue
                 self._drop_cancelled()
                 self._publish(self.decoder.step(), after_round=True)
-            except Exception:  # noqa: BLE001 - a failed round must fail its requests, not the server
-                message = traceback.format_exc(limit=3)
+            except Exception as e:  # noqa: BLE001 - a failed model call fails its round, not the server
+                message = self._call_failed("a decoding round", e)
                 for slot in list(self.streams):
-                    self._finish(slot, error=f"internal error in a decoding round: {message}")
+                    self._finish(slot, error=message)
             if self.metrics:
                 self.metrics.load(self.active, self.queue.qsize())
+
+    def _call_failed(self, what: str, error: Exception) -> str:
+        """The message for the requests of a failed batched call: a dead model process if that is the
+        cause, else the error (its traceback goes to the server log)."""
+        traceback.print_exc()
+        dead = self.diagnose()
+        if dead is not None:
+            return f"this request was stopped: {dead}. The server reloads the model by itself; retry in a few seconds"
+        return f"internal error in {what}: {type(error).__name__}: {error}"
+
+    def _fail_on_fault(self) -> None:
+        with self._lock:
+            fault, self._fault = self._fault, None
+        if fault is None:
+            return
+        for slot in list(self.streams):
+            self._finish(slot, error=fault)
+        while True:
+            try:
+                _error(self.queue.get_nowait().sink, fault)
+            except queue.Empty:
+                break
+        self._fault_handled.set()
 
     def _admit(self) -> None:
         waiting: list[_Stream] = []
@@ -274,10 +335,10 @@ class Orchestrator:
             return
         try:
             slots = self.decoder.admit([s.request for s in waiting])
-        except Exception:  # noqa: BLE001 - the prefill failed: these requests fail, the server stays up
-            message = traceback.format_exc(limit=3)
+        except Exception as e:  # noqa: BLE001 - the prefill failed: these requests fail, the server stays up
+            message = self._call_failed("the prefill that starts the request", e)
             for stream in waiting:
-                stream.sink.error(f"internal error while starting the request: {message}")
+                _error(stream.sink, message)
             return
         for slot, stream in zip(slots, waiting, strict=True):
             self.streams[slot] = stream
@@ -288,23 +349,39 @@ class Orchestrator:
             if self._is_cancelled(stream):
                 self.decoder.release(slot)
                 del self.streams[slot]
-                stream.sink.send([], [], "cancelled", None)
+                try:
+                    stream.sink.send([], [], "cancelled", None)
+                except Exception:  # noqa: BLE001 - the client is gone either way
+                    traceback.print_exc()
         with self._lock:
             live = {s.request_id for s in self.streams.values()}
             self._cancelled_ids &= live | {s.request_id for s in list(self.queue.queue)}
 
     def _publish(self, committed: dict[int, list[int]], after_round: bool) -> None:
+        for slot, reason in list(self.decoder.errors.items()):
+            if slot in self.streams:
+                self._finish(slot, error=f"this request failed: {reason}")
         for slot, tokens in committed.items():
-            stream, live = self.streams[slot], self.decoder.live[slot]
-            if self.metrics and after_round:
-                self.metrics.round(live.result.verified[-1], live.result.taus[-1] - 1)
-            if stream.text is not None:
-                tokens = self._apply_stop_strings(stream, live, tokens)
-            prefix = stream.sent[-CONTEXT_TOKENS:]
-            stream.sent.extend(tokens)
-            stream.sink.send(tokens, prefix, None, None)
-            if live.result.finish_reason is not None:
-                self._finish(slot)
+            if slot not in self.streams:
+                continue
+            try:  # one stream's stop strings or response must not fail the others
+                self._publish_one(slot, tokens, after_round)
+            except Exception as e:  # noqa: BLE001 - reported to that request's client
+                traceback.print_exc()
+                if slot in self.streams:
+                    self._finish(slot, error=f"this request failed: {type(e).__name__}: {e}")
+
+    def _publish_one(self, slot: int, tokens: list[int], after_round: bool) -> None:
+        stream, live = self.streams[slot], self.decoder.live[slot]
+        if self.metrics and after_round:
+            self.metrics.round(live.result.verified[-1], live.result.taus[-1] - 1)
+        if stream.text is not None:
+            tokens = self._apply_stop_strings(stream, live, tokens)
+        prefix = stream.sent[-CONTEXT_TOKENS:]
+        stream.sent.extend(tokens)
+        stream.sink.send(tokens, prefix, None, None)
+        if live.result.finish_reason is not None:
+            self._finish(slot)
 
     def _apply_stop_strings(self, stream: _Stream, live: Any, tokens: list[int]) -> list[int]:
         """Cut the round's tokens after the one that completes a stop string; that ends the request."""
@@ -323,12 +400,20 @@ class Orchestrator:
         stream = self.streams.pop(slot)
         result = self.decoder.release(slot)
         if error is not None:
-            stream.sink.error(error)
+            _error(stream.sink, error)
             return
         stats = {"tokens": len(result.tokens), "rounds": result.rounds, "mean_tau": round(result.mean_tau, 4),
                  "verified_tokens": sum(result.verified), "accepted_tokens": sum(result.taus) - result.rounds,
                  "finish_reason": result.finish_reason}
         stream.sink.send([], stream.sent[-CONTEXT_TOKENS:], result.finish_reason, stats)
+
+
+def _error(sink: Sink, message: str) -> None:
+    """Answer a request with an error; a client that is already gone is no one else's problem."""
+    try:
+        sink.error(message)
+    except Exception:  # noqa: BLE001 - nothing more can be told to this client
+        traceback.print_exc()
 
 
 def stats_json(stats: dict | None) -> str:

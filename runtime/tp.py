@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import sys
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,10 @@ def _worker(rank: int, world: int, port: int, kind: str, path: Path, kwargs: dic
         method, args, kw = message[0]
         if method == _STOP:
             break
-        getattr(runner, method)(*args, **kw)
+        try:
+            getattr(runner, method)(*args, **kw)
+        except Exception:  # noqa: BLE001 - rank 0 raised the same error on the same call: stay in step
+            traceback.print_exc()
     dist.destroy_process_group()
 
 
@@ -107,10 +111,10 @@ class DistributedTarget:
         if not dist.is_initialized():
             return
         try:
-            if all(w.is_alive() for w in self.workers):
+            if all(w.is_alive() for w in self.workers):  # else the group is broken: no one to tell
                 dist.broadcast_object_list([(_STOP, (), {})], src=0)
-            for w in self.workers:
-                w.join(timeout=30)
+                for w in self.workers:
+                    w.join(timeout=30)
         except RuntimeError:  # a worker already died (e.g. the whole process group got SIGTERM)
             pass
         finally:

@@ -1,6 +1,16 @@
-"""dspark: decoupled orchestrator running in-flight batched DSpark decoding (dspark_trt.runtime.serving)."""
+"""dspark: decoupled orchestrator running in-flight batched DSpark decoding (dspark_trt.runtime.serving).
+
+It also keeps the models it depends on alive: a thread watches their processes (runtime/watch.py);
+when one dies, the live requests fail once with the reason, new ones are refused, and the model is
+unloaded and loaded again through the Python backend's model-loading API (the server runs with
+explicit model control, see builder/serve.py). While that runs the model is not ready, so neither
+is the server (strict readiness).
+"""
 
 import json
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -11,6 +21,7 @@ from tokenizers import Tokenizer
 
 from dspark_trt.runtime.loader import resolve_checkpoint
 from dspark_trt.runtime.manifest import read_manifest
+from dspark_trt.runtime.model_handlers import KEY_PARAMETER, internal_key
 from dspark_trt.runtime.scheduler import CostTable
 from dspark_trt.runtime.serving import (
     Limits,
@@ -21,17 +32,28 @@ from dspark_trt.runtime.serving import (
     parse_request,
     stats_json,
 )
+from dspark_trt.runtime.watch import first_dead, model_processes
 
 INPUTS = ("INPUT_IDS", "MAX_TOKENS", "TEMPERATURE", "SEED", "STOP", "STOP_IDS", "SPECULATION", "GAMMA")
 OUTPUTS = {"dspark_verify": ["TOP_IDS", "LOGITS", "FEATURES"],
            "dspark_draft": ["TOKENS", "PROBS", "CONF_LOGITS", "CONFIDENCE"]}
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# Models whose processes hold request state: when one dies, the live requests are lost.
+STATEFUL = ("dspark_verify", "dspark_draft")
+WATCHED = STATEFUL + ("preprocessing", "postprocessing")
+WATCH_INTERVAL_S = 0.5
+PARAMETERS = {}  # {KEY_PARAMETER: the server's key}: proves to dspark_draft / dspark_verify that we call
+# This process's messages to the server (model calls, responses, model loading) one at a time: a
+# model-loading call racing a model call or a response aborts tritonserver 2.51
+# (boost::interprocess::lock_exception in the Python backend).
+IPC = threading.Lock()
 
 
 def bls(model, inputs):
     request = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
-                                        requested_output_names=OUTPUTS[model])
-    response = request.exec()
+                                        requested_output_names=OUTPUTS[model], parameters=PARAMETERS)
+    with IPC:
+        response = request.exec()
     if response.has_error():
         raise RuntimeError(response.error().message())
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in OUTPUTS[model]}
@@ -50,13 +72,17 @@ class TritonSink:
 
     def send(self, tokens, prefix, finish_reason, stats):
         if finish_reason == "cancelled":  # nobody is listening any more: just close the stream
-            self.sender.send(flags=FINAL)
+            with IPC:
+                self.sender.send(flags=FINAL)
             return
         flags = FINAL if finish_reason is not None else 0
-        self.sender.send(pb_utils.InferenceResponse(_tensors(tokens, prefix, finish_reason, stats)), flags=flags)
+        response = pb_utils.InferenceResponse(_tensors(tokens, prefix, finish_reason, stats))
+        with IPC:
+            self.sender.send(response, flags=flags)
 
     def error(self, message):
-        self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+        with IPC:
+            self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
 
     def cancelled(self):
         return self.sender.is_cancelled()
@@ -123,8 +149,68 @@ class TritonMetrics:
             self.last_load = (active, queued)
 
 
+class DependencyWatch:
+    """Notices a dead process of a model the orchestrator depends on and reloads that model."""
+
+    def __init__(self, orchestrator):
+        self.orchestrator, self.server = orchestrator, os.getppid()  # the stub's parent is tritonserver
+        self.processes = {}  # model -> its processes when last seen ready
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="dspark-watch", daemon=True)
+
+    def diagnose(self):
+        """Why a call to a dependency failed, if a process of it died."""
+        for model, processes in list(self.processes.items()):
+            dead = first_dead(processes)
+            if dead is not None:
+                return f"the {model} model's {dead.role} (pid {dead.pid}) died"
+        return None
+
+    def run(self):
+        while not self.stopped.wait(WATCH_INTERVAL_S):
+            for model in WATCHED:
+                try:
+                    self.check(model)
+                except Exception as e:  # noqa: BLE001 - keep watching; the next pass retries
+                    print(f"dspark: watching {model}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    def check(self, model):
+        known = self.processes.get(model, [])
+        dead = first_dead(known)
+        if dead is None:  # also picks up processes started since (tensor-parallel workers at start-up)
+            self.processes[model] = sorted(set(known) | set(model_processes(self.server, model)),
+                                           key=lambda p: p.pid)
+            return
+        reason = f"the {model} model's {dead.role} (pid {dead.pid}) died"
+        print(f"dspark: {reason}; reloading {model}", file=sys.stderr, flush=True)
+        if model in STATEFUL:
+            self.orchestrator.dependency_failed(reason)
+            # Tell the clients before reloading: the reload holds this process's messages (IPC).
+            self.orchestrator.wait_fault_handled(timeout=10)
+        # Unload first: a reload in place would keep the dead instance "ready" until the new one is,
+        # and leave its shared memory behind. load_model returns once the model is ready.
+        with IPC:
+            pb_utils.unload_model(model)
+        while not self.stopped.is_set():
+            try:
+                with IPC:
+                    pb_utils.load_model(model)
+                break
+            except Exception as e:  # noqa: BLE001 - stays not ready (truthfully) and retries
+                print(f"dspark: reloading {model} failed: {e}; retrying", file=sys.stderr, flush=True)
+            time.sleep(2)
+        self.processes[model] = model_processes(self.server, model)
+        for process in known:  # what the killed stubs left in /dev/shm (unloading frees the rest)
+            if process.shm_region and "/" not in process.shm_region:
+                Path("/dev/shm", process.shm_region).unlink(missing_ok=True)
+        if model in STATEFUL:
+            self.orchestrator.dependency_recovered()
+        print(f"dspark: {model} reloaded", file=sys.stderr, flush=True)
+
+
 class TritonPythonModel:
     def initialize(self, args):
+        PARAMETERS[KEY_PARAMETER] = internal_key()
         torch.set_num_threads(1)  # the orchestrator does bookkeeping; the cores belong to draft and verify
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         manifest = read_manifest(resolve_checkpoint(Path(params["engine_dir"])), "checkpoint")
@@ -137,8 +223,11 @@ class TritonPythonModel:
             RemoteTarget(bls), RemoteDrafter(bls, slots, dspark["block_size"], dspark["target_layer_ids"]),
             num_slots=slots, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             metrics=TritonMetrics(dspark["block_size"]), cost_table=cost_table, scheduler=params["scheduler"],
-            min_gain=float(params["min_gain"]), measure_costs=params.get("live_costs", "true") == "true")
+            min_gain=float(params["min_gain"]), measure_costs=params.get("live_costs", "true") == "true",
+            diagnose=lambda: self.watch.diagnose())
+        self.watch = DependencyWatch(self.orchestrator)
         self.orchestrator.start()
+        self.watch.thread.start()
 
     def execute(self, requests):
         for request in requests:
@@ -162,4 +251,5 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        self.watch.stopped.set()
         self.orchestrator.stop()

@@ -4,7 +4,7 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from dspark_trt.runtime.model_handlers import DraftHandler, execute_batched
+from dspark_trt.runtime.model_handlers import DraftHandler, execute_batched, internal_key
 from dspark_trt.runtime.placement import model_gpus, require_cpu
 
 INPUTS = ("SLOTS", "CTX_START", "CTX_COUNTS", "CTX_FEATURES", "ANCHORS", "TEMPERATURES", "SEEDS", "GAMMA")
@@ -12,6 +12,7 @@ INPUTS = ("SLOTS", "CTX_START", "CTX_COUNTS", "CTX_FEATURES", "ANCHORS", "TEMPER
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.key = internal_key()  # only the orchestrator, which holds it, may call this model
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         if params["backend"] != "reference":
             raise pb_utils.TritonModelException(
@@ -23,4 +24,4 @@ class TritonPythonModel:
                                     max_len=int(params["max_len"]), threads=int(params["threads"]))
 
     def execute(self, requests):
-        return execute_batched(self.handler, requests, INPUTS, pb_utils, "dspark_draft")
+        return execute_batched(self.handler, requests, INPUTS, pb_utils, "dspark_draft", self.key)

@@ -4,7 +4,7 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from dspark_trt.runtime.model_handlers import VerifyHandler, execute_batched
+from dspark_trt.runtime.model_handlers import VerifyHandler, execute_batched, internal_key
 from dspark_trt.runtime.placement import model_gpus, require_cpu
 
 INPUTS = ("SLOTS", "START", "TOKENS", "COUNTS", "WANT_LOGITS")
@@ -12,6 +12,7 @@ INPUTS = ("SLOTS", "START", "TOKENS", "COUNTS", "WANT_LOGITS")
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.key = internal_key()  # only the orchestrator, which holds it, may call this model
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         if params["backend"] != "reference":
             raise pb_utils.TritonModelException(
@@ -23,7 +24,7 @@ class TritonPythonModel:
                                      max_len=int(params["max_len"]))
 
     def execute(self, requests):
-        return execute_batched(self.handler, requests, INPUTS, pb_utils, "dspark_verify")
+        return execute_batched(self.handler, requests, INPUTS, pb_utils, "dspark_verify", self.key)
 
     def finalize(self):
         self.handler.close()
