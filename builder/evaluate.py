@@ -290,6 +290,19 @@ def evaluate_checkpoint(ckpt: Path, datasets: Sequence[Dataset], *, max_new_toke
     return rows
 
 
+def drafter_label(ckpt: Path) -> str:
+    """A short name for a pair in tables and plots: its drafter's source folder as `parent/name` (the
+    target's for a family whose drafter is built in)."""
+    from ..runtime.loader import resolve_checkpoint
+
+    sources = json.loads((resolve_checkpoint(ckpt) / "manifest.json").read_text()).get("sources", {})
+    source = sources.get("drafter") or sources.get("target")
+    if not source or "path" not in source:
+        return Path(ckpt).name
+    path = Path(source["path"])
+    return f"{path.parent.name}/{path.name}"
+
+
 def _gain(a: float | None, b: float | None) -> float | None:
     return a / b - 1 if a is not None and b else None
 
@@ -453,7 +466,7 @@ def eval_cmd(engine_dir: Path, data: tuple[Path, ...], domains: tuple[str, ...],
                 results.append(evaluate_checkpoint(path, datasets, max_new_tokens=max_new_tokens,
                                                    temperature=temperature, seed=seed, slots=batch,
                                                    on_release=lambda: bar.advance(task)))
-        labels = [p.name for p in pairs]
+        labels = [drafter_label(p) for p in pairs]
         settings = {"drafters": labels if len(set(labels)) == len(labels) else [str(p) for p in pairs],
                     "engine_dirs": [str(p) for p in pairs],
                     "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,

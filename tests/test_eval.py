@@ -17,6 +17,7 @@ from dspark_trt.builder.evaluate import (
     Round,
     decode_pairs,
     deepspec_rounds,
+    drafter_label,
     encode_prompt,
     load_tokenizer,
     read_dataset,
@@ -280,6 +281,9 @@ def test_eval_command_per_file_per_domain_and_compare(qwen3_ckpt: Path, tmp_path
     # The same pair compared with itself, greedy: identical τ, zero gain.
     assert all(f["compare"]["tau"] == f["tau"] and f["gain"] == 0 for f in files.values())
     assert report["domains"]["math"]["gain"] == 0
+    # Tables name a pair by its drafter's source folder; two pairs that share it by their paths.
+    assert drafter_label(qwen3_ckpt).endswith("/drafter")
+    assert report["settings"]["drafters"] == [str(qwen3_ckpt)] * 2
 
 
 def test_eval_command_reports_a_bad_line_and_writes_nothing(qwen3_ckpt: Path, tmp_path: Path) -> None:
