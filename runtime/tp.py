@@ -54,6 +54,10 @@ def _build(kind: str, path: Path, rank: int, kwargs: dict[str, Any]) -> Any:
         from .deepseek_v4 import DeepseekV4Target
 
         return DeepseekV4Target(path, rank=rank, **kwargs)
+    if kind == "gemma4":
+        from .gemma4 import Gemma4Target
+
+        return Gemma4Target(path, rank=rank, **kwargs)
     raise ValueError(f"unknown target kind {kind!r}")
 
 

@@ -265,3 +265,79 @@ def test_convert_tp2_writes_tensorrt_llm_names_that_reassemble(gemma4_pair: Path
     assert torch.equal(torch.cat([r["lm_head.weight"] for r in ranks]), source["model.embed_tokens.weight"])
     draft = load_file(ckpt / "draft" / "rank0.safetensors")
     assert draft.keys() == load_file(gemma4_pair / "drafter" / "model.safetensors").keys()
+
+
+# ------------------------------------------------------------------------------------ target runner
+
+CAPTURE = (-1, 0, 2, 4)  # the embedding output, sliding, global and sliding layers
+
+
+def prompts(count: int = 3, seed: int = 0) -> list[list[int]]:
+    """Lengths 20, 3, 13: the first and last run past the sliding window (8)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (20, 3, 13, 9, 30, 1)[:count]]
+
+
+@pytest.fixture(scope="module")
+def hf_target(gemma4_pair: Path) -> torch.nn.Module:
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(gemma4_pair / "target", dtype=torch.float32).eval()
+
+
+def test_target_matches_transformers_with_rollback(hf_target: torch.nn.Module, gemma4_ckpt: Path) -> None:
+    from dspark_trt.runtime.gemma4 import Gemma4Target
+
+    target = Gemma4Target(gemma4_ckpt / "target", num_slots=4, max_len=128)
+    batch = prompts(3)
+    logits, features = target.forward([2, 0, 1], batch, capture=CAPTURE)  # slots out of order on purpose
+    with torch.no_grad():
+        for i, p in enumerate(batch):
+            ref = hf_target(torch.tensor([p]), output_hidden_states=True)
+            assert (logits[i] - ref.logits[0]).abs().max() <= 1e-4
+            # DeepSpec's extract_context_feature: layer l is hidden_states[l + 1], -1 is hidden_states[0].
+            expected = torch.cat([ref.hidden_states[layer + 1][0] for layer in CAPTURE], dim=-1)
+            assert (features[i] - expected).abs().max() <= 1e-4
+        # Incremental decoding past the window, then a rollback of two rejected tokens.
+        more, _ = target.forward([2, 1], [[5, 6, 7], [9]])
+        full = hf_target(torch.tensor([batch[0] + [5, 6, 7]])).logits[0]
+        assert (more[0] - full[-3:]).abs().max() <= 1e-4
+        again, _ = target.forward([2], [[8, 4]], start=[len(batch[0]) + 1])
+        full = hf_target(torch.tensor([batch[0] + [5, 8, 4]])).logits[0]
+        assert (again[0] - full[-2:]).abs().max() <= 1e-4
+        ids, _ = target.forward([0], [[3]], logits=False)
+        assert ids[0].tolist() == hf_target(torch.tensor([batch[1] + [3]])).logits[0, -1:].argmax(-1).tolist()
+
+
+def test_target_softcaps_and_windows(gemma4_ckpt: Path, hf_target: torch.nn.Module) -> None:
+    """The two Gemma-specific steps matter on the fixture: without them the logits differ."""
+    from dspark_trt.runtime import gemma4 as module
+
+    target = module.Gemma4Target(gemma4_ckpt / "target", num_slots=1, max_len=64)
+    p = prompts(1)[0]
+    ref = hf_target(torch.tensor([p])).logits[0]
+    uncapped = module.Gemma4Target(gemma4_ckpt / "target", num_slots=1, max_len=64)
+    object.__setattr__(uncapped.config, "softcap", None)
+    assert (uncapped.forward([0], [p])[0][0] - ref).abs().max() > 1e-3
+    wide = module.Gemma4Target(gemma4_ckpt / "target", num_slots=1, max_len=64)
+    object.__setattr__(wide.config, "sliding_window", 1000)
+    assert (wide.forward([0], [p])[0][0] - ref).abs().max() > 1e-3
+    assert (target.forward([0], [p])[0][0] - ref).abs().max() <= 1e-4
+
+
+def test_tensor_parallel_equals_tp1(gemma4_pair: Path, gemma4_ckpt: Path, tmp_path: Path) -> None:
+    from dspark_trt.runtime.gemma4 import Gemma4Target
+    from dspark_trt.runtime.tp import open_target
+
+    tp2 = _convert(gemma4_pair, tmp_path / "tp2", tp=2)
+    single = Gemma4Target(gemma4_ckpt / "target", num_slots=2, max_len=96)
+    batch = prompts(2)
+    ref_logits, ref_features = single.forward([0, 1], batch, capture=CAPTURE)
+    ref_more, _ = single.forward([0], [[7, 8]], start=[5])
+    with open_target("gemma4", tp2 / "target", num_slots=2, max_len=96) as target:
+        logits, features = target.forward([0, 1], batch, capture=CAPTURE)
+        more, _ = target.forward([0], [[7, 8]], start=[5])
+        ids, _ = target.forward([1], [[4]], logits=False)
+    for a, b in zip(logits + features + more, ref_logits + ref_features + ref_more, strict=True):
+        assert (a - b).abs().max() <= 1e-4
+    assert ids[0].tolist() == single.forward([1], [[4]])[0][0].argmax(-1).tolist()
