@@ -45,6 +45,7 @@ KNOWN_TASKS: dict[str, tuple[str, int]] = {
     "mt-bench": ("chat", 80), "alpaca": ("chat", 500), "arena-hard-v2": ("chat", 500),
 }
 DEEPSPEC_SEED = 980406  # eval.py's default: picks the same subsample when a file has more rows
+GREEDY_BELOW = 1e-5  # DeepSpec's logits_to_probs: temperatures under this decode greedily
 
 
 class DatasetError(ValueError):
@@ -261,16 +262,19 @@ def decode_pairs(target: Any, drafter: Any, prompts: Sequence[list[int]], *, max
 
 
 def evaluate_checkpoint(ckpt: Path, datasets: Sequence[Dataset], *, max_new_tokens: int, temperature: float,
-                        seed: int, slots: int, on_release: Callable[[], None] = lambda: None
+                        seed: int, slots: int, dtype: str = "float32", on_release: Callable[[], None] = lambda: None
                         ) -> dict[str, dict[str, Any]]:
     """Per dataset name: DeepSpec and served accountings of `ckpt`'s pair on the dataset's prompts."""
+    import torch
+
     from ..runtime.loader import open_checkpoint
 
     tokenizer = load_tokenizer(ckpt)
     stops = stop_ids(ckpt, tokenizer)
     encoded = {d.name: [encode_prompt(tokenizer, p) for p in d.prompts] for d in datasets}
     longest = max(len(p) for prompts in encoded.values() for p in prompts)
-    target, drafter, _ = open_checkpoint(ckpt, num_slots=slots, max_len=longest + max_new_tokens + 64)
+    target, drafter, _ = open_checkpoint(ckpt, num_slots=slots, max_len=longest + max_new_tokens + 64,
+                                         dtype=getattr(torch, dtype))
     try:
         gamma = drafter.block_size
         rows = {}
@@ -396,20 +400,22 @@ def print_report(report: dict[str, Any], console: Any) -> None:
               help="Domain of each --data file, in order (default: the rows' `domain` field, else the domain "
                    "of DeepSpec's task of that name, else 'other').")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="0 = greedy; else rejection sampling (DeepSpec's default is 1.0).")
+              help="Under 1e-5: greedy (as DeepSpec); else rejection sampling (DeepSpec's default is 1.0).")
 @click.option("--max-new-tokens", default=2048, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-samples", type=click.IntRange(min=1),
               help="Samples per file (default: DeepSpec's count for its task names, else all rows).")
 @click.option("--compare", "compare_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A second converted pair with the same target (e.g. the no-Markov ablation).")
 @click.option("--seed", default=DEEPSPEC_SEED, show_default=True, help="Subsampling and per-sample seeds.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Weights and activations of both models (DeepSpec's evaluator runs in bfloat16).")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=2),
               help="Requests decoded together (each prompt runs twice: DeepSpec and served accounting).")
 @click.option("-o", "--output", "out_dir", default=Path("build/eval"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Directory for eval.json and eval.png.")
 def eval_cmd(engine_dir: Path, data: tuple[Path, ...], domains: tuple[str, ...], temperature: float,
-             max_new_tokens: int, max_samples: int | None, compare_dir: Path | None, seed: int, batch: int,
-             out_dir: Path) -> None:
+             max_new_tokens: int, max_samples: int | None, compare_dir: Path | None, seed: int, dtype: str,
+             batch: int, out_dir: Path) -> None:
     """Acceptance length τ of ENGINE_DIR's pair on DeepSpec-format datasets, as DeepSpec measures it.
 
     \b
@@ -426,6 +432,7 @@ def eval_cmd(engine_dir: Path, data: tuple[Path, ...], domains: tuple[str, ...],
     from ..runtime.loader import resolve_checkpoint
     from .cli import reports_errors
 
+    temperature = 0.0 if temperature < GREEDY_BELOW else temperature
     console = Console(highlight=False)
     if not console.is_terminal:  # a log or a pipe: wide enough that the table's rows stay one line each
         console = Console(highlight=False, width=160)
@@ -464,12 +471,12 @@ def eval_cmd(engine_dir: Path, data: tuple[Path, ...], domains: tuple[str, ...],
             for path in pairs:
                 bar.update(task, description=f"eval {path.name}")
                 results.append(evaluate_checkpoint(path, datasets, max_new_tokens=max_new_tokens,
-                                                   temperature=temperature, seed=seed, slots=batch,
+                                                   temperature=temperature, seed=seed, slots=batch, dtype=dtype,
                                                    on_release=lambda: bar.advance(task)))
         labels = [drafter_label(p) for p in pairs]
         settings = {"drafters": labels if len(set(labels)) == len(labels) else [str(p) for p in pairs],
                     "engine_dirs": [str(p) for p in pairs],
-                    "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+                    "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed, "dtype": dtype,
                     "max_samples": max_samples}
         return build_report(datasets, results[0], results[1] if len(results) > 1 else None, settings)
 

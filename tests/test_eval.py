@@ -297,6 +297,19 @@ def test_eval_command_reports_a_bad_line_and_writes_nothing(qwen3_ckpt: Path, tm
     assert result.exit_code == 2 and "one --domain per --data" in result.output
 
 
+def test_eval_greedy_below_deepspecs_threshold_and_bfloat16(qwen3_ckpt: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "x.jsonl", [{"turns": ["def f(x):"]}])
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        result = CliRunner().invoke(main, ["eval", str(qwen3_ckpt), "--data", str(data), "--max-new-tokens", "6",
+                                           "--temperature", "1e-6", "--dtype", dtype, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        outs[dtype] = json.loads((out / "eval.json").read_text())
+        assert outs[dtype]["settings"]["temperature"] == 0.0 and outs[dtype]["settings"]["dtype"] == dtype
+    assert outs["bfloat16"]["files"][0]["tokens"] == outs["float32"]["files"][0]["tokens"] == 6
+
+
 @pytest.mark.slow
 def test_eval_runs_on_deepseek_v4(v4_pair: Path, tmp_path: Path) -> None:
     from dspark_trt.builder.convert import convert
