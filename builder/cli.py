@@ -161,8 +161,10 @@ def train(out: Path, seed: int, target_steps: int | None, drafter_steps: str | N
 @main.command("inspect")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+@click.option("--skip-value-check", is_flag=True,
+              help="Do not read the weights looking for NaN/Inf (headers, shapes and configs are still checked).")
 @reports_errors
-def inspect_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
+def inspect_cmd(paths: tuple[Path, ...], as_json: bool, skip_value_check: bool) -> None:
     """Describe checkpoints and validate a target against its drafter.
 
     PATHS are checkpoint directories in any order: a target, a drafter, or both (a DeepSeek-V4
@@ -170,13 +172,14 @@ def inspect_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
     drafter γ, Markov rank and type, mask id, target layers, confidence head and calibration.
 
     Every problem found is listed with its file, tensor or field, what was found and what was
-    expected; any problem makes the exit code 1.
+    expected; any problem makes the exit code 1. Every weight is read once to look for NaN/Inf
+    (FP8 scales included) unless --skip-value-check.
     """
     from .families import open_pair, validate
     from .inspection import describe, render
 
     pair = open_pair(list(paths))
-    info = describe(pair, validate(pair))
+    info = describe(pair, validate(pair, values=not skip_value_check))
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
@@ -199,10 +202,12 @@ def inspect_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--full-hash", is_flag=True,
               help="Record the sha256 of every source byte in the manifest (default: a sampled sha256).")
+@click.option("--skip-value-check", is_flag=True,
+              help="Do not read the weights for NaN/Inf before converting (saves one full read of the sources).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def convert(target: Path, drafter: Path | None, tp: int, draft_tp: int | None, dequantize: bool, out: Path,
-            force: bool, full_hash: bool, quiet: bool) -> None:
+            force: bool, full_hash: bool, skip_value_check: bool, quiet: bool) -> None:
     """Validate, then write sharded weights in TensorRT-LLM's checkpoint layout.
 
     \b
@@ -213,13 +218,13 @@ def convert(target: Path, drafter: Path | None, tp: int, draft_tp: int | None, d
 
     Tensors stream one at a time (memory stays flat however large the model). The output is
     written to a hidden temporary directory and renamed into place at the end: an interrupted run
-    leaves nothing behind. Nothing is written if validation fails or --tp does not divide a
-    sharded dimension.
+    leaves nothing behind. Nothing is written if validation fails (NaN/Inf in any weight included,
+    unless --skip-value-check) or --tp does not divide a sharded dimension.
     """
     from .convert import convert as run_convert
 
     manifest = run_convert(target, drafter, out, tp=tp, draft_tp=draft_tp, dequantize=dequantize, force=force,
-                           show_progress=not quiet, full_hash=full_hash)
+                           show_progress=not quiet, full_hash=full_hash, check_values=not skip_value_check)
     extra = f", draft tp={manifest['draft_tp']}" if manifest["draft_tp"] else " (no drafter)"
     stdout.print(f"[green]✓[/] {manifest['family']} converted to {out} with tp={tp}{extra}")
 

@@ -37,10 +37,15 @@ from ..runtime.errors import CheckpointError
 from ..runtime.manifest import sampled_sha256, sha256_file, write_manifest
 from ..runtime.safetensors_io import PlannedTensor, StreamingWriter, TensorInfo
 from .families import Pair, open_pair, validate
+from .families import check_values as scan_values
 from .families.common import Item, Piece, Plan, Source, Target
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+_COLUMNS = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn())
 
 
 class ValidationError(Exception):
@@ -156,14 +161,23 @@ def _source_bytes(source: Source, plan: Plan) -> int:
 
 def convert(target: Path, drafter: Path | None, out: Path, *, tp: int = 1, draft_tp: int | None = None,
             dequantize: bool = False, force: bool = False, show_progress: bool = True,
-            full_hash: bool = False) -> dict[str, Any]:
-    """Validate, plan and write a converted checkpoint; returns the manifest."""
+            full_hash: bool = False, check_values: bool = True) -> dict[str, Any]:
+    """Validate, plan and write a converted checkpoint; returns the manifest.
+
+    `check_values`: read every weight first and refuse NaN/Inf (a full read of the sources; the
+    conversion then reads them again from the page cache where memory allows).
+    """
     check_output(out, inputs=[target, drafter], force=force)  # fail fast, before reading any weights
     pair = open_pair([target] + ([drafter] if drafter else []))
     if pair.target is None:
         raise CheckpointError(target, "no target checkpoint given", found="only a drafter",
                               expected="--target pointing at the target model")
-    report = validate(pair)
+    report = validate(pair, values=False)  # structure first: it takes no time and explains most failures
+    if report.ok and check_values:
+        total = sum(i.nbytes for src in _sources(pair).values() for i in src.ckpt.tensors.values())
+        with Progress(*_COLUMNS, disable=not show_progress, transient=False) as progress:
+            task = progress.add_task("value check", total=total)
+            report.problems += scan_values(pair, lambda n: progress.advance(task, n))
     if not report.ok:
         raise ValidationError(report.problems)
     fam = pair.module
@@ -184,9 +198,7 @@ def convert(target: Path, drafter: Path | None, out: Path, *, tp: int = 1, draft
         hash_file = sha256_file if full_hash else sampled_sha256
         hashes = {role: {f.name: hasher.submit(hash_file, f) for f in src.ckpt.files}
                   for role, src in _sources(pair).items()}
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, disable=not show_progress, transient=False) as progress:
+        with Progress(*_COLUMNS, disable=not show_progress, transient=False) as progress:
             task = progress.add_task(f"convert tp={tp}", total=total)
             for role, (source, plan) in plans.items():
                 progress.update(task, description=f"{role} tp={plan.tp}")

@@ -30,6 +30,7 @@ from ..plugins.deps import MissingDependencyError, require_tensorrt
 from ..runtime.atomic import atomic_directory, check_output
 from ..runtime.errors import CheckpointError
 from ..runtime.manifest import read_manifest, write_manifest
+from .families.common import check_tokenizer
 
 BACKENDS = ("reference", "tensorrt")
 __all__ = ["BACKENDS", "MissingDependencyError", "build_engine"]
@@ -67,6 +68,8 @@ def build_engine(ckpt: Path, out: Path, *, backend: str = "reference", force: bo
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_output(out, inputs=[ckpt], force=force)
     manifest = _checkpoint(ckpt)
+    if problem := check_tokenizer(Path(ckpt) / "tokenizer"):  # the server cannot start without it
+        raise problem
     if backend == "reference":
         with atomic_directory(out, force=force, inputs=[ckpt]) as tmp:
             _link_tree(Path(ckpt), tmp / "checkpoint")

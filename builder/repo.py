@@ -24,6 +24,7 @@ from ..runtime.errors import CheckpointError
 from ..runtime.loader import resolve_checkpoint
 from ..runtime.manifest import read_manifest
 from ..runtime.scheduler import DEFAULT_MIN_GAIN
+from .families.common import check_tokenizer
 
 MODELS = ("preprocessing", "dspark", "dspark_draft", "dspark_verify", "postprocessing", "ensemble")
 
@@ -46,6 +47,8 @@ def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 
     engine_dir = Path(engine_dir).absolute()
     ckpt = resolve_checkpoint(engine_dir)
     manifest = read_manifest(ckpt, "checkpoint")
+    if problem := check_tokenizer(ckpt / "tokenizer"):  # preprocessing and the orchestrator load it
+        raise problem
     if manifest.get("dspark") is None:
         raise CheckpointError(ckpt / "manifest.json", "the checkpoint has no drafter", subject="dspark",
                               expected="a checkpoint converted with its drafter")

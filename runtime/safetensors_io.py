@@ -166,6 +166,52 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     return info
 
 
+# Per floating dtype: the unsigned integer view and the bits that are all ones exactly for Inf and NaN
+# (the exponent field; float8 e4m3fn has no Inf, and its one NaN has exponent and mantissa all ones).
+_NONFINITE_BITS: dict[str, tuple[str, int]] = {
+    "F64": ("<u8", 0x7FF0_0000_0000_0000),
+    "F32": ("<u4", 0x7F80_0000),
+    "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+    "F8_E5M2": ("u1", 0x7C),
+    "F8_E4M3": ("u1", 0x7F),
+}
+_SCAN_CHUNK_BYTES = 16 << 20
+
+
+def count_nonfinite(info: TensorInfo) -> tuple[int, int | None]:
+    """NaN and Inf values in one tensor: (how many, flat index of the first or None).
+
+    Reads the tensor in fixed-size chunks into one buffer and tests the bit patterns with numpy, so
+    memory stays at a few chunks whatever the tensor's size and torch is not needed. Integer and
+    bool tensors have no such values: (0, None).
+    """
+    import numpy as np
+
+    if info.dtype not in _NONFINITE_BITS or info.nbytes == 0:
+        return 0, None
+    view, bits = _NONFINITE_BITS[info.dtype]
+    chunk = _SCAN_CHUNK_BYTES // info.itemsize * info.itemsize
+    buffer = np.empty(min(chunk, info.nbytes), dtype=np.uint8)
+    count, first = 0, None
+    with open(info.path, "rb", buffering=0) as f:
+        for offset in range(0, info.nbytes, chunk):
+            size = min(chunk, info.nbytes - offset)
+            part, done = memoryview(buffer)[:size], 0
+            while done < size:
+                read = os.preadv(f.fileno(), [part[done:]], info.start + offset + done)
+                if read == 0:
+                    raise CheckpointError(info.path, "file ends inside a tensor", subject=info.name)
+                done += read
+            values = np.frombuffer(buffer, dtype=view, count=size // info.itemsize)
+            bad = (values & bits) == bits
+            found = int(np.count_nonzero(bad))
+            if found and first is None:
+                first = offset // info.itemsize + int(np.argmax(bad))
+            count += found
+    return count, first
+
+
 def load_tensor(info: TensorInfo) -> torch.Tensor:
     """Memory-map one tensor. The mapping lives exactly as long as the returned tensor."""
     import torch

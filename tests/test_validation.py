@@ -167,3 +167,155 @@ def test_fp8_shard_that_splits_scale_blocks_unevenly_suggests_dequantize(tmp_pat
         linear(src, "w", "w", 2, 0)
     assert len(linear(src, "w", "w", 2, 0, dequantize=True)) == 1
     assert len(linear(src, "w", "w", 3, 0)) == 2  # 128 rows per rank: scales follow their rows
+
+
+# -- values, ordering, sizes, tokenizer (nothing broken is accepted silently) --------------------------------
+
+
+def convert_cli(pair: Path, out: Path, *extra: str):
+    args = ["convert", "--target", str(pair / "target"), "-o", str(out), "--quiet", *extra]
+    if (pair / "drafter").is_dir():
+        args[3:3] = ["--drafter", str(pair / "drafter")]
+    return CliRunner().invoke(main, args)
+
+
+def test_nan_and_inf_in_weights_are_refused_with_file_tensor_count_and_index(qwen3_copy: Path, tmp_path: Path
+                                                                                ) -> None:
+    def poison(t):
+        t["fc.weight"][3, 5] = float("nan")
+        t["fc.weight"][7, 1] = float("-inf")
+
+    edit_tensors(qwen3_copy / "drafter", poison)
+    found = ("drafter/model.safetensors [fc.weight]: non-finite values (NaN or Inf) (found 2 of 49152 values, "
+             "the first at index [3, 5]")
+    expect_problem(inspect(qwen3_copy / "target", qwen3_copy / "drafter"), found)
+    skipped = CliRunner().invoke(main, ["inspect", "--skip-value-check", str(qwen3_copy / "drafter")])
+    assert skipped.exit_code == 0, skipped.output
+    expect_problem(convert_cli(qwen3_copy, tmp_path / "out"), found)
+    assert not (tmp_path / "out").exists()
+    assert convert_cli(qwen3_copy, tmp_path / "out", "--skip-value-check").exit_code == 0
+
+
+def test_nan_in_an_fp8_weight_and_inf_in_its_scale_are_refused(v4_copy: Path, tmp_path: Path) -> None:
+    weight, scale = "model.layers.1.attn.wkv.weight", "mtp.2.attn.wq_b.weight_scale_inv"
+
+    def poison(t):
+        if weight in t:
+            t[weight].view(torch.uint8)[0, 2] = 0x7F  # e4m3fn's NaN (it has no Inf)
+            t[weight].view(torch.uint8)[0, 3] = 0x7E  # 448, the largest finite value: not a problem
+        if scale in t:
+            t[scale][1, 0] = float("inf")
+
+    edit_tensors(v4_copy / "target", poison)
+    result = inspect(v4_copy / "target")
+    expect_problem(result, f"[{weight}]: non-finite values (NaN or Inf) (found 1 of",
+                   "the first at index [0, 2]", f"[{scale}]: non-finite values (NaN or Inf) (found 1 of 4 values, "
+                   "the first at index [1, 0]")
+    expect_problem(convert_cli(v4_copy, tmp_path / "out"), f"[{weight}]", f"[{scale}]")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype, bad, tag", [
+    (torch.float64, float("nan"), "F64"), (torch.float32, float("inf"), "F32"), (torch.float16, float("-inf"), "F16"),
+    (torch.bfloat16, float("nan"), "BF16"), (torch.float8_e5m2, float("inf"), "F8_E5M2"),
+    (torch.float8_e4m3fn, float("nan"), "F8_E4M3")])
+def test_count_nonfinite_streams_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype, bad, tag
+                                           ) -> None:
+    from dspark_trt.runtime import safetensors_io
+    from dspark_trt.runtime.safetensors_io import count_nonfinite, read_header
+
+    monkeypatch.setattr(safetensors_io, "_SCAN_CHUNK_BYTES", 64)  # many chunks: the index must carry across
+    values = torch.linspace(-400, 400, 1000).to(dtype)
+    values[517], values[900], values[901] = bad, bad, bad
+    save_file({"ok": torch.arange(10), "x": values.reshape(10, 100)}, str(tmp_path / "m.safetensors"))
+    infos = read_header(tmp_path / "m.safetensors")
+    assert infos["x"].dtype == tag
+    assert count_nonfinite(infos["x"]) == (3, 517)
+    assert count_nonfinite(infos["ok"]) == (0, None)
+
+
+def test_target_layer_ids_repeated_or_unordered_are_refused(qwen3_copy: Path) -> None:
+    # DeepSpec concatenates the features in list order, TensorRT-LLM in layer order: only an increasing
+    # list means the same to both (and a repeated id would be read twice into `fc`).
+    edit_config(qwen3_copy / "drafter", target_layer_ids=[1, 2, 2])
+    expect_problem(inspect(qwen3_copy / "drafter"), "[target_layer_ids]: target layer ids repeat [2] (found [1, 2, 2]")
+    edit_config(qwen3_copy / "drafter", target_layer_ids=[4, 1, 2])
+    expect_problem(inspect(qwen3_copy / "drafter"), "[target_layer_ids]: target layer ids must be in increasing "
+                   "order (found [4, 1, 2], expected [1, 2, 4])")
+
+
+def test_block_size_bounds(qwen3_copy: Path, v4_copy: Path) -> None:
+    from dspark_trt.builder.families.common import MAX_BLOCK_SIZE
+    from dspark_trt.plugins.launch import GPU_TILE, SCHEDULE_MAX_ROWS
+
+    assert MAX_BLOCK_SIZE == GPU_TILE // SCHEDULE_MAX_ROWS  # one DSparkSchedule tile holds 256 rows x γ
+    for gamma in (1, 33, 1_000_000):
+        edit_config(qwen3_copy / "drafter", block_size=gamma)
+        expect_problem(inspect(qwen3_copy / "drafter"), f"[block_size]: block size out of range (found {gamma}, "
+                       "expected 2 <= block_size <= 32)")
+    edit_config(qwen3_copy / "drafter", block_size=32)
+    assert inspect(qwen3_copy / "drafter").exit_code == 0
+    edit_config(v4_copy / "target", dspark_block_size=1_000_000)
+    expect_problem(inspect(v4_copy / "target"), "[dspark_block_size]: block size out of range (found 1000000")
+
+
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 0), ("hidden_size", -128), ("vocab_size", 0),
+                                          ("num_hidden_layers", 0), ("head_dim", 0)])
+def test_zero_or_negative_sizes_are_named_not_divided_by(qwen3_copy: Path, v4_copy: Path, field: str, value: int
+                                                         ) -> None:
+    edit_config(qwen3_copy / "target", **{field: value})
+    edit_config(v4_copy / "target", **{field: value})
+    for result in (inspect(qwen3_copy / "target", qwen3_copy / "drafter"), inspect(v4_copy / "target")):
+        expect_problem(result, f"config.json [{field}]: config size must be a positive integer (found {value}, "
+                       "expected an integer >= 1)")
+        assert "Traceback" not in result.output
+        assert sum(f"[{field}]" in line for line in result.output.splitlines() if "•" in line) == 1  # said once
+
+
+def test_absurd_layer_and_expert_counts_are_refused_before_building_the_tensor_list(qwen3_copy: Path,
+                                                                                    v4_copy: Path) -> None:
+    edit_config(qwen3_copy / "target", num_hidden_layers=10**12)  # the expected-tensor list would fill memory
+    edit_config(v4_copy / "target", n_routed_experts=10**12)
+    for result, field in ((inspect(qwen3_copy / "target"), "num_hidden_layers"),
+                          (inspect(v4_copy / "target"), "n_routed_experts")):
+        expect_problem(result, f"config.json [{field}]: config count exceeds what the checkpoint holds "
+                       f"(found {10**12}, expected at most")
+
+
+def test_missing_or_corrupt_tokenizer_is_named_by_inspect_and_convert(qwen3_copy: Path, v4_copy: Path,
+                                                                      tmp_path: Path) -> None:
+    (v4_copy / "target" / "tokenizer.json").unlink()
+    expect_problem(inspect(v4_copy / "target"), "target/tokenizer.json: file not found")
+    expect_problem(convert_cli(v4_copy, tmp_path / "v4_out"), "target/tokenizer.json: file not found")
+    tokenizer = qwen3_copy / "target" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:-200])
+    unloadable = "target/tokenizer.json: not a tokenizer the server can load"
+    expect_problem(inspect(qwen3_copy / "target"), unloadable)
+    expect_problem(convert_cli(qwen3_copy, tmp_path / "q"), unloadable)
+    assert not (tmp_path / "v4_out").exists() and not (tmp_path / "q").exists()
+
+
+def test_tokenizer_with_ids_beyond_the_vocabulary_is_refused(qwen3_copy: Path) -> None:
+    edit_config(qwen3_copy / "target", vocab_size=512)  # the fixture's tokenizer has 1024 ids
+    expect_problem(inspect(qwen3_copy / "target"), "target/tokenizer.json [vocab_size]: tokenizer ids exceed the "
+                   "model's vocabulary (found token id")
+
+
+def test_engine_and_repo_refuse_a_checkpoint_without_a_loadable_tokenizer(qwen3_ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(qwen3_ckpt, ckpt)
+    engine = tmp_path / "engine"
+    assert CliRunner().invoke(main, ["engine", str(ckpt), "-o", str(engine)]).exit_code == 0
+    for broken in (ckpt / "tokenizer" / "tokenizer.json", engine / "checkpoint" / "tokenizer" / "tokenizer.json"):
+        broken.unlink()
+        broken.write_text('{"version": "1.0", "model": {"type": "nothing"}}')
+    result = CliRunner().invoke(main, ["engine", str(ckpt), "-o", str(tmp_path / "engine2")])
+    expect_problem(result, "ckpt/tokenizer/tokenizer.json: not a tokenizer the server can load")
+    result = CliRunner().invoke(main, ["repo", str(engine), "-o", str(tmp_path / "repo")])
+    expect_problem(result, "engine/checkpoint/tokenizer/tokenizer.json: not a tokenizer the server can load")
+    (engine / "checkpoint" / "tokenizer" / "tokenizer.json").unlink()
+    result = CliRunner().invoke(main, ["repo", str(engine), "-o", str(tmp_path / "repo")])
+    expect_problem(result, "engine/checkpoint/tokenizer/tokenizer.json: file not found")
+    assert not (tmp_path / "engine2").exists() and not (tmp_path / "repo").exists()

@@ -8,15 +8,20 @@ a summary, and conversion plans. Adding a family means adding one module and one
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from ...runtime.errors import CheckpointError
-from ...runtime.safetensors_io import SafetensorsCheckpoint
+from ...runtime.safetensors_io import SafetensorsCheckpoint, TensorInfo, count_nonfinite
 from . import deepseek_v4, gemma4, qwen3
-from .common import Source, check_tensors, load_config
+from .common import Source, check_tensors, check_tokenizer, load_config
 
 FAMILIES: dict[str, ModuleType] = {"qwen3": qwen3, "deepseek-v4": deepseek_v4, "gemma4": gemma4}
 CALIBRATION_FILE = "sts.json"
@@ -96,11 +101,15 @@ class Report:
         return not self.problems
 
 
-def validate(pair: Pair) -> Report:
-    """Every check `inspect` and `convert` rely on; collects all problems instead of stopping at one."""
+def validate(pair: Pair, *, values: bool = True, progress: Callable[[int], None] | None = None) -> Report:
+    """Every check `inspect` and `convert` rely on; collects all problems instead of stopping at one.
+
+    `values`: also read every weight and report NaN/Inf (`check_values`; `progress` gets bytes read).
+    """
     report = Report()
     fam = pair.module
     expected_by_source: dict[int, tuple[Source, list]] = {}
+    incomplete: set[int] = set()  # sources whose expected list a config problem cut short
 
     def expect(source: Source, make) -> None:
         try:
@@ -108,6 +117,7 @@ def validate(pair: Pair) -> Report:
             entry[1].extend(make(source))
         except CheckpointError as e:
             report.problems.append(e)
+            incomplete.add(id(source))
 
     if pair.target is not None:
         expect(pair.target, fam.target_tensors)
@@ -120,7 +130,7 @@ def validate(pair: Pair) -> Report:
     for source, expected in expected_by_source.values():
         problems, unexpected = check_tensors(source, expected)
         report.problems += problems
-        if unexpected:
+        if unexpected and id(source) not in incomplete:
             report.warnings.append(f"{source.path}: {len(unexpected)} tensors not used by dspark-trt "
                                    f"(e.g. {', '.join(unexpected[:3])})")
     if pair.target is not None and pair.drafter is not None and not pair.drafter_inside_target:
@@ -130,7 +140,40 @@ def validate(pair: Pair) -> Report:
             report.problems.append(e)
     if pair.calibration is not None and pair.drafter is not None:
         report.problems += check_calibration(pair.calibration, pair)
+    if pair.target is not None:
+        vocab = pair.target.config.get("vocab_size")
+        if problem := check_tokenizer(pair.target.path, vocab if isinstance(vocab, int) and vocab > 0 else None):
+            report.problems.append(problem)
+    if values:
+        report.problems += check_values(pair, progress)
+    # A bad field is met by every check that reads it: report it once.
+    report.problems = list({problem.describe(): problem for problem in report.problems}.values())
     return report
+
+
+def check_values(pair: Pair, progress: Callable[[int], None] | None = None) -> list[CheckpointError]:
+    """NaN or Inf anywhere in the weights (FP8 scales included): one problem per tensor that has any.
+
+    Every floating tensor is read once, chunk by chunk (memory stays flat), several tensors at a time.
+    """
+    sources = {id(s): s for s in (pair.target, pair.drafter) if s is not None}
+    infos = [info for source in sources.values() for info in source.ckpt.tensors.values()]
+
+    def scan(info: TensorInfo) -> tuple[TensorInfo, int, int | None]:
+        count, first = count_nonfinite(info)
+        if progress is not None:
+            progress(info.nbytes)
+        return info, count, first
+
+    problems = []
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for info, count, first in pool.map(scan, infos):
+            if count:
+                where = [int(i) for i in np.unravel_index(first, info.shape)] if info.shape else []
+                problems.append(CheckpointError(info.path, "non-finite values (NaN or Inf)", subject=info.name,
+                                                found=f"{count} of {info.numel} values, the first at index {where}",
+                                                expected="finite numbers"))
+    return problems
 
 
 def check_calibration(path: Path, pair: Pair) -> list[CheckpointError]:

@@ -73,6 +73,22 @@ class Source:
                                   found=repr(value), expected=_kind_name(kind))
         return value
 
+    def size(self, name: str, default: Any = ..., *, per_tensor: bool = False) -> int:
+        """A dimension or count from the config: a positive int, or a CheckpointError naming it
+        (a zero would otherwise surface later as a division by zero or an empty model).
+
+        `per_tensor`: a count of parts that each own tensors (layers, experts), so it cannot exceed
+        the number of tensors present; a larger one is refused before a list that long is built.
+        """
+        value = self.field(name, int, default)
+        if value < 1:
+            raise CheckpointError(self.config_path, "config size must be a positive integer", subject=name,
+                                  found=value, expected="an integer >= 1")
+        if per_tensor and value > len(self.by_name):
+            raise CheckpointError(self.config_path, "config count exceeds what the checkpoint holds", subject=name,
+                                  found=value, expected=f"at most {len(self.by_name)} (the tensors present)")
+        return value
+
     def tensor(self, canonical_name: str) -> torch.Tensor:
         return load_tensor(self.by_name[canonical_name])
 
@@ -100,6 +116,45 @@ def check_tensors(source: Source, expected: Sequence[Expect]) -> tuple[list[Chec
                                             found=info.dtype, expected=" or ".join(e.dtypes)))
     unexpected = sorted(name for name in source.by_name if name not in wanted)
     return problems, unexpected
+
+
+# Largest drafter block (γ) accepted. The DSparkSchedule kernel holds 256 rows x γ survival values in one
+# 8192-element tile (plugins/launch.py: GPU_TILE // SCHEDULE_MAX_ROWS), every verify step carries 1 + γ
+# tokens per request, and acceptance decays geometrically along the block, so positions past a few dozen
+# are never accepted: published drafters use 5 and 7. A larger value is a corrupt or mistyped config.
+MAX_BLOCK_SIZE = 32
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def check_block_size(src: Source, name: str) -> list[CheckpointError]:
+    """γ from config field `name`: at least 2 (one anchor and one drafted token), at most MAX_BLOCK_SIZE."""
+    gamma = src.field(name)
+    if not 2 <= gamma <= MAX_BLOCK_SIZE:
+        return [CheckpointError(src.config_path, "block size out of range", subject=name, found=gamma,
+                                expected=f"2 <= {name} <= {MAX_BLOCK_SIZE}")]
+    return []
+
+
+def check_tokenizer(directory: Path, vocab_size: int | None = None) -> CheckpointError | None:
+    """The problem with DIR/tokenizer.json, or None: it must exist and load the way the server loads it
+    (`tokenizers.Tokenizer.from_file`), and never produce an id the embedding does not have."""
+    path = Path(directory) / TOKENIZER_FILE
+    if not path.is_file():
+        return CheckpointError(path, "file not found",
+                               expected="the target's Hugging Face fast tokenizer here (the server loads it)")
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for any parse error
+        return CheckpointError(path, f"not a tokenizer the server can load: {e}",
+                               expected="a Hugging Face fast tokenizer (tokenizers.Tokenizer.from_file)")
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if vocab_size is not None and largest >= vocab_size:
+        return CheckpointError(path, "tokenizer ids exceed the model's vocabulary", subject="vocab_size",
+                               found=f"token id {largest}", expected=f"ids < {vocab_size} (config vocab_size)")
+    return None
 
 
 def dtype_tag(source: Source) -> str:

@@ -26,6 +26,7 @@ from .common import (
     Item,
     Plan,
     Source,
+    check_block_size,
     dtype_tag,
     linear,
     on_rank,
@@ -50,17 +51,17 @@ def canonical(stored: str) -> str:
 
 
 def dims(src: Source) -> dict[str, Any]:
-    heads = src.field("num_attention_heads")
-    head_dim = src.field("head_dim")
-    o_groups = src.field("o_groups")
+    heads = src.size("num_attention_heads")
+    head_dim = src.size("head_dim")
+    o_groups = src.size("o_groups")
     return {
-        "vocab": src.field("vocab_size"), "hidden": src.field("hidden_size"),
-        "layers": src.field("num_hidden_layers"), "heads": heads, "head_dim": head_dim,
-        "kv_heads": src.field("num_key_value_heads", int, 1),
-        "q_rank": src.field("q_lora_rank"), "o_groups": o_groups, "o_rank": src.field("o_lora_rank"),
-        "experts": src.field("n_routed_experts"), "experts_per_token": src.field("num_experts_per_tok"),
-        "expert_dim": src.field("moe_intermediate_size"), "hc": src.field("hc_mult", int, 4),
-        "index_heads": src.field("index_n_heads", int, 64), "index_dim": src.field("index_head_dim", int, 128),
+        "vocab": src.size("vocab_size"), "hidden": src.size("hidden_size"),
+        "layers": src.size("num_hidden_layers", per_tensor=True), "heads": heads, "head_dim": head_dim,
+        "kv_heads": src.size("num_key_value_heads", 1),
+        "q_rank": src.size("q_lora_rank"), "o_groups": o_groups, "o_rank": src.size("o_lora_rank"),
+        "experts": src.size("n_routed_experts", per_tensor=True), "experts_per_token": src.size("num_experts_per_tok"),
+        "expert_dim": src.size("moe_intermediate_size"), "hc": src.size("hc_mult", 4),
+        "index_heads": src.size("index_n_heads", 64), "index_dim": src.size("index_head_dim", 128),
         "layer_types": src.field("layer_types", list), "mlp_types": src.field("mlp_layer_types", list),
         "compress_rates": src.field("compress_rates", dict,
                                     {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}),
@@ -180,10 +181,7 @@ def check_drafter_fields(src: Source) -> list[CheckpointError]:
     if mtp_stages(src) == 0:
         return [CheckpointError(src.path, "no DSpark drafter in this checkpoint", subject="mtp.*",
                                 found="no mtp.N.* tensors", expected="mtp.0.* .. mtp.2.*")]
-    gamma = src.field("dspark_block_size")
-    if gamma < 2:
-        problems.append(CheckpointError(src.config_path, "block size too small", subject="dspark_block_size",
-                                        found=gamma, expected="at least 2"))
+    problems += check_block_size(src, "dspark_block_size")
     mask = src.field("dspark_noise_token_id")
     if not 0 <= mask < d["vocab"]:
         problems.append(CheckpointError(src.config_path, "mask (noise) token id outside the vocabulary",

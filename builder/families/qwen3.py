@@ -19,6 +19,7 @@ from .common import (
     Plan,
     Source,
     Target,
+    check_block_size,
     dtype_tag,
     replicated,
     require_divisible,
@@ -37,16 +38,16 @@ def canonical(stored: str) -> str:
 
 
 def dims(src: Source) -> dict[str, int]:
-    hidden = src.field("hidden_size")
-    heads = src.field("num_attention_heads")
+    hidden = src.size("hidden_size")
+    heads = src.size("num_attention_heads")
     return {
-        "vocab": src.field("vocab_size"),
+        "vocab": src.size("vocab_size"),
         "hidden": hidden,
         "heads": heads,
-        "kv_heads": src.field("num_key_value_heads", int, heads),
-        "head_dim": src.field("head_dim", int, hidden // heads),
-        "intermediate": src.field("intermediate_size"),
-        "layers": src.field("num_hidden_layers"),
+        "kv_heads": src.size("num_key_value_heads", heads),
+        "head_dim": src.size("head_dim", hidden // heads or 1),
+        "intermediate": src.size("intermediate_size"),
+        "layers": src.size("num_hidden_layers", per_tensor=True),
     }
 
 
@@ -102,10 +103,11 @@ def drafter_tensors(src: Source) -> list[Expect]:
 def check_drafter_fields(src: Source) -> list[CheckpointError]:
     problems: list[CheckpointError] = []
     vocab = src.field("vocab_size")
-    gamma = src.field("block_size")
-    if gamma < 2:
-        problems.append(CheckpointError(src.config_path, "block size too small", subject="block_size",
-                                        found=gamma, expected="at least 2"))
+    problems += check_block_size(src, "block_size")
+    rank = src.field("markov_rank")
+    if rank < 0:
+        problems.append(CheckpointError(src.config_path, "negative Markov rank", subject="markov_rank", found=rank,
+                                        expected="0 (no Markov head) or a positive rank"))
     mask = src.field("mask_token_id")
     if not 0 <= mask < vocab:
         problems.append(CheckpointError(src.config_path, "mask token id outside the vocabulary",
@@ -118,6 +120,15 @@ def check_drafter_fields(src: Source) -> list[CheckpointError]:
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         problems.append(CheckpointError(src.config_path, "target layer ids must be a non-empty list of ints",
                                         subject="target_layer_ids", found=ids))
+    elif len(set(ids)) != len(ids):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        problems.append(CheckpointError(src.config_path, f"target layer ids repeat {repeated}",
+                                        subject="target_layer_ids", found=ids, expected="each layer at most once"))
+    elif ids != sorted(ids):
+        # DeepSpec concatenates the features in list order, TensorRT-LLM in layer order (it sorts the
+        # ids): the two agree, and `fc` sees what it was trained on, only for an increasing list.
+        problems.append(CheckpointError(src.config_path, "target layer ids must be in increasing order",
+                                        subject="target_layer_ids", found=ids, expected=sorted(ids)))
     return problems
 
 
