@@ -18,7 +18,8 @@ PAIR    := $(if $(and $(filter qwen3,$(FAMILY)),$(wildcard $(TRAINED)/target/con
 CKPT    := $(BUILD)/ckpt-$(notdir $(PAIR))-tp$(TP)
 ENGINES := $(BUILD)/engines-$(FAMILY)
 REPO    := $(BUILD)/repo-$(FAMILY)
-DRAFTER := $(if $(filter qwen3,$(FAMILY)),--drafter $(PAIR)/drafter)
+# qwen3 and gemma4 pair a target with a separate DeepSpec drafter; deepseek-v4 carries its own.
+DRAFTER := $(if $(filter qwen3 gemma4,$(FAMILY)),--drafter $(PAIR)/drafter)
 CLIENT  := $(BIN)/dspark-client
 
 .PHONY: setup test demo fixture lint serve stop bench-convert bench-generate bench-serve soak clean help gpu-check

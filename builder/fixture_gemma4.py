@@ -99,7 +99,7 @@ def drafter_config(target_config: dict, mask_token_id: int, markov_head_type: st
     config with the DSpark fields set. `global_head_dim` and `num_global_key_value_heads` are written as
     fields because `Gemma4DSparkModel` requires them (newer transformers fold them into `per_layer_config`,
     which describes the target's layers, not the drafter's)."""
-    text = dict(target_config["text_config"])
+    text = dict(target_config.get("text_config") or target_config)  # a gemma4 or a gemma4_text target
     per_layer = text.pop("per_layer_config", None) or {}
     full = next((v for k, v in per_layer.items() if text["layer_types"][int(k)] == "full_attention"), {})
     text.setdefault("global_head_dim", full.get("head_dim", text["head_dim"]))

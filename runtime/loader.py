@@ -12,7 +12,8 @@ from .manifest import read_manifest
 
 # family -> (target runner kind for runtime.tp, drafter class path)
 FAMILIES = {"qwen3": ("qwen3", "dspark_trt.runtime.drafter:Qwen3DSparkDrafter"),
-            "deepseek-v4": ("deepseek-v4", "dspark_trt.runtime.deepseek_v4_drafter:DeepseekV4DSparkDrafter")}
+            "deepseek-v4": ("deepseek-v4", "dspark_trt.runtime.deepseek_v4_drafter:DeepseekV4DSparkDrafter"),
+            "gemma4": ("gemma4", "dspark_trt.runtime.gemma4_drafter:Gemma4DSparkDrafter")}
 
 
 def resolve_checkpoint(path: Path) -> Path:
