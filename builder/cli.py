@@ -460,7 +460,9 @@ def deploy(engine_dir: Path, gpus: int, nodes: int, release: str | None, source:
 @click.option("--grpc-port", default=8001, show_default=True)
 @click.option("--metrics-port", default=8002, show_default=True)
 @click.option("--detach", is_flag=True, help="Return once ready, leaving the server running (see `stop`).")
-@click.option("--pid-file", type=click.Path(path_type=Path), default=Path("build/tritonserver.pid"), show_default=True)
+@click.option("--pid-file", type=click.Path(path_type=Path),
+              help="Server state file: pid, ports, shared-memory prefix (default: "
+                   "~/.local/state/dspark-trt/tritonserver-HTTP_PORT.json; $DSPARK_STATE_DIR overrides the folder).")
 @click.option("--log", "log_file", type=click.Path(path_type=Path), help="Server log (default: next to REPO).")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for readiness.")
 @click.option("--world-size", type=click.IntRange(min=1),
@@ -497,12 +499,10 @@ def serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: i
         return
     try:
         server = start_server(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                              log=log_file, timeout=timeout)
+                              log=log_file, timeout=timeout, state_file=pid_file)
     except ServerError as e:
         err.print(f"[red]error:[/] {escape(str(e))}")
         sys.exit(EXIT_SERVER)
-    pid_file.parent.mkdir(parents=True, exist_ok=True)
-    pid_file.write_text(f"{server.process.pid}\n")
     for name, url in server.endpoints.items():
         stdout.print(f"  {name:8s} {url}")
     stdout.print(f"[green]✓[/] tritonserver ready (pid {server.process.pid}, log {server.log})")
@@ -511,24 +511,34 @@ def serve(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: i
     try:
         server.process.wait()
     except KeyboardInterrupt:
-        server.stop()
+        pass
     finally:
-        pid_file.unlink(missing_ok=True)
+        server.stop()  # also what a crashed server left: model processes, shared memory, its state file
 
 
 @main.command()
-@click.option("--pid-file", type=click.Path(path_type=Path), default=Path("build/tritonserver.pid"), show_default=True)
-def stop(pid_file: Path) -> None:
-    """Stop a server started with `serve --detach`."""
-    from .serve import stop_process
+@click.option("--http-port", default=8000, show_default=True, help="The server to stop, by its HTTP port.")
+@click.option("--pid-file", type=click.Path(path_type=Path), help="The server to stop, by its state file.")
+@click.option("--all", "stop_all", is_flag=True, help="Every server this user started (all state files).")
+def stop(http_port: int, pid_file: Path | None, stop_all: bool) -> None:
+    """Stop a server started with `serve`, from any directory: tritonserver, its model processes and
+    their shared memory, also what a crashed or killed server left behind."""
+    from .serve import clean_stale, default_state_file, process_alive, read_state, state_dir, stop_process
 
-    if not pid_file.is_file():
-        stdout.print(f"no server running ({pid_file} not found)")
+    wanted = pid_file or default_state_file(http_port)
+    files = sorted(state_dir().glob("tritonserver-*.json")) if stop_all else [wanted]
+    states = [(f, read_state(f)) for f in files if f.is_file()]
+    if not states:
+        cleaned = clean_stale()
+        left = f"; removed what {len(cleaned)} dead server(s) left behind" if cleaned else ""
+        stdout.print(f"no server running (no state file {'in ' + str(state_dir()) if stop_all else wanted}){left}")
         return
-    pid = int(pid_file.read_text())
-    stopped = stop_process(pid)
-    pid_file.unlink()
-    stdout.print(f"[green]✓[/] stopped tritonserver (pid {pid})" if stopped else f"pid {pid} was not running")
+    for path, state in states:
+        running = process_alive(state["pid"])
+        stop_process(state["pid"], shm_prefix=state.get("shm_prefix", ""))
+        path.unlink(missing_ok=True)
+        stdout.print(f"[green]✓[/] stopped tritonserver (pid {state['pid']})" if running
+                     else f"tritonserver (pid {state['pid']}) was not running; removed what it left behind")
 
 
 def _register_engine_commands() -> None:

@@ -86,7 +86,7 @@ def read_state(path: Path) -> dict:
     return json.loads(text) if text.startswith("{") else {"pid": int(text)}
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -108,7 +108,7 @@ def clean_stale(directory: Path | None = None) -> list[int]:
             state = read_state(path)
         except (OSError, ValueError):
             continue
-        if _alive(state["pid"]):
+        if process_alive(state["pid"]):
             continue
         prefix = state.get("shm_prefix", "")
         if prefix and _group_has(state["pid"], prefix):  # its model processes (the pid may be reused)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 EXIT_NOT_READY = 1
 EXIT_UNREACHABLE = 4
@@ -30,26 +31,48 @@ def main() -> None:
     """
 
 
+MODELS = ("ensemble", "preprocessing", "dspark", "dspark_draft", "dspark_verify", "postprocessing")
+
+
 @main.command()
-@click.option("--url", default="127.0.0.1:8000", show_default=True, help="Triton HTTP endpoint (host:port).")
+@click.option("--url", default="127.0.0.1:8000", show_default=True,
+              help="Triton endpoint host:port: the HTTP port (8000), or the gRPC one (8001) that generate and "
+                   "bench take; both work.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the server.")
 def health(url: str, timeout: float) -> None:
-    """Check that the server is live and ready, and list its models with their state."""
-    import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
+    """Check that the server is live and ready, and that each model of the service is ready.
 
-    client = httpclient.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+    Exit code 0 only if all are; 1 if the server answers but is not ready (e.g. while it reloads a
+    model whose process died); 4 if nothing answers at URL.
+    """
     try:
-        live, ready = client.is_server_live(), client.is_server_ready()
-        models = client.get_model_repository_index()
-    except (InferenceServerException, OSError) as e:
-        err.print(f"[red]error:[/] no Triton server reachable at {url} ({e})")
-        sys.exit(EXIT_UNREACHABLE)
-    stdout.print(f"server {url}: live={live} ready={ready}")
-    for model in models:
-        stdout.print(f"  {model.get('name')} {model.get('version', '')} {model.get('state', 'UNKNOWN')}")
-    if not (live and ready):
+        protocol, live, ready, models = _health("http", url, timeout)
+    except Exception as http_error:  # noqa: BLE001 - maybe the gRPC port: try that before giving up
+        try:
+            protocol, live, ready, models = _health("grpc", url, timeout)
+        except Exception:  # noqa: BLE001 - report the HTTP error: HTTP is what this port was asked first
+            err.print(f"[red]error:[/] no Triton server reachable at {escape(url)} over HTTP or gRPC "
+                      f"({escape(str(http_error))})")
+            sys.exit(EXIT_UNREACHABLE)
+    stdout.print(f"server {escape(url)} ({protocol}): live={live} ready={ready}")
+    for name, state in models.items():
+        stdout.print(f"  {name:15s} {'READY' if state else 'NOT READY'}")
+    if not (live and ready and all(models.values())):
         sys.exit(EXIT_NOT_READY)
+
+
+def _health(protocol: str, url: str, timeout: float) -> tuple[str, bool, bool, dict[str, bool]]:
+    if protocol == "http":
+        import tritonclient.http as client_module
+
+        client = client_module.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+    else:
+        import tritonclient.grpc as client_module
+
+        client = client_module.InferenceServerClient(url)
+    kwargs = {} if protocol == "http" else {"client_timeout": timeout}
+    live = client.is_server_live(**kwargs)
+    return protocol, live, client.is_server_ready(**kwargs), {m: client.is_model_ready(m, **kwargs) for m in MODELS}
 
 
 @main.command()
@@ -81,10 +104,11 @@ def generate(prompt: str, url: str, stream: bool, max_tokens: int, temperature: 
                 click.echo(chunk.text, nl=False)
             final = chunk if chunk.finish_reason else final
     except RequestError as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error:[/] {escape(str(e))}")
         sys.exit(EXIT_NOT_READY)
     except (InferenceServerException, OSError) as e:
-        err.print(f"[red]error:[/] no Triton server reachable at {url} ({e})")
+        err.print(f"[red]error:[/] no Triton server reachable at {escape(url)} over gRPC ({escape(str(e))}); "
+                  "generate takes the gRPC port (8001 by default)")
         sys.exit(EXIT_UNREACHABLE)
     elapsed = time.perf_counter() - start
     if not stream:
@@ -146,17 +170,17 @@ def bench(url: str, metrics_url: str, concurrency: str, modes: str, gammas: str 
         texts = prompt_sets.load(prompts)
         scrape(metrics_url)
     except (OSError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error:[/] {escape(str(e))}")
         sys.exit(EXIT_UNREACHABLE if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else 2)
     config = BenchConfig(url, metrics_url, mode_list, [int(c) for c in concurrency.split(",")], texts,
                          requests, max_tokens, temperature, duration, slices, slas)
     try:
         result = run_bench(config)
     except RequestError as e:
-        err.print(f"[red]error:[/] a request failed: {e}")
+        err.print(f"[red]error:[/] a request failed: {escape(str(e))}")
         sys.exit(EXIT_NOT_READY)
     except (InferenceServerException, OSError) as e:
-        err.print(f"[red]error:[/] no Triton server reachable at {url} ({e})")
+        err.print(f"[red]error:[/] no Triton server reachable at {escape(url)} over gRPC ({escape(str(e))})")
         sys.exit(EXIT_UNREACHABLE)
     table = Table("mode", "conc.", "tok/s user", "tok/s system", "TTFT p50 ms", "ITL p50/p90/p99 ms", "mean τ",
                   "draft / verify ms", title=f"dspark bench ({prompts} prompts, {max_tokens} tokens)")

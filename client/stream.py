@@ -106,7 +106,7 @@ def stream(url: str, prompt: str | list[int], *, model: str = "ensemble", timeou
         while True:
             result, error = responses.get(timeout=timeout)
             if error is not None:
-                raise RequestError(str(error))
+                raise RequestError(error.message() if hasattr(error, "message") else str(error))
             final = result.get_response().parameters["triton_final_response"].bool_param
             if result.as_numpy("output_ids") is not None:
                 yield chunk_of(result)
@@ -150,5 +150,15 @@ def complete_http(url: str, prompt: str | list[int], *, model: str = "ensemble",
                               event.get("finish_reason") or None,
                               json.loads(event["stats"]) if event.get("stats") else None, time.perf_counter()))
     except urllib.error.HTTPError as e:
-        raise RequestError(e.read().decode(errors="replace")) from None
+        raise RequestError(http_error_message(e.read().decode(errors="replace"))) from None
     return out
+
+
+def http_error_message(body: str) -> str:
+    """The server's message in an HTTP error body (`{"error": ...}`, possibly as a server-sent event)."""
+    text = body.strip().removeprefix("data:").strip()
+    try:
+        message = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return body.strip()
+    return message if isinstance(message, str) else body.strip()

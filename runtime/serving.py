@@ -36,6 +36,9 @@ from .generate import SEED_MAX, SEED_MIN, Request, SpeculativeDecoder, wire_seed
 
 Call = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 SPECULATION_MODES = ("auto", "off", "fixed")
+# What a request may carry, as the ensemble names its inputs.
+PUBLIC_INPUTS = ("text_input", "input_ids", "max_tokens", "temperature", "seed", "stop", "stop_ids", "speculation",
+                 "gamma")
 
 
 class ParamError(ValueError):
@@ -66,8 +69,15 @@ def _scalar(inputs: dict[str, Any], name: str, kind: type, default: Any) -> Any:
     return kind(item)
 
 
-def parse_request(inputs: dict[str, Any], limits: Limits) -> tuple[Request, list[str]]:
-    """Validate one request's tensors; returns the decoding request and its stop strings."""
+def parse_request(inputs: dict[str, Any], limits: Limits,
+                  parameters: dict[str, Any] | None = None) -> tuple[Request, list[str]]:
+    """Validate one request's tensors; returns the decoding request and its stop strings.
+
+    `parameters` are the request's Triton parameters. None are used: an unknown JSON field of an HTTP
+    generate request arrives as one (e.g. `top_p`), and is refused like an unknown gRPC input."""
+    for name in sorted(parameters or {}):
+        raise ParamError(f"unexpected inference input '{name}' for model 'ensemble': it takes "
+                         f"{', '.join(PUBLIC_INPUTS)}")
     ids = inputs.get("INPUT_IDS")
     if ids is None or np.asarray(ids).size == 0:
         raise ParamError("the prompt is empty: send text_input or input_ids")

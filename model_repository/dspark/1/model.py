@@ -155,7 +155,7 @@ class DependencyWatch:
     def __init__(self, orchestrator):
         self.orchestrator, self.server = orchestrator, os.getppid()  # the stub's parent is tritonserver
         self.processes = {}  # model -> its processes when last seen ready
-        self.stopped = threading.Event()
+        self.stopped, self.wake = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self.run, name="dspark-watch", daemon=True)
 
     def diagnose(self):
@@ -163,11 +163,14 @@ class DependencyWatch:
         for model, processes in list(self.processes.items()):
             dead = first_dead(processes)
             if dead is not None:
+                self.wake.set()  # reload now rather than at the next look
                 return f"the {model} model's {dead.role} (pid {dead.pid}) died"
         return None
 
     def run(self):
-        while not self.stopped.wait(WATCH_INTERVAL_S):
+        while not self.stopped.is_set():
+            self.wake.wait(WATCH_INTERVAL_S)
+            self.wake.clear()
             for model in WATCHED:
                 try:
                     self.check(model)
@@ -243,7 +246,7 @@ class TritonPythonModel:
                 if tensor is not None:
                     inputs[name] = tensor.as_numpy()
             try:
-                decoding, stops = parse_request(inputs, self.limits)
+                decoding, stops = parse_request(inputs, self.limits, json.loads(request.parameters() or "{}"))
             except ParamError as e:
                 sink.error(str(e))
                 continue
@@ -252,4 +255,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.watch.stopped.set()
+        self.watch.wake.set()
         self.orchestrator.stop()
