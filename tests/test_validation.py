@@ -282,6 +282,21 @@ def test_absurd_layer_and_expert_counts_are_refused_before_building_the_tensor_l
                        f"(found {10**12}, expected at most")
 
 
+@pytest.mark.parametrize("family, field, value, message", [
+    ("qwen3", "target_layer_ids", -1, "config field has the wrong type (found -1, expected list)"),
+    ("qwen3", "enable_confidence_head", "yes", "config field has the wrong type (found 'yes', expected bool)"),
+    ("v4", "layer_types", [], "per-layer list does not fit the model (found [], expected 4 entries"),
+    ("v4", "layer_types", ["bogus"] * 4, "per-layer list does not fit the model (found ['bogus'"),
+    ("v4", "mlp_layer_types", ["moe"], "per-layer list does not fit the model (found ['moe'], expected 4 entries"),
+])
+def test_malformed_config_fields_are_named_not_tracebacks(qwen3_copy: Path, v4_copy: Path, family: str, field: str,
+                                                          value: object, message: str) -> None:
+    directory = qwen3_copy / "drafter" if family == "qwen3" else v4_copy / "target"
+    edit_config(directory, **{field: value})
+    result = inspect(*([qwen3_copy / "target", directory] if family == "qwen3" else [directory]))
+    expect_problem(result, f"config.json [{field}]: {message}")
+
+
 def test_missing_or_corrupt_tokenizer_is_named_by_inspect_and_convert(qwen3_copy: Path, v4_copy: Path,
                                                                       tmp_path: Path) -> None:
     (v4_copy / "target" / "tokenizer.json").unlink()

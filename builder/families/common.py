@@ -89,6 +89,14 @@ class Source:
                                   found=value, expected=f"at most {len(self.by_name)} (the tensors present)")
         return value
 
+    def per_layer(self, name: str, layers: int, allowed: Sequence[str]) -> list[str]:
+        """A config list with one entry per layer, each one of `allowed`, or a CheckpointError naming it."""
+        values = self.field(name, list)
+        if len(values) != layers or any(v not in allowed for v in values):
+            raise CheckpointError(self.config_path, "per-layer list does not fit the model", subject=name,
+                                  found=values, expected=f"{layers} entries, each one of {list(allowed)}")
+        return values
+
     def tensor(self, canonical_name: str) -> torch.Tensor:
         return load_tensor(self.by_name[canonical_name])
 

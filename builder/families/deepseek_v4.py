@@ -54,17 +54,20 @@ def dims(src: Source) -> dict[str, Any]:
     heads = src.size("num_attention_heads")
     head_dim = src.size("head_dim")
     o_groups = src.size("o_groups")
+    layers = src.size("num_hidden_layers", per_tensor=True)
+    compress_rates = src.field("compress_rates", dict,
+                               {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128})
     return {
         "vocab": src.size("vocab_size"), "hidden": src.size("hidden_size"),
-        "layers": src.size("num_hidden_layers", per_tensor=True), "heads": heads, "head_dim": head_dim,
+        "layers": layers, "heads": heads, "head_dim": head_dim,
         "kv_heads": src.size("num_key_value_heads", 1),
         "q_rank": src.size("q_lora_rank"), "o_groups": o_groups, "o_rank": src.size("o_lora_rank"),
         "experts": src.size("n_routed_experts", per_tensor=True), "experts_per_token": src.size("num_experts_per_tok"),
         "expert_dim": src.size("moe_intermediate_size"), "hc": src.size("hc_mult", 4),
         "index_heads": src.size("index_n_heads", 64), "index_dim": src.size("index_head_dim", 128),
-        "layer_types": src.field("layer_types", list), "mlp_types": src.field("mlp_layer_types", list),
-        "compress_rates": src.field("compress_rates", dict,
-                                    {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}),
+        "layer_types": src.per_layer("layer_types", layers, ["sliding_attention", *compress_rates]),
+        "mlp_types": src.per_layer("mlp_layer_types", layers, ["moe", "hash_moe"]),
+        "compress_rates": compress_rates,
     }
 
 

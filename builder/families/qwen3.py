@@ -104,6 +104,11 @@ def check_drafter_fields(src: Source) -> list[CheckpointError]:
     problems: list[CheckpointError] = []
     vocab = src.field("vocab_size")
     problems += check_block_size(src, "block_size")
+    for flag in ("enable_confidence_head", "confidence_head_with_markov"):
+        try:
+            src.field(flag, bool, True)
+        except CheckpointError as e:  # "false" or 0 would otherwise be read by truthiness
+            problems.append(e)
     rank = src.field("markov_rank")
     if rank < 0:
         problems.append(CheckpointError(src.config_path, "negative Markov rank", subject="markov_rank", found=rank,
@@ -149,7 +154,8 @@ def check_pair(target: Source, drafter: Source) -> list[CheckpointError]:
     # embedding output (DeepSpec: deepspec/modeling/dspark/common.py, `extract_context_feature` and
     # `validate_target_layer_ids`). DeepSpec also accepts the last layer, whose hidden_states entry is
     # taken after the final norm; the runners capture layer outputs before it, so it is refused here.
-    for layer in drafter.config.get("target_layer_ids") or []:
+    ids = drafter.config.get("target_layer_ids")
+    for layer in ids if isinstance(ids, list) else []:  # a wrong type is check_drafter_fields' to report
         if isinstance(layer, int) and not -1 <= layer < n_layers - 1:
             problems.append(CheckpointError(drafter.config_path, "target layer id out of range",
                                             subject="target_layer_ids", found=layer,
