@@ -297,6 +297,19 @@ def test_eval_command_reports_a_bad_line_and_writes_nothing(qwen3_ckpt: Path, tm
     assert result.exit_code == 2 and "one --domain per --data" in result.output
 
 
+def test_eval_compare_needs_the_same_target(qwen3_ckpt: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    manifest = json.loads((qwen3_ckpt / "manifest.json").read_text())
+    manifest["sources"]["target"]["files"] = {"model.safetensors": "0" * 64}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    data = write_jsonl(tmp_path / "x.jsonl", [{"turns": ["def f(x):"]}])
+    result = CliRunner().invoke(main, ["eval", str(qwen3_ckpt), "--data", str(data), "--compare", str(other),
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "--compare pair has another target" in result.output and "sources.target.files" in result.output
+
+
 def test_eval_greedy_below_deepspecs_threshold_and_bfloat16(qwen3_ckpt: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "x.jsonl", [{"turns": ["def f(x):"]}])
     outs = {}
