@@ -482,3 +482,37 @@ def test_speculative_sampling_keeps_the_target_distribution(small_vocab) -> None
         if mode == "fixed":
             verified = sum(sum(r.verified) for r in results) / sum(r.rounds for r in results)
             assert verified > 0.5  # drafts really were verified: the test is not vacuous
+
+
+# ------------------------------------------------------------------------------------------- served
+
+
+def test_served_greedy_output_equals_target_only(gemma4_pair: Path, tmp_path: Path) -> None:
+    """A real tritonserver (tp 2 on CPU) streams what target-only decoding produces, in every mode."""
+    from dspark_trt.builder.repo import build_repo
+    from dspark_trt.builder.serve import start_server
+    from dspark_trt.client.stream import complete
+    from dspark_trt.runtime.generate import Request, generate
+    from dspark_trt.runtime.loader import open_checkpoint
+    from dspark_trt.runtime.tp import free_port
+
+    ckpt = _convert(gemma4_pair, tmp_path / "ckpt", tp=2)
+    batch = prompts(3)
+    target, drafter, manifest = open_checkpoint(ckpt, num_slots=3, max_len=128)
+    try:
+        assert manifest["family"] == "gemma4" and type(drafter).__name__ == "Gemma4DSparkDrafter"
+        expected = [r.tokens for r in generate(target, drafter, [Request(p, max_new_tokens=20, speculation="off")
+                                                                 for p in batch])]
+    finally:
+        target.close()
+    build_repo(ckpt, tmp_path / "repo", num_slots=4, max_prompt_tokens=64, max_new_tokens=64)
+    ports = [free_port() for _ in range(3)]
+    server = start_server(tmp_path / "repo", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                          cache=tmp_path / "cache", timeout=300)
+    try:
+        for mode in ("auto", "fixed", "off"):
+            for prompt, want in zip(batch, expected, strict=True):
+                got = complete(server.endpoints["grpc"], prompt, max_tokens=20, speculation=mode)
+                assert got.ids == want, mode
+    finally:
+        server.stop()
