@@ -43,9 +43,9 @@ STATEFUL = ("dspark_verify", "dspark_draft")
 WATCHED = STATEFUL + ("preprocessing", "postprocessing")
 WATCH_INTERVAL_S = 0.5
 PARAMETERS = {}  # {KEY_PARAMETER: the server's key}: proves to dspark_draft / dspark_verify that we call
-# This process's messages to the server (model calls, responses, model loading) one at a time: a
-# model-loading call racing a model call or a response aborts tritonserver 2.51
-# (boost::interprocess::lock_exception in the Python backend).
+# This process's messages to the server (model calls, responses, model loading) one at a time:
+# model-loading calls (pb_utils.is_model_ready polled beside live requests) aborted tritonserver
+# 2.51 with boost::interprocess::lock_exception in the Python backend; serialised, they do not.
 IPC = threading.Lock()
 
 
@@ -154,7 +154,7 @@ class DependencyWatch:
 
     def __init__(self, orchestrator):
         self.orchestrator, self.server = orchestrator, os.getppid()  # the stub's parent is tritonserver
-        self.processes = {}  # model -> its processes when last seen ready
+        self.processes = {}  # model -> its processes, as last seen alive
         self.stopped, self.wake = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self.run, name="dspark-watch", daemon=True)
 
