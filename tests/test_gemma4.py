@@ -240,6 +240,42 @@ def test_unsupported_gemma4_variant_is_refused_by_name(gemma4_pair: Path, tmp_pa
     assert any(p.subject == "enable_moe_block" for p in report.problems)
 
 
+def test_googles_global_fields_read_like_transformers_per_layer_config(gemma4_pair: Path, tmp_path: Path) -> None:
+    """google/gemma-4-* configs carry global_head_dim / num_global_key_value_heads where transformers
+    5.2x writes per_layer_config: both describe the same model."""
+    from dspark_trt.builder.families import gemma4
+
+    pair_dir = tmp_path / "pair"
+    shutil.copytree(gemma4_pair, pair_dir)
+    before = gemma4.dims(open_pair([pair_dir / "target"]).target)
+    config_path = pair_dir / "target" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["text_config"]["per_layer_config"]
+    config["text_config"] |= {"global_head_dim": 32, "num_global_key_value_heads": 1}
+    config_path.write_text(json.dumps(config))
+    pair = open_pair([pair_dir / "target", pair_dir / "drafter"])
+    assert gemma4.dims(pair.target) == before and before["global_head_dim"] == 32
+    assert validate(pair).ok
+
+
+@pytest.mark.parametrize("kind", ["gated", "rnn"])
+def test_gated_and_rnn_drafters_inspect_convert_and_draft(tmp_path: Path, kind: str) -> None:
+    from dspark_trt.runtime.gemma4_drafter import Gemma4DSparkDrafter
+
+    write_gemma4_fixture(tmp_path / "pair", seed=0, markov_head_type=kind)
+    report = validate(open_pair([tmp_path / "pair" / "target", tmp_path / "pair" / "drafter"]))
+    assert report.ok and not report.warnings
+    ckpt = _convert(tmp_path / "pair", tmp_path / "ckpt")
+    drafter = Gemma4DSparkDrafter(ckpt / "draft", num_slots=1, max_len=32)
+    assert drafter.markov.kind == kind
+    drafter.add_context(0, torch.randn(5, len(TARGET_LAYER_IDS) * 64))
+    draft = drafter.draft([0], [11], [0.0], [None])
+    hidden, base = drafter.backbone([0], [11])
+    assert draft.tokens.shape == (1, 7) and base.shape == (1, 7, 1024)
+    bias, _, _ = drafter.markov.step(torch.tensor([11]), hidden[:, 0], drafter.markov.initial_state(1))
+    assert bias is not None and bias.abs().max() > 0  # the head's own projection is in use
+
+
 def test_convert_tp2_writes_tensorrt_llm_names_that_reassemble(gemma4_pair: Path, tmp_path: Path) -> None:
     ckpt = _convert(gemma4_pair, tmp_path / "tp2", tp=2)
     source = {k.replace("model.language_model.", "model."): v for k, v in _tensors(gemma4_pair / "target").items()}
