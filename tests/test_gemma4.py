@@ -133,6 +133,10 @@ def deepspec_gemma4_drafter(draft_dir: Path) -> torch.nn.Module:
             self.markov_head = nn.Module()
             self.markov_head.markov_w1 = nn.Embedding(v, rank)
             self.markov_head.markov_w2 = nn.Linear(rank, v, bias=False)
+            if raw["markov_head_type"] == "gated":  # GatedMarkovHead
+                self.markov_head.gate_proj = nn.Linear(h + rank, rank)
+            elif raw["markov_head_type"] == "rnn":  # RNNHead
+                self.markov_head.joint_proj = nn.Linear(2 * rank + h, 3 * rank)
             self.confidence_head = nn.Module()
             self.confidence_head.proj = nn.Linear(h + rank, 1)
 
@@ -266,6 +270,7 @@ def test_gated_and_rnn_drafters_inspect_convert_and_draft(tmp_path: Path, kind: 
     report = validate(open_pair([tmp_path / "pair" / "target", tmp_path / "pair" / "drafter"]))
     assert report.ok and not report.warnings
     ckpt = _convert(tmp_path / "pair", tmp_path / "ckpt")
+    deepspec_gemma4_drafter(tmp_path / "pair" / "drafter")  # loads strictly: no missing or unexpected tensor
     drafter = Gemma4DSparkDrafter(ckpt / "draft", num_slots=1, max_len=32)
     assert drafter.markov.kind == kind
     drafter.add_context(0, torch.randn(5, len(TARGET_LAYER_IDS) * 64))
