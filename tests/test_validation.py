@@ -288,6 +288,8 @@ def test_absurd_layer_and_expert_counts_are_refused_before_building_the_tensor_l
     ("v4", "layer_types", [], "per-layer list does not fit the model (found [], expected 4 entries"),
     ("v4", "layer_types", ["bogus"] * 4, "per-layer list does not fit the model (found ['bogus'"),
     ("v4", "mlp_layer_types", ["moe"], "per-layer list does not fit the model (found ['moe'], expected 4 entries"),
+    ("v4", "dtype", ["bfloat16"], "unsupported dtype (found ['bfloat16'], expected bfloat16 | float16 | float32)"),
+    ("qwen3", "dtype", 0, "unsupported dtype (found 0, expected bfloat16 | float16 | float32)"),
 ])
 def test_malformed_config_fields_are_named_not_tracebacks(qwen3_copy: Path, v4_copy: Path, family: str, field: str,
                                                           value: object, message: str) -> None:

@@ -167,10 +167,12 @@ def check_tokenizer(directory: Path, vocab_size: int | None = None) -> Checkpoin
 
 def dtype_tag(source: Source) -> str:
     """The safetensors tag of the checkpoint's declared floating dtype (config `dtype`/`torch_dtype`)."""
-    declared = source.config.get("dtype") or source.config.get("torch_dtype") or "bfloat16"
+    name = "dtype" if source.config.get("dtype") is not None else "torch_dtype"
+    declared = source.config.get(name)
+    declared = "bfloat16" if declared is None else declared
     tags = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-    if declared not in tags:
-        raise CheckpointError(source.config_path, "unsupported dtype", subject="dtype", found=declared,
+    if not isinstance(declared, str) or declared not in tags:
+        raise CheckpointError(source.config_path, "unsupported dtype", subject=name, found=repr(declared),
                               expected=" | ".join(tags))
     return tags[declared]
 
