@@ -75,6 +75,8 @@ def mode_request(mode: str) -> tuple[str, int | None]:
 
 def expand_modes(modes: list[str], gammas: list[int] | None) -> list[str]:
     """The modes to run: `fixed` becomes one `fixed:G` per G of `gammas` when given; each is checked."""
+    if gammas and "fixed" not in modes:
+        raise ValueError(f"--gammas expands the mode `fixed`, which is not among the modes {','.join(modes)}")
     out: list[str] = []
     for mode in modes:
         out += [f"fixed:{g}" for g in gammas] if mode == "fixed" and gammas else [mode]

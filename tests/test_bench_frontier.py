@@ -34,6 +34,8 @@ def test_modes() -> None:
     assert expand_modes(["off", "fixed"], None) == ["off", "fixed"]
     with pytest.raises(ValueError):
         expand_modes(["off", "fixed"], [0])
+    with pytest.raises(ValueError, match="--gammas expands the mode `fixed`"):
+        expand_modes(["off", "auto"], [1, 3])
 
 
 def test_throughput_at_sla_interpolates_along_the_frontier() -> None:
