@@ -162,10 +162,18 @@ def bench(url: str, metrics_url: str, concurrency: str, modes: str, gammas: str 
     from .stream import RequestError
 
     try:
-        mode_list = expand_modes(modes.split(","), [int(g) for g in gammas.split(",")] if gammas else None)
+        gamma_list = [int(g) for g in gammas.split(",")] if gammas else None
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {gammas!r}", param_hint="--gammas") from None
+    try:
         slas = [float(v) for v in sla.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated tokens/s per user, got {sla!r}",
+                                 param_hint="--sla") from None
+    try:
+        mode_list = expand_modes(modes.split(","), gamma_list)
     except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+        raise click.BadParameter(str(e), param_hint="--modes") from None
     try:
         texts = prompt_sets.load(prompts)
         scrape(metrics_url)

@@ -38,6 +38,21 @@ def test_modes() -> None:
         expand_modes(["off", "auto"], [1, 3])
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sla", "a,b"], "Invalid value for --sla: expected comma-separated tokens/s per user, got 'a,b'"),
+    (["--gammas", "x"], "Invalid value for --gammas: expected comma-separated integers, got 'x'"),
+    (["--modes", "off,fast"], "unknown bench mode 'fast'"),
+    (["--modes", "off,auto", "--gammas", "1,3"], "--gammas expands the mode `fixed`"),
+])
+def test_bench_usage_errors_name_the_option(args: list[str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from dspark_trt.client.cli import main
+
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 2 and message in result.output
+
+
 def test_throughput_at_sla_interpolates_along_the_frontier() -> None:
     # (concurrency, per user, system): per-user speed falls as concurrency rises.
     points = [(1, 100.0, 100.0), (2, 90.0, 180.0), (4, 70.0, 280.0), (8, 40.0, 320.0)]
