@@ -1,15 +1,12 @@
 """dspark: decoupled orchestrator running in-flight batched DSpark decoding (dspark_trt.runtime.serving).
 
-It also keeps the models it depends on alive: a thread watches their processes (runtime/watch.py);
-when one dies, the live requests fail once with the reason, new ones are refused, and the model is
-unloaded and loaded again through the Python backend's model-loading API (the server runs with
-explicit model control, see builder/serve.py). While that runs the model is not ready, so neither
-is the server (strict readiness).
+It also keeps the models it depends on alive (runtime/watch.py, ModelWatch): when a process of one
+dies, the live requests fail once with the reason, new ones are refused, and the model is unloaded
+and loaded again through the Python backend's model-loading API (the server runs with explicit model
+control, see builder/serve.py).
 """
 
 import json
-import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +29,7 @@ from dspark_trt.runtime.serving import (
     parse_request,
     stats_json,
 )
-from dspark_trt.runtime.watch import first_dead, model_processes
+from dspark_trt.runtime.watch import ModelWatch
 
 INPUTS = ("INPUT_IDS", "MAX_TOKENS", "TEMPERATURE", "SEED", "STOP", "STOP_IDS", "SPECULATION", "GAMMA")
 OUTPUTS = {"dspark_verify": ["TOP_IDS", "LOGITS", "FEATURES"],
@@ -41,12 +38,8 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Models whose processes hold request state: when one dies, the live requests are lost.
 STATEFUL = ("dspark_verify", "dspark_draft")
 WATCHED = STATEFUL + ("preprocessing", "postprocessing")
-WATCH_INTERVAL_S = 0.5
 PARAMETERS = {}  # {KEY_PARAMETER: the server's key}: proves to dspark_draft / dspark_verify that we call
-# This process's messages to the server (model calls, responses, model loading) one at a time:
-# model-loading calls (pb_utils.is_model_ready polled beside live requests) aborted tritonserver
-# 2.51 with boost::interprocess::lock_exception in the Python backend; serialised, they do not.
-IPC = threading.Lock()
+IPC = threading.Lock()  # this process's messages to the server, one at a time (see ModelWatch)
 
 
 def bls(model, inputs):
@@ -125,6 +118,10 @@ class TritonMetrics:
             self.flush()
 
     def flush(self):
+        with IPC:
+            self._flush()
+
+    def _flush(self):
         verified_counts, accepted_counts = [0] * len(self.position_verified), [0] * len(self.position_accepted)
         for verified, accepted in self.pending_rounds:
             self.tau.observe(accepted + 1)
@@ -144,71 +141,10 @@ class TritonMetrics:
         if active == 0:
             self.flush()  # idle: make every finished round visible
         if (active, queued) != self.last_load:
-            self.active.set(active)
-            self.queued.set(queued)
+            with IPC:
+                self.active.set(active)
+                self.queued.set(queued)
             self.last_load = (active, queued)
-
-
-class DependencyWatch:
-    """Notices a dead process of a model the orchestrator depends on and reloads that model."""
-
-    def __init__(self, orchestrator):
-        self.orchestrator, self.server = orchestrator, os.getppid()  # the stub's parent is tritonserver
-        self.processes = {}  # model -> its processes, as last seen alive
-        self.stopped, self.wake = threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=self.run, name="dspark-watch", daemon=True)
-
-    def diagnose(self):
-        """Why a call to a dependency failed, if a process of it died."""
-        for model, processes in list(self.processes.items()):
-            dead = first_dead(processes)
-            if dead is not None:
-                self.wake.set()  # reload now rather than at the next look
-                return f"the {model} model's {dead.role} (pid {dead.pid}) died"
-        return None
-
-    def run(self):
-        while not self.stopped.is_set():
-            self.wake.wait(WATCH_INTERVAL_S)
-            self.wake.clear()
-            for model in WATCHED:
-                try:
-                    self.check(model)
-                except Exception as e:  # noqa: BLE001 - keep watching; the next pass retries
-                    print(f"dspark: watching {model}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-
-    def check(self, model):
-        known = self.processes.get(model, [])
-        dead = first_dead(known)
-        if dead is None:  # also picks up processes started since (tensor-parallel workers at start-up)
-            self.processes[model] = sorted(set(known) | set(model_processes(self.server, model)),
-                                           key=lambda p: p.pid)
-            return
-        reason = f"the {model} model's {dead.role} (pid {dead.pid}) died"
-        print(f"dspark: {reason}; reloading {model}", file=sys.stderr, flush=True)
-        if model in STATEFUL:
-            self.orchestrator.dependency_failed(reason)
-            # Tell the clients before reloading: the reload holds this process's messages (IPC).
-            self.orchestrator.wait_fault_handled(timeout=10)
-        # Unload first: a reload in place would keep the dead instance "ready" until the new one is,
-        # and leave its shared memory behind. load_model returns once the model is ready.
-        with IPC:
-            pb_utils.unload_model(model)
-        while not self.stopped.is_set():
-            try:
-                with IPC:
-                    pb_utils.load_model(model)
-                break
-            except Exception as e:  # noqa: BLE001 - stays not ready (truthfully) and retries
-                print(f"dspark: reloading {model} failed: {e}; retrying", file=sys.stderr, flush=True)
-            time.sleep(2)
-        self.processes[model] = model_processes(self.server, model)
-        for process in known:  # what the killed stubs left in /dev/shm (unloading frees the rest)
-            if process.shm_region and "/" not in process.shm_region:
-                Path("/dev/shm", process.shm_region).unlink(missing_ok=True)
-        if model in STATEFUL:
-            self.orchestrator.dependency_recovered()
-        print(f"dspark: {model} reloaded", file=sys.stderr, flush=True)
 
 
 class TritonPythonModel:
@@ -228,9 +164,20 @@ class TritonPythonModel:
             metrics=TritonMetrics(dspark["block_size"]), cost_table=cost_table, scheduler=params["scheduler"],
             min_gain=float(params["min_gain"]), measure_costs=params.get("live_costs", "true") == "true",
             diagnose=lambda: self.watch.diagnose())
-        self.watch = DependencyWatch(self.orchestrator)
+        self.watch = ModelWatch(pb_utils, WATCHED, IPC, self._dependency_died,
+                                self._dependency_reloaded)
         self.orchestrator.start()
-        self.watch.thread.start()
+        self.watch.start()
+
+    def _dependency_died(self, model, reason):
+        if model in STATEFUL:  # their processes held the live requests' state
+            self.orchestrator.dependency_failed(reason)
+            # Tell the clients before reloading: the reload holds this process's messages (IPC).
+            self.orchestrator.wait_fault_handled(timeout=10)
+
+    def _dependency_reloaded(self, model):
+        if model in STATEFUL:
+            self.orchestrator.dependency_recovered()
 
     def execute(self, requests):
         for request in requests:
@@ -254,6 +201,5 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self.watch.stopped.set()
-        self.watch.wake.set()
+        self.watch.stop()
         self.orchestrator.stop()
