@@ -6,6 +6,10 @@ tile sizes chosen here are also what `aot.py` compiles, through `markov_constant
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +21,32 @@ from .interpret import InterpreterModeError, interpreter_active
 GPU_TILE = 8192
 CPU_TILE = 1 << 16
 SCHEDULE_MAX_ROWS = 256  # rows one DSparkSchedule program holds; the AOT kernel is compiled for this many
+
+
+_forced_on_cpu = False
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_kernels(t: torch.Tensor) -> bool:
+    """Whether the served path's DSpark heads and scheduler run as these kernels for tensors like `t`: on
+    CUDA tensors (where OpenAI Triton is installed), and on CPU tensors inside `kernels_on_cpu()`. The torch
+    versions (runtime/heads.py, runtime/scheduler.py) stay the CPU path and the oracle."""
+    return (t.is_cuda and triton_available()) or (_forced_on_cpu and t.device.type == "cpu")
+
+
+@contextmanager
+def kernels_on_cpu() -> Iterator[None]:
+    """Take the kernel path for CPU tensors too: tests, under the interpreter (see `enable_interpreter`)."""
+    global _forced_on_cpu
+    before, _forced_on_cpu = _forced_on_cpu, True
+    try:
+        yield
+    finally:
+        _forced_on_cpu = before
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:

@@ -52,9 +52,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..builder.families.deepseek_v4 import shard_dim  # the converter's sharding, read back
 from .errors import CheckpointError
 from .fp8 import dequantize_fp8_block
-from .layers import rms_norm
+from .layers import rms_norm, runner_device
 from .runner import SlotRunner
 from .safetensors_io import SafetensorsCheckpoint
 
@@ -144,6 +145,11 @@ class Rope:
         freqs = positions[..., None].float() * inv_freq
         return freqs.cos() * scaling, freqs.sin() * scaling
 
+    def to(self, device: torch.device) -> Rope:
+        """Keep the frequencies on `device`, where the positions will be."""
+        self.tables = {kind: (inv_freq.to(device), scaling) for kind, (inv_freq, scaling) in self.tables.items()}
+        return self
+
 
 def _rope_parameters(cfg: V4Config) -> dict[str, dict[str, Any]]:
     """{"main": ..., "compress": ...} as transformers' DeepseekV4Config.__post_init__ normalises them."""
@@ -169,15 +175,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # -------------------------------------------------------------------------------------------- weights
-
-
-def shard_dim(name: str) -> int | None:
-    """The dimension the converter split `name` along (None: replicated, or a routed expert held whole)."""
-    if re.search(r"attn\.(wq_b|wo_a)\.weight$|attn\.attn_sink$|shared_experts\.w[13]\.weight$|^head\.weight$", name):
-        return 0
-    if re.search(r"attn\.wo_b\.weight$|shared_experts\.w2\.weight$", name):
-        return 1
-    return None
 
 
 def read_rank(path: Path, dtype: torch.dtype, keep: re.Pattern | None = None) -> dict[str, torch.Tensor]:
@@ -338,12 +335,12 @@ class _Compressed:
     entries: torch.Tensor  # [slots, max_len // rate + 1, dim]
 
     @classmethod
-    def empty(cls, rate: int, dim: int, overlap: bool, slots: int, max_len: int, dtype: torch.dtype
-              ) -> _Compressed:
+    def empty(cls, rate: int, dim: int, overlap: bool, slots: int, max_len: int, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> _Compressed:
         width = 2 * dim if overlap else dim
-        return cls(rate, overlap, dim, torch.zeros(slots, max_len, width, dtype=dtype),
-                   torch.zeros(slots, max_len, width, dtype=dtype),
-                   torch.zeros(slots, max_len // rate + 1, dim, dtype=dtype))
+        return cls(rate, overlap, dim, torch.zeros(slots, max_len, width, dtype=dtype, device=device),
+                   torch.zeros(slots, max_len, width, dtype=dtype, device=device),
+                   torch.zeros(slots, max_len // rate + 1, dim, dtype=dtype, device=device))
 
     def update(self, slot: int, start: int, kv: torch.Tensor, gate: torch.Tensor, w: dict[str, torch.Tensor],
                p: str, cfg: V4Config, rope: Rope) -> None:
@@ -368,7 +365,7 @@ class _Compressed:
             cur_gate = torch.cat([prev_gate, cur_gate[..., d:]], dim=1)
         pooled = (cur_kv * cur_gate.softmax(dim=1, dtype=torch.float32).to(cur_kv.dtype)).sum(dim=1)
         pooled = rms_norm(pooled, w[p + "norm.weight"], cfg.eps)
-        cos, sin = rope("compress", torch.arange(first, last) * m)
+        cos, sin = rope("compress", torch.arange(first, last, device=self.kv.device) * m)
         self.entries[slot, first:last] = apply_rope(pooled, cos, sin)
 
 
@@ -391,11 +388,17 @@ def _select_indexed(cache: _Compressed, h: torch.Tensor, q_res: torch.Tensor, sl
 
 
 class DeepseekV4Target(SlotRunner):
-    """One tensor/expert-parallel rank of a DeepSeek-V4 target, with a cache of `num_slots` sequences."""
+    """One tensor/expert-parallel rank of a DeepSeek-V4 target, with a cache of `num_slots` sequences.
+
+    `device` / `dtype` as for the Qwen3 runner (float32 on the CPU, bfloat16 elsewhere); slot lengths stay
+    on the host. The reference MoE picks each expert's tokens with `torch.where`, which waits for the
+    device once per expert and layer."""
 
     def __init__(self, target_dir: Path, *, rank: int = 0, num_slots: int = 8, max_len: int = 1024,
-                 dtype: torch.dtype = torch.float32, target_feature: str | None = None) -> None:
+                 dtype: torch.dtype | None = None, target_feature: str | None = None,
+                 device: str | torch.device = "cpu") -> None:
         target_dir = Path(target_dir)
+        self.device, dtype = runner_device(device, dtype)
         self.config = cfg = V4Config.from_checkpoint(target_dir)
         if cfg.tp > 1 and not (dist.is_initialized() and dist.get_world_size() == cfg.tp):
             raise RuntimeError(f"{target_dir} is sharded for tp={cfg.tp}: run it with tp={cfg.tp} processes "
@@ -404,19 +407,22 @@ class DeepseekV4Target(SlotRunner):
         self.target_feature = target_feature or _manifest_feature(target_dir.parent)
         if self.target_feature not in TARGET_FEATURES:
             raise ValueError(f"target_feature must be one of {TARGET_FEATURES}, got {self.target_feature!r}")
-        self.w = read_rank(target_dir / f"rank{rank}.safetensors", dtype)
+        weights = read_rank(target_dir / f"rank{rank}.safetensors", dtype)
+        self.w = {name: t.to(self.device) for name, t in weights.items()}
         per_rank = cfg.num_experts // cfg.tp
         self.experts = range(rank * per_rank, (rank + 1) * per_rank)
-        self.rope = Rope(cfg)
-        self.kv = torch.zeros(cfg.num_layers, num_slots, max_len, cfg.head_dim, dtype=dtype)
+        self.rope = Rope(cfg).to(self.device)
+        self.kv = torch.zeros(cfg.num_layers, num_slots, max_len, cfg.head_dim, dtype=dtype, device=self.device)
         self.compressors: dict[int, _Compressed] = {}
         self.indexers: dict[int, _Compressed] = {}
         for layer, kind in enumerate(cfg.layer_types):
             if kind != SLIDING:
                 rate = cfg.compress_rates[kind]
-                self.compressors[layer] = _Compressed.empty(rate, cfg.head_dim, kind == CSA, num_slots, max_len, dtype)
+                self.compressors[layer] = _Compressed.empty(rate, cfg.head_dim, kind == CSA, num_slots, max_len, dtype,
+                                                              self.device)
             if kind == CSA:
-                self.indexers[layer] = _Compressed.empty(rate, cfg.index_dim, True, num_slots, max_len, dtype)
+                self.indexers[layer] = _Compressed.empty(rate, cfg.index_dim, True, num_slots, max_len, dtype,
+                                                            self.device)
         self.lengths = torch.zeros(num_slots, dtype=torch.long)
 
     @torch.inference_mode()
@@ -438,9 +444,8 @@ class DeepseekV4Target(SlotRunner):
             raise ValueError(f"capture layers {capture} outside 0..{cfg.num_layers - 1}")
         batch, n_new = len(slots), torch.tensor([len(t) for t in tokens])
         width = int(n_new.max())
-        slot_idx = torch.tensor(slots)
         self.continue_from(slots, start)
-        start = self.lengths[slot_idx]
+        start = self.lengths[slots]  # host: the per-slot loops below read it without waiting for the device
         if int((start + n_new).max()) > self.max_len:
             raise ValueError(f"a slot would exceed the cache length {self.max_len}")
         ids = torch.zeros(batch, width, dtype=torch.long)
@@ -448,6 +453,7 @@ class DeepseekV4Target(SlotRunner):
             ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         positions = start[:, None] + torch.arange(width)
         valid = torch.arange(width)[None, :] < n_new[:, None]
+        ids, positions, valid = ids.to(self.device), positions.to(self.device), valid.to(self.device)
 
         streams = F.embedding(ids, w["embed.weight"])[:, :, None].expand(-1, -1, cfg.hc, -1).contiguous()
         captured: dict[int, torch.Tensor] = {}
@@ -468,12 +474,13 @@ class DeepseekV4Target(SlotRunner):
             streams = hc_post(self._all_reduce(ffn), post, comb, streams)
             if layer in capture and self.target_feature == "layer_output_hc_mean":
                 captured[layer] = streams.mean(-2)
-        self.lengths[slot_idx] = start + n_new
+        self.lengths[slots] = start + n_new
         hidden = rms_norm(hc_head(streams, w, "", cfg), w["norm.weight"], cfg.eps)
         head = self._head(F.linear(hidden, w["head.weight"]).float(), full=logits)
         features = torch.cat([captured[layer] for layer in capture], dim=-1) if capture else None
-        return ([head[b, : n_new[b]] for b in range(batch)],
-                [features[b, : n_new[b]] for b in range(batch)] if capture else [])
+        counts = n_new.tolist()
+        return ([head[b, : counts[b]] for b in range(batch)],
+                [features[b, : counts[b]] for b in range(batch)] if capture else [])
 
     def _attention(self, layer: int, h: torch.Tensor, slots: list[int], start: torch.Tensor, n_new: torch.Tensor,
                    positions: torch.Tensor) -> torch.Tensor:
@@ -487,8 +494,8 @@ class DeepseekV4Target(SlotRunner):
             self.kv[layer, slot, start[b]: start[b] + n_new[b]] = kv[b, : n_new[b]]
         # Only the last `window` positions before the earliest query can be visible.
         total, low = int((start + n_new).max()), max(0, int(start.min()) - cfg.window + 1)
-        slot_idx = torch.tensor(slots)
-        keys = torch.arange(low, total)
+        slot_idx = torch.tensor(slots, device=self.device)
+        keys = torch.arange(low, total, device=self.device)
         allowed = (keys <= positions[..., None]) & (keys > positions[..., None] - cfg.window)
         kv = self.kv[layer, slot_idx, low:total]
         if kind != SLIDING:
@@ -513,9 +520,9 @@ class DeepseekV4Target(SlotRunner):
             if index is not None:
                 index.update(slot, s, ikv[b, :n], igate[b, :n], w, p + "indexer.compressor.", cfg, self.rope)
         count = int((start + n_new).max()) // comp.rate
-        slot_idx = torch.tensor(slots)
+        slot_idx = torch.tensor(slots, device=self.device)
         # Entry w pools positions up to (w + 1)·m - 1: query t may read it once t has reached that position.
-        visible = torch.arange(count) < ((positions + 1) // comp.rate)[..., None]
+        visible = torch.arange(count, device=self.device) < ((positions + 1) // comp.rate)[..., None]
         if index is not None and count:
             cos, sin = self.rope("compress", positions)
             visible = _select_indexed(index, h, q_res, slot_idx, visible, w, p, cfg, cos, sin)

@@ -51,7 +51,7 @@ from .deepseek_v4 import (
 from .drafter import CALIBRATION_FILE, Draft, SlotContext, sequential_heads
 from .errors import CheckpointError
 from .heads import ConfidenceHead, MarkovHead
-from .layers import rms_norm
+from .layers import rms_norm, runner_device
 
 _OLD_MARKOV = {"markov_head.embed.weight": "markov_head.markov_w1.weight",
                "markov_head.head.weight": "markov_head.markov_w2.weight"}
@@ -59,12 +59,14 @@ _OLD_MARKOV = {"markov_head.embed.weight": "markov_head.markov_w1.weight",
 
 class DeepseekV4DSparkDrafter(SlotContext):
     def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
+        """`device` / `dtype`: as for the Qwen3 drafter (float32 on the CPU, bfloat16 elsewhere)."""
         draft_dir = Path(draft_dir)
+        self.device, dtype = runner_device(device, dtype)
         c = json.loads((draft_dir / "config.json").read_text())
         dspark = c["dspark"]
         self.cfg = cfg = V4Config.from_source(c["source_config"])  # unsharded here, whatever the files say
-        w = read_merged(draft_dir, c["mapping"]["tp_size"], dtype)
+        w = {n: t.to(self.device) for n, t in read_merged(draft_dir, c["mapping"]["tp_size"], dtype).items()}
         for old, new in _OLD_MARKOV.items():
             for name in [n for n in w if n.endswith(old)]:
                 w[name[: -len(old)] + new] = w.pop(name)
@@ -78,26 +80,23 @@ class DeepseekV4DSparkDrafter(SlotContext):
         if missing:
             raise CheckpointError(target_dir, "the drafter's shared tensors are missing from the target",
                                   subject=", ".join(missing), expected="embed and head of the target")
-        self.embed, self.head = from_target[shared["embed"]], from_target[shared["head"]]
+        self.embed = from_target[shared["embed"]].to(self.device)
+        self.head = from_target[shared["head"]].to(self.device)
         self.w = w
 
         self.block_size, self.mask_token_id = dspark["block_size"], dspark["mask_token_id"]
         self.target_layer_ids = tuple(dspark["target_layer_ids"])
         last = f"mtp.{self.stages - 1}."
         self.last = last
-        kind = dspark.get("markov_head_type", "vanilla")
-        proj = {"gated": "markov_gate", "rnn": "markov_rnn"}.get(kind)
-        self.markov = MarkovHead(kind, w.get(last + "markov_head.markov_w1.weight"),
-                                 w.get(last + "markov_head.markov_w2.weight"),
-                                 w.get(f"{last}markov_head.{proj}.weight"), w.get(f"{last}markov_head.{proj}.bias"))
+        self.markov = MarkovHead.from_weights(dspark.get("markov_head_type", "vanilla"), w, last, draft_dir)
         calibration = draft_dir / CALIBRATION_FILE
         temperatures = read_calibration(calibration, self.block_size) if calibration.is_file() else None
         self.confidence = ConfidenceHead(w[last + "confidence_head.proj.weight"],
                                          w.get(last + "confidence_head.proj.bias"),
                                          dspark.get("confidence_head_with_markov", True), temperatures)
-        self.rope = Rope(cfg)
+        self.rope = Rope(cfg).to(self.device)
         self.experts = range(cfg.num_experts)
-        self.ctx_kv = torch.zeros(self.stages, num_slots, max_len, cfg.head_dim, dtype=dtype)
+        self.ctx_kv = torch.zeros(self.stages, num_slots, max_len, cfg.head_dim, dtype=dtype, device=self.device)
         self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
         self.max_len, self.dtype = max_len, dtype
 
@@ -105,9 +104,9 @@ class DeepseekV4DSparkDrafter(SlotContext):
                        features: torch.Tensor) -> None:
         cfg, w = self.cfg, self.w
         if isinstance(positions, slice):
-            positions = torch.arange(positions.start, positions.stop)
-        ctx = rms_norm(F.linear(features.to(self.dtype), w["mtp.0.main_proj.weight"]), w["mtp.0.main_norm.weight"],
-                       cfg.eps)
+            positions = torch.arange(positions.start, positions.stop, device=self.device)
+        ctx = rms_norm(F.linear(features.to(self.device, self.dtype), w["mtp.0.main_proj.weight"]),
+                       w["mtp.0.main_norm.weight"], cfg.eps)
         cos, sin = self.rope("main", positions)
         for stage in range(self.stages):
             self.ctx_kv[stage, slot_of, positions] = shared_kv(ctx, w, f"mtp.{stage}.attn.", cfg, cos, sin)
@@ -128,15 +127,18 @@ class DeepseekV4DSparkDrafter(SlotContext):
     def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
               generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
         cfg, w, gamma = self.cfg, self.w, gamma or self.block_size
-        batch, slot_idx = len(slots), torch.tensor(slots)
-        ctx_len = self.ctx_len[slot_idx]
+        # Index tensors are made on the host (ctx_len is host bookkeeping) and copied to the device once.
+        dev = self.device
+        batch, slot_idx = len(slots), torch.tensor(slots, device=dev)
+        ctx_len = self.ctx_len[slots]
         ids = torch.full((batch, gamma), self.mask_token_id, dtype=torch.long)
         ids[:, 0] = torch.tensor(anchors)
         positions = ctx_len[:, None] + torch.arange(gamma)
-        cos, sin = self.rope("main", positions)
         low, high, in_context = self.visible_context(ctx_len)
         allowed = torch.cat([in_context[:, None].expand(-1, gamma, -1),
                              torch.ones(batch, gamma, gamma, dtype=torch.bool)], dim=-1)
+        ids, positions, allowed = ids.to(dev), positions.to(dev), allowed.to(dev)
+        cos, sin = self.rope("main", positions)
 
         streams = F.embedding(ids, self.embed)[:, :, None].expand(-1, -1, cfg.hc, -1).contiguous()
         for stage in range(self.stages):

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..plugins import launch
 from .calibration import read_calibration
 from .errors import CheckpointError
 from .heads import ConfidenceHead, MarkovHead, sample
-from .layers import Projection, apply_rope, native_bf16, rms_norm
+from .layers import Projection, apply_rope, native_bf16, rms_norm, runner_device
 from .qwen3 import qwen3_rope
 from .safetensors_io import SafetensorsCheckpoint
 
@@ -48,13 +49,18 @@ class Draft:
     def survival(self) -> torch.Tensor:
         return torch.cumprod(self.confidence, dim=-1)
 
+    def cpu(self) -> Draft:
+        """This draft on the host (what the wire protocol sends; a no-op for a CPU drafter)."""
+        return Draft(self.tokens.cpu(), self.probs.cpu(), self.conf_logits.cpu(), self.confidence.cpu())
+
 
 class SlotContext:
     """What every drafter does with its per-slot context: the target features of committed tokens,
     turned into each draft layer's keys / values by `_write_context`, for many slots in one pass."""
 
-    ctx_len: torch.Tensor  # [num_slots] tokens of context each slot holds
+    ctx_len: torch.Tensor  # [num_slots] tokens of context each slot holds (on the host: bookkeeping)
     max_len: int
+    device = torch.device("cpu")  # where the drafter's weights and caches live
 
     def reset(self, slot: int) -> None:
         self.ctx_len[slot] = 0
@@ -80,8 +86,9 @@ class SlotContext:
         if len(kept) == 1:  # one slot's new tokens are a slice of its positions: no index tensors
             self._write_context(kept_slots[0], slice(starts[0], ends[0]), kept[0][1])
         else:  # token t of the concatenation goes to slot slot_of[t], position positions[t]
-            slot_of = torch.tensor([slot for slot, f in kept for _ in range(f.shape[0])])
-            positions = torch.tensor([p for start, end in zip(starts, ends, strict=True) for p in range(start, end)])
+            slot_of = torch.tensor([slot for slot, f in kept for _ in range(f.shape[0])], device=self.device)
+            positions = torch.tensor([p for start, end in zip(starts, ends, strict=True) for p in range(start, end)],
+                                     device=self.device)
             self._write_context(slot_of, positions, torch.cat([f for _, f in kept]))
         self.ctx_len[kept_slots] = torch.tensor(ends)
 
@@ -92,17 +99,20 @@ class SlotContext:
 
 class Qwen3DSparkDrafter(SlotContext):
     def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
-                 dtype: torch.dtype = torch.float32, bf16_products: bool | None = None) -> None:
-        """`bf16_products`: multiply the large projections in bf16 (see layers.Projection); by default
-        where this CPU does so natively."""
+                 dtype: torch.dtype | None = None, bf16_products: bool | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        """`device`: where weights, caches and activations live (float32 on the CPU, bfloat16 elsewhere
+        unless `dtype` says otherwise). `bf16_products`: on the CPU, multiply the large projections in
+        bf16 (see layers.Projection); by default where this CPU does so natively."""
         draft_dir = Path(draft_dir)
+        self.device, dtype = runner_device(device, dtype)
         self.config = c = json.loads((draft_dir / "config.json").read_text())
         if c["mapping"]["tp_size"] != 1:
             raise CheckpointError(draft_dir / "config.json", "the reference drafter runs unsharded",
                                   subject="mapping.tp_size", found=c["mapping"]["tp_size"], expected=1)
         dspark = c["dspark"]
         ckpt = SafetensorsCheckpoint(draft_dir / "rank0.safetensors")
-        self.w = w = {name: ckpt.get(name).to(dtype) for name in ckpt.tensors}
+        self.w = w = {name: ckpt.get(name).to(device=self.device, dtype=dtype) for name in ckpt.tensors}
         self.block_size, self.mask_token_id = dspark["block_size"], dspark["mask_token_id"]
         self.target_layer_ids = tuple(dspark["target_layer_ids"])
         self.layers, self.eps = c["num_hidden_layers"], c["rms_norm_eps"]
@@ -115,7 +125,7 @@ class Qwen3DSparkDrafter(SlotContext):
                                          dspark["confidence_head_with_markov"], temperatures)
         # One projection where the checkpoint has two or three weights (q/k/v, k/v, gate/up): fewer,
         # bigger products.
-        bf16 = native_bf16() if bf16_products is None else bf16_products
+        bf16 = (self.device.type == "cpu" and native_bf16()) if bf16_products is None else bf16_products
 
         def projection(*names: str) -> Projection:
             return Projection(torch.cat([w[n] for n in names]), bf16=bf16)
@@ -137,17 +147,20 @@ class Qwen3DSparkDrafter(SlotContext):
         # A round writes its block's keys / values just past each slot's context (the next context
         # overwrites them), so attention reads one slice of the cache rather than a concatenation.
         shape = (self.layers, num_slots, self.kv_heads, max_len + self.block_size, self.head_dim)
-        self.k_ctx, self.v_ctx = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.k_ctx = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_ctx = torch.zeros(shape, dtype=dtype, device=self.device)
         self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
         self.max_len, self.dtype = max_len, dtype
         # Every position a context token or a block can take, computed once (a round is many small ops).
         self.rope = qwen3_rope(c, draft_dir / "config.json")
-        self.cos_table, self.sin_table = self.rope(torch.arange(max_len + self.block_size))
+        cos, sin = self.rope(torch.arange(max_len + self.block_size))
+        self.cos_table, self.sin_table = cos.to(self.device), sin.to(self.device)
+        self.rope.to(self.device)
 
     def _write_context(self, slot_of: torch.Tensor | int, positions: torch.Tensor | slice,
                        features: torch.Tensor) -> None:
         n = features.shape[0]
-        ctx = rms_norm(self.fc(features.to(self.dtype)), self.w["hidden_norm.weight"], self.eps)
+        ctx = rms_norm(self.fc(features.to(self.device, self.dtype)), self.w["hidden_norm.weight"], self.eps)
         # [n, layers, kv_heads, head_dim] each
         k, v = self.context_kv(ctx).view(n, self.layers, 2, self.kv_heads, self.head_dim).unbind(2)
         k = apply_rope(rms_norm(k, self.context_k_norm, self.eps), self.cos_table[positions][:, None],
@@ -162,8 +175,8 @@ class Qwen3DSparkDrafter(SlotContext):
     def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
               generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
         hidden, base_logits = self.backbone(slots, anchors, gamma)
-        return sequential_heads(self.markov, self.confidence, hidden, base_logits, torch.tensor(anchors),
-                                temperatures, generators)
+        return sequential_heads(self.markov, self.confidence, hidden, base_logits,
+                                torch.tensor(anchors, device=self.device), temperatures, generators)
 
     @torch.inference_mode()
     def backbone(self, slots: list[int], anchors: list[int], gamma: int | None = None
@@ -171,18 +184,20 @@ class Qwen3DSparkDrafter(SlotContext):
         """The parallel part of a round: hidden states [B, γ, d] after `norm`, base logits U [B, γ, V] (float32)."""
         w, gamma = self.w, gamma or self.block_size
         batch, heads, kv_heads, head_dim = len(slots), self.heads, self.kv_heads, self.head_dim
-        slot_idx = torch.tensor(slots)
-        ctx_len = self.ctx_len[slot_idx]
+        # Index tensors are made on the host (ctx_len is host bookkeeping) and copied to the device once.
+        dev = self.device
+        ctx_len = self.ctx_len[slots]
         ids = torch.full((batch, gamma), self.mask_token_id, dtype=torch.long)
         ids[:, 0] = torch.tensor(anchors)
-        positions = ctx_len[:, None] + torch.arange(gamma)
+        ids, slot_idx = ids.to(dev), torch.tensor(slots, device=dev)
+        positions = (ctx_len[:, None] + torch.arange(gamma)).to(dev)
         cos, sin = self.cos_table[positions], self.sin_table[positions]
         # Every block position sees its slot's keys 0 .. ctx_len + γ - 1: the whole context and the whole
         # block. With one slot (or equal contexts) that needs no mask; otherwise shorter rows mask their tail.
         length = int(ctx_len.max()) + gamma
         single = slots[0] if batch == 1 else None
         mask = None if single is not None or bool((ctx_len == ctx_len[0]).all()) else \
-            (torch.arange(length) < (ctx_len + gamma)[:, None])[:, None, None]
+            (torch.arange(length) < (ctx_len + gamma)[:, None])[:, None, None].to(dev)
 
         x = F.embedding(ids, w["embed_tokens.weight"])
         for layer in range(self.layers):
@@ -221,7 +236,13 @@ def sequential_heads(markov: MarkovHead, confidence: ConfidenceHead, hidden: tor
 
     An all-greedy batch returns probs [B, γ, 0]: greedy drafts are verified by argmax, so their
     (one-hot) distributions would carry nothing.
+
+    On a GPU these steps run as the MarkovSample and DSparkConfidence kernels (plugins/kernels.py; the
+    dispatch is `launch.use_kernels`); this torch code is the CPU path and their oracle.
     """
+    if markov.kind in KERNEL_MARKOV_KINDS and launch.use_kernels(base_logits):
+        return kernel_heads(markov, confidence, hidden, base_logits, anchors, temperatures, generators,
+                            confidence_hidden)
     batch, gamma, _ = base_logits.shape
     greedy = all(t <= 0 for t in temperatures)
     tokens, probs, markov_embeddings = [], [], []
@@ -241,3 +262,25 @@ def sequential_heads(markov: MarkovHead, confidence: ConfidenceHead, hidden: tor
     conf_logits = confidence.logit(hidden if confidence_hidden is None else confidence_hidden, e).float()
     return Draft(torch.stack(tokens, dim=1), torch.stack(probs, dim=1) if probs else base_logits[..., :0],
                  conf_logits, confidence.calibrated(conf_logits))
+
+
+KERNEL_MARKOV_KINDS = ("vanilla", "gated", "rnn")  # MarkovSample's heads (kernels.KIND_IDS)
+
+
+def kernel_heads(markov: MarkovHead, confidence: ConfidenceHead, hidden: torch.Tensor, base_logits: torch.Tensor,
+                 anchors: torch.Tensor, temperatures: list[float], generators: list[torch.Generator | None],
+                 confidence_hidden: torch.Tensor | None = None) -> Draft:
+    """`sequential_heads` as the MarkovSample + DSparkConfidence kernels: greedy rows take the argmax (the
+    same tokens as the torch path up to float ties); sampled rows draw from Philox with one seed per row,
+    taken from the row's generator, so a request's drafts follow its own seed (not the torch path's draws)."""
+    device = base_logits.device
+    seeds = [0 if t <= 0 else int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for t, g in
+             zip(temperatures, generators, strict=True)]
+    out = launch.markov_sample(base_logits, hidden, anchors, torch.tensor(temperatures, device=device),
+                               torch.tensor(seeds, dtype=torch.int32, device=device), markov.w1, markov.w2,
+                               markov.proj_weight, markov.proj_bias, kind=markov.kind)
+    sts = None if confidence.temperatures is None else torch.tensor(confidence.temperatures, device=device)
+    conf = launch.dspark_confidence(hidden if confidence_hidden is None else confidence_hidden, out.markov_emb,
+                                    confidence.weight, confidence.bias, sts)
+    greedy = all(t <= 0 for t in temperatures)
+    return Draft(out.tokens.long(), base_logits[..., :0] if greedy else out.probs, conf.logits, conf.confidence)

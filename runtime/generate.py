@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from .drafter import Draft
+from .layers import to_host
 from .scheduler import (
     DEFAULT_MIN_GAIN,
     CostTable,
@@ -145,6 +146,7 @@ class SpeculativeDecoder:
                                                  capture=self.drafter.target_layer_ids, start=[0] * len(slots),
                                                  logits=any(r.temperature > 0 for r in requests))
             self.drafter.add_context_batch(slots, features)
+            head = to_host(head)
         except BaseException:
             self.free.extend(slots[::-1])  # the requests were never admitted: their slots are free again
             raise
@@ -187,6 +189,7 @@ class SpeculativeDecoder:
         sampled = any(self.live[s].request.temperature > 0 for s in slots)
         head, features = self.target.forward(slots, verify_tokens, capture=self.drafter.target_layer_ids,
                                              start=[self.live[s].cached for s in slots], logits=sampled)
+        head = to_host(head)  # acceptance runs on the host; the features stay where the drafter reads them
         verified = time.perf_counter()
         committed: dict[int, list[int]] = {}
         context: list[torch.Tensor] = []
@@ -268,6 +271,9 @@ class SpeculativeDecoder:
         draft = self.drafter.draft([slots[i] for i in speculating], [lives[i].anchor for i in speculating],
                                    [lives[i].request.temperature for i in speculating],
                                    [lives[i].generator for i in speculating], gamma)
+        # The scheduler reads survival where the drafter made it (on a GPU: the DSparkSchedule kernel); the
+        # rest of the round works on the host copy, as the served path does with what the draft model sends.
+        on_device, draft = draft, draft.cpu()
         self._draft_ms, self._drafted_rows = (time.perf_counter() - began) * 1000, len(speculating)
         full = draft  # rows as in `slots`; spread out below when some requests did not speculate
         if len(speculating) < len(slots):
@@ -281,7 +287,7 @@ class SpeculativeDecoder:
             lengths = planned.tolist()
         elif auto:
             if self.scheduler == "paper":  # this round's confidences, early stop
-                chosen = schedule_paper(full.survival[auto], self.table)
+                chosen = schedule_paper(on_device.survival[[speculating.index(i) for i in auto]], self.table)
             else:  # earlier rounds' confidences
                 chosen = schedule_production(self._estimate(lives, speculating)[auto], self.table, self.min_gain)
             for i, n in zip(auto, chosen.tolist(), strict=True):

@@ -97,7 +97,7 @@ class MarkovHead:
         return 0 if self.w1 is None else self.w1.shape[1]
 
     def initial_state(self, batch: int) -> torch.Tensor | None:
-        return torch.zeros(batch, self.rank, dtype=self.w1.dtype) if self.kind == "rnn" else None
+        return torch.zeros(batch, self.rank, dtype=self.w1.dtype, device=self.w1.device) if self.kind == "rnn" else None
 
     def step(self, prev: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -133,7 +133,7 @@ class ConfidenceHead:
         """[B, γ] logits -> calibrated confidences (σ(logit_k / T_k))."""
         if self.temperatures is None:
             return torch.sigmoid(logits)
-        temps = torch.tensor(self.temperatures[: logits.shape[-1]], dtype=logits.dtype)
+        temps = torch.tensor(self.temperatures[: logits.shape[-1]], dtype=logits.dtype, device=logits.device)
         return torch.sigmoid(logits / temps)
 
 
@@ -147,11 +147,13 @@ def sample(logits: torch.Tensor, temperatures: list[float], generators: list[tor
     tokens = logits.argmax(dim=-1)
     if all(t <= 0 for t in temperatures):  # the common serving case, in three ops
         return tokens, F.one_hot(tokens, logits.shape[-1]).float()
-    greedy = torch.tensor([t <= 0 for t in temperatures], dtype=torch.bool)
+    greedy = torch.tensor([t <= 0 for t in temperatures], dtype=torch.bool, device=logits.device)
     probs = torch.zeros_like(logits, dtype=torch.float32)
     probs[greedy] = F.one_hot(tokens[greedy], logits.shape[-1]).float()
-    # Sampled rows one at a time: each has its own generator.
-    for b in (~greedy).nonzero()[:, 0].tolist():
+    # Sampled rows one at a time: each has its own generator, and draws where that generator lives (the
+    # host, for a drafter on a GPU whose rows are not drawn by the MarkovSample kernel).
+    for b in [b for b, t in enumerate(temperatures) if not t <= 0]:
         probs[b] = torch.softmax(logits[b].float() / temperatures[b], dim=-1)
-        tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
+        draw_from = probs[b] if generators[b] is None else probs[b].to(generators[b].device)
+        tokens[b] = torch.multinomial(draw_from, 1, generator=generators[b])[0]
     return tokens, probs

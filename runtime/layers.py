@@ -15,6 +15,24 @@ from .errors import CheckpointError
 BF16_MIN_WEIGHTS = 1 << 17
 
 
+def runner_device(device: str | torch.device, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """Where a runner keeps its weights, caches and features, and in which dtype: float32 on the CPU
+    (the reference and the oracle of every other device), bfloat16 elsewhere unless `dtype` is given."""
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return device, dtype
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The same tensors on the CPU, with one device-to-host copy for the whole list (not one per tensor)."""
+    if not tensors or tensors[0].device.type == "cpu":
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    sizes = [t.numel() for t in tensors]
+    return [part.view(t.shape) for part, t in zip(flat.split(sizes), tensors, strict=True)]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
         # The same arithmetic in one call (two when `weight` broadcasts over more than the last dim):
@@ -58,6 +76,11 @@ class Rope:
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+    def to(self, device: torch.device) -> Rope:
+        """Keep the frequencies on `device`, where the positions will be (no copy inside a forward)."""
+        self.inv_freq = self.inv_freq.to(device)
+        return self
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

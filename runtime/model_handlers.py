@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from .generate import generator_seed
-from .loader import FAMILIES, resolve_checkpoint
-from .manifest import read_manifest
-from .tp import open_target
+from .layers import to_host
+from .loader import checkpoint_family, open_drafter, open_target
 
 KEY_ENV = "DSPARK_INTERNAL_KEY"  # set by `dspark-build serve`, inherited by every model process
 KEY_PARAMETER = "dspark_internal_key"  # the request parameter the orchestrator sends it in
@@ -70,13 +69,14 @@ def _slots(inputs: dict[str, np.ndarray], num_slots: int) -> list[int]:
 
 
 class VerifyHandler:
-    def __init__(self, engine_dir: Path, *, num_slots: int, max_len: int) -> None:
-        ckpt = resolve_checkpoint(engine_dir)
-        manifest = read_manifest(ckpt, "checkpoint")
-        kind = FAMILIES[manifest["family"]][0]
+    def __init__(self, engine_dir: Path, *, num_slots: int, max_len: int, gpus: list[int] | None = None) -> None:
+        """`gpus`: rank r of the target on cuda:<gpus[r]> (NCCL between ranks; Qwen3 verify steps replayed
+        from CUDA graphs); none: on the CPU."""
+        ckpt, manifest, fam = checkpoint_family(engine_dir)
         self.capture = tuple(manifest["dspark"]["target_layer_ids"])
         self.num_slots, self.max_len = num_slots, max_len
-        self.target = open_target(kind, ckpt / "target", num_slots=num_slots, max_len=max_len)
+        graphs = {"cuda_graphs": True} if gpus and fam.cuda_graphs else {}
+        self.target = open_target(ckpt, num_slots=num_slots, max_len=max_len, gpus=gpus, **graphs)
         self.vocab_size = self.target.config.vocab_size
 
     def validate(self, inputs: dict[str, np.ndarray]) -> tuple[list[int], list[int], list[list[int]], bool]:
@@ -106,6 +106,7 @@ class VerifyHandler:
         slots, starts, tokens, want_logits = self.validate(inputs)
         counts = [len(t) for t in tokens]
         head, features = self.target.forward(slots, tokens, capture=self.capture, start=starts, logits=want_logits)
+        head, features = to_host(head), to_host(features)  # one copy each off a GPU
         width = max(counts)
         top_ids = np.zeros((len(slots), width), dtype=np.int32)
         out_logits = np.zeros((len(slots), width, head[0].shape[-1] if want_logits else 0), dtype=np.float32)
@@ -122,15 +123,13 @@ class VerifyHandler:
 
 
 class DraftHandler:
-    def __init__(self, engine_dir: Path, *, num_slots: int, max_len: int, threads: int | None = None) -> None:
-        from importlib import import_module
-
+    def __init__(self, engine_dir: Path, *, num_slots: int, max_len: int, threads: int | None = None,
+                 device: str = "cpu") -> None:
         if threads:  # torch threads of this process (the model's own: Triton runs each in a process)
             torch.set_num_threads(threads)
-        ckpt = resolve_checkpoint(engine_dir)
-        manifest = read_manifest(ckpt, "checkpoint")
-        module, name = FAMILIES[manifest["family"]][1].split(":")
-        self.drafter = getattr(import_module(module), name)(ckpt / "draft", num_slots=num_slots, max_len=max_len)
+        ckpt, manifest, _ = checkpoint_family(engine_dir)
+        on = {} if device == "cpu" else {"device": device}  # the drafter on verify's rank-0 GPU in the gpu layout
+        self.drafter = open_drafter(ckpt, num_slots=num_slots, max_len=max_len, **on)
         self.generators = [torch.Generator() for _ in range(num_slots)]
         self.num_slots, self.max_len = num_slots, max_len
         self.vocab_size = json.loads((ckpt / "target" / "config.json").read_text())["vocab_size"]
@@ -172,7 +171,7 @@ class DraftHandler:
         self.drafter.add_context_batch(slots, [features[i, :n] for i, n in enumerate(inputs["CTX_COUNTS"].tolist())])
         temperatures = inputs["TEMPERATURES"].astype(float).tolist()
         draft = self.drafter.draft(slots, inputs["ANCHORS"].astype(np.int64).tolist(), temperatures,
-                                   [self.generators[s] for s in slots], int(inputs["GAMMA"].reshape(-1)[0]))
+                                   [self.generators[s] for s in slots], int(inputs["GAMMA"].reshape(-1)[0])).cpu()
         return {"TOKENS": draft.tokens.numpy().astype(np.int32), "PROBS": draft.probs.numpy().astype(np.float32),
                 "CONF_LOGITS": draft.conf_logits.numpy().astype(np.float32),
                 "CONFIDENCE": draft.confidence.numpy().astype(np.float32)}

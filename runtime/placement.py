@@ -3,7 +3,8 @@
 `dspark-build repo --layout gpu` gives each of them ONE `KIND_MODEL` instance (Triton starts one
 instance per GPU listed in a `KIND_GPU` group, which would mean eight unsynchronised verify copies)
 and lists the GPU of each tensor-parallel rank in the `gpus` parameter: rank r on the r-th entry.
-The CPU layout leaves it empty.
+The CPU layout leaves it empty. The reference runners then put rank r on cuda:<r-th entry> (NCCL between
+the ranks) and the drafter on its one GPU, verify's rank-0 GPU.
 """
 
 from __future__ import annotations
@@ -28,11 +29,22 @@ def model_gpus(params: dict[str, str], model: str, ranks: int | None = None) -> 
     return gpus
 
 
-def require_cpu(gpus: list[int], model: str, backend: str) -> None:
-    """The reference runners compute on the CPU only: a GPU placement is refused with the routes that serve GPUs."""
-    if gpus and backend == "reference":
+def rank_device(gpus: list[int]) -> str:
+    """The device of a one-rank model (the drafter): its GPU, or the CPU when `gpus` is empty."""
+    return f"cuda:{gpus[0]}" if gpus else "cpu"
+
+
+def require_visible(gpus: list[int], model: str, visible: int | None = None) -> None:
+    """Refuse, before anything loads, a placement on GPUs this process cannot see. `visible`: how many CUDA
+    devices torch sees (asked when not given)."""
+    if not gpus:
+        return
+    if visible is None:
+        import torch
+
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if max(gpus) >= visible:
         raise PlacementError(
-            f"{model}: config places its ranks on GPUs {gpus}, but the reference backend runs on the CPU only. "
-            "Build a CPU repository (`dspark-build repo ENGINE_DIR --layout cpu`), or serve GPUs with "
-            "TensorRT-LLM (`dspark-build repo ENGINE_DIR --backend tensorrt-llm --gpus N`; "
-            "README, 'Deploying on GPUs')")
+            f"{model}: config places its ranks on GPUs {gpus}, but this process sees {visible} CUDA device(s) "
+            "(check CUDA_VISIBLE_DEVICES and the container's GPUs), or build a CPU repository "
+            "(`dspark-build repo ENGINE_DIR --layout cpu`)")

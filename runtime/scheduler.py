@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..plugins import launch
 from .atomic import write_text_atomic
 from .errors import CheckpointError
 
@@ -426,6 +427,8 @@ def schedule_paper(survival: Tensor, table: CostTable) -> Tensor:
     current round's confidences (lossless verification). With padded batches the candidates are whole
     block positions (ℓ = 0, 1, .. for every request at once).
     """
+    if launch.use_kernels(survival) and not table.padded:
+        return _kernel_schedule(survival, table, DEFAULT_MIN_GAIN, production=False)
     a = _check_survival(survival)
     tau, tokens, requests = _plans(a, table)
     objectives = tau * (1000.0 / table.step_ms_array(a.shape[0], tokens))
@@ -468,7 +471,19 @@ def schedule_production(survival: Tensor, table: CostTable, min_gain: float = DE
     drafts exist): the plan then cannot depend on the drafts it verifies, which is what keeps this
     lossless despite the global search. With the current round's confidences use `schedule_paper`.
     """
+    if launch.use_kernels(survival) and not table.padded:
+        return _kernel_schedule(survival, table, min_gain, production=True)
     return plan_production(survival, table, min_gain)[1]
+
+
+def _kernel_schedule(survival: Tensor, table: CostTable, min_gain: float, production: bool) -> Tensor:
+    """`schedule_paper` / `schedule_production` as the DSparkSchedule kernel, for survival on a GPU: lengths
+    int64 [R] on survival's device, nothing read back. The survival comes from the drafter's own
+    confidence kernel, so it is not re-validated on the host (that would wait for the device)."""
+    lengths = launch.dspark_schedule(survival, **launch.cost_table_tensors(table, survival.device),
+                                     fixed_overhead_ms=table.fixed_overhead_ms, min_gain=min_gain,
+                                     production=production)
+    return lengths.long()
 
 
 def drafting_pays(survival: Tensor, table: CostTable, drafting_rows: int) -> bool:

@@ -15,7 +15,7 @@ from dspark_trt.runtime.detok import CONTEXT_TOKENS, IncrementalText, text_delta
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.loader import open_checkpoint
 from dspark_trt.runtime.model_handlers import DraftHandler, VerifyHandler
-from dspark_trt.runtime.placement import PlacementError, model_gpus, require_cpu
+from dspark_trt.runtime.placement import PlacementError, model_gpus, rank_device, require_visible
 from dspark_trt.runtime.serving import Limits, Orchestrator, ParamError, RemoteDrafter, RemoteTarget, parse_request
 
 TEXT = "naïve café — 東京 ✓ 🚀 ok"
@@ -241,7 +241,7 @@ def test_eight_gpu_layout(qwen3_pair: Path, tmp_path: Path) -> None:
 
     convert(qwen3_pair / "target", qwen3_pair / "drafter", tmp_path / "ckpt", tp=8, show_progress=False)
     build_repo(tmp_path / "ckpt", tmp_path / "repo", layout="gpu", gpus=8, tp=8)
-    verify, draft = _config(tmp_path / "repo", "dspark_verify"), _config(tmp_path / "repo", "dspark_draft")
+    verify, _draft = _config(tmp_path / "repo", "dspark_verify"), _config(tmp_path / "repo", "dspark_draft")
     assert re.search(r'key: "tp" value: \{ string_value: "8" \}', verify)
     # one instance owning the 8 ranks, rank r on GPU r; the drafter beside verify's rank 0
     for model, gpus in (("dspark_verify", [0, 1, 2, 3, 4, 5, 6, 7]), ("dspark_draft", [0])):
@@ -265,6 +265,9 @@ def test_models_read_their_gpus_from_their_config() -> None:
     for bad in ("0,0", "0", "0,x", "-1,0"):
         with pytest.raises(PlacementError, match=f"dspark_verify: parameter gpus='{bad}'"):
             model_gpus({"gpus": bad}, "dspark_verify", 2)
-    require_cpu([], "dspark_verify", "reference")
-    with pytest.raises(PlacementError, match=r"GPUs \[0, 1\], but the reference backend runs on the CPU only"):
-        require_cpu([0, 1], "dspark_verify", "reference")
+    # The reference runners serve GPUs: a placement is refused only on GPUs this process cannot see.
+    require_visible([], "dspark_verify", visible=0)
+    require_visible([0, 1], "dspark_verify", visible=2)
+    with pytest.raises(PlacementError, match=r"GPUs \[0, 1\], but this process sees 1 CUDA device"):
+        require_visible([0, 1], "dspark_verify", visible=1)
+    assert rank_device([]) == "cpu" and rank_device([3]) == "cuda:3"

@@ -5,7 +5,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from dspark_trt.runtime.model_handlers import DraftHandler, execute_batched, internal_key
-from dspark_trt.runtime.placement import model_gpus, require_cpu
+from dspark_trt.runtime.placement import model_gpus, rank_device, require_visible
 
 INPUTS = ("SLOTS", "CTX_START", "CTX_COUNTS", "CTX_FEATURES", "ANCHORS", "TEMPERATURES", "SEEDS", "GAMMA")
 
@@ -19,9 +19,11 @@ class TritonPythonModel:
                 f"backend {params['backend']!r}: this build serves the reference backend; the TensorRT draft "
                 "plan is built by `dspark-build engine --backend tensorrt` (see README, 'Deploying on GPUs')")
         # GPU of each rank from this model's own config (one KIND_MODEL instance; see runtime/placement.py)
-        require_cpu(model_gpus(params, "dspark_draft"), "dspark_draft", params["backend"])
+        gpus = model_gpus(params, "dspark_draft")
+        require_visible(gpus, "dspark_draft")
         self.handler = DraftHandler(params["engine_dir"], num_slots=int(params["num_slots"]),
-                                    max_len=int(params["max_len"]), threads=int(params["threads"]))
+                                    max_len=int(params["max_len"]), threads=int(params["threads"]),
+                                    device=rank_device(gpus))
 
     def execute(self, requests):
         return execute_batched(self.handler, requests, INPUTS, pb_utils, "dspark_draft", self.key)

@@ -5,7 +5,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from dspark_trt.runtime.model_handlers import VerifyHandler, execute_batched, internal_key
-from dspark_trt.runtime.placement import model_gpus, require_cpu
+from dspark_trt.runtime.placement import model_gpus, require_visible
 
 INPUTS = ("SLOTS", "START", "TOKENS", "COUNTS", "WANT_LOGITS")
 
@@ -19,9 +19,10 @@ class TritonPythonModel:
                 f"backend {params['backend']!r}: this build serves the reference backend; TensorRT-LLM engines "
                 "are served by tensorrtllm_backend (see README, 'Deploying on GPUs')")
         # GPU of each rank from this model's own config (one KIND_MODEL instance; see runtime/placement.py)
-        require_cpu(model_gpus(params, "dspark_verify", int(params["tp"])), "dspark_verify", params["backend"])
+        gpus = model_gpus(params, "dspark_verify", int(params["tp"]))
+        require_visible(gpus, "dspark_verify")
         self.handler = VerifyHandler(params["engine_dir"], num_slots=int(params["num_slots"]),
-                                     max_len=int(params["max_len"]))
+                                     max_len=int(params["max_len"]), gpus=gpus)
 
     def execute(self, requests):
         return execute_batched(self.handler, requests, INPUTS, pb_utils, "dspark_verify", self.key)
