@@ -6,6 +6,12 @@ BIN     := $(VENV)/bin
 BUILD   ?= build
 FAMILY  ?= qwen3
 TP      ?= 2
+# `make serve GPUS=N` on a GPU host: the gpu layout, N tensor-parallel ranks on GPUs 0..N-1 (NCCL), the
+# drafter on GPU 0 (rank 0's); the checkpoint is converted for tp N.
+ifneq ($(and $(filter serve,$(MAKECMDGOALS)),$(filter command line,$(origin GPUS))),)
+TP      := $(GPUS)
+SERVE_LAYOUT := --layout gpu --gpus $(GPUS)
+endif
 # Requests decoded together by the served orchestrator; more wait in its queue.
 SLOTS   ?= 32
 # torch is pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch pulls GBs of CUDA.
@@ -30,6 +36,7 @@ help:
 	@echo "make test           the test suite (creates the venv first if missing)"
 	@echo "make fixture        retrain the shipped tiny pair from scratch into $(BUILD)/tiny-qwen3-dspark (~2 h, CPU)"
 	@echo "make serve / stop   profile -> model repository -> tritonserver on 127.0.0.1 (detached) / stop it"
+	@echo "make serve GPUS=N   the same on a GPU host: tp N on GPUs 0..N-1 (NCCL), drafter on GPU 0 (not yet run on a GPU)"
 	@echo "make lint           ruff"
 	@echo "make bench-convert | bench-generate | bench-serve | soak   benchmarks (bench/*.py)"
 	@echo "make deploy GPUS=8  GPU host: TensorRT-LLM route in NVIDIA's Triton container (DEPLOY_CKPT=converted ckpt)"
@@ -81,7 +88,7 @@ demo: setup
 
 serve: setup $(CKPT)/manifest.json
 	$(BIN)/dspark-build profile $(CKPT) -o $(CKPT)/sps_table.json --batch-sizes 1,4,16,$(SLOTS) --force
-	$(BIN)/dspark-build repo $(CKPT) -o $(REPO) --num-slots $(SLOTS) --force
+	$(BIN)/dspark-build repo $(CKPT) -o $(REPO) --num-slots $(SLOTS) $(SERVE_LAYOUT) --force
 	$(BIN)/dspark-build serve $(REPO) --detach
 
 stop:

@@ -10,6 +10,17 @@ Sections:
   random and adversarial inputs (ties, huge logits, tiny temperatures, odd sizes, bf16 weights,
   the scheduler's full AOT row count), plus the kernels' time per call against the torch heads'
   on the GPU at real-model shapes.
+- targets: the Qwen3 and DeepSeek-V4 fixture targets (written by the project's fixture writers into
+  a temporary directory, converted) on the device against the CPU float32 runner: logits and
+  features, float32 on both sides (pass/fail), and the device's default bf16 (figures).
+- speculative: greedy speculative decoding (fixed and auto) on the device gives the target-only
+  output token for token (float32; bf16 reported).
+- tp: TP 1 is the targets section; a 2-process world on the same device (NCCL on a GPU, if NCCL
+  allows two ranks on one GPU; gloo with --device cpu) against TP 1.
+- timing: per round and per token for off / fixed / auto at batch 1, 8 and 32 on a Qwen3 target with
+  real-model shapes (8B: hidden 4096, 36 layers, 32/8 heads, vocab 151936; random bf16 weights made on
+  the GPU), with the shipped drafter's acceptance (examples/tiny-qwen3-dspark/README.md), eager and
+  CUDA-graph verify steps. GPU figures; a --device cpu run uses tiny shapes and labels them CPU.
 
 `--device cpu` runs the same checks on CPU tensors under Triton's interpreter (small sizes): that is
 how CI checks this script without a GPU. Figures from such a run are CPU figures and are labelled so.
@@ -278,6 +289,292 @@ def kernel_checks(device: str, small: bool) -> list[Check]:
     return checks
 
 
+# -- models on the device -------------------------------------------------------------------------
+
+
+class Fixtures:
+    """The fixture checkpoints, written and converted on first use into `root` (a temporary directory).
+    What cannot be written with this machine's packages is a Skip naming the reason."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.made = root, {}
+
+    def get(self, name: str) -> Path:
+        if name not in self.made:
+            try:
+                self.made[name] = self._write(name)
+            except Exception as error:  # noqa: BLE001 - a fixture writer that fails here is reported, not fatal
+                self.made[name] = Skip(f"cannot write the {name} fixture with this machine's packages "
+                                       f"(transformers {_version('transformers')}): {type(error).__name__}: {error}")
+        made = self.made[name]
+        if isinstance(made, Skip):
+            raise made
+        return made
+
+    def _write(self, name: str) -> Path:
+        from ..builder.convert import convert
+
+        if name == "qwen3-shipped":  # the trained tiny pair of examples/: drafts that get accepted
+            pair = Path(__file__).resolve().parents[1] / "examples" / "tiny-qwen3-dspark"
+            convert(pair / "target", pair / "drafter", self.root / name, tp=1, show_progress=False)
+            return self.root / name
+        if name.startswith("qwen3"):
+            from ..builder.fixture_qwen3 import write_qwen3_fixture
+
+            pair = self.root / "qwen3-pair"
+            if not pair.exists():
+                write_qwen3_fixture(pair, seed=0)
+            tp = 2 if name == "qwen3-tp2" else 1
+            convert(pair / "target", pair / "drafter", self.root / name, tp=tp, show_progress=False)
+            return self.root / name
+        from ..builder.fixture_deepseek_v4 import write_deepseek_v4_fixture
+
+        write_deepseek_v4_fixture(self.root / "v4-pair", seed=0)
+        convert(self.root / "v4-pair" / "target", None, self.root / name, tp=1, show_progress=False)
+        return self.root / name
+
+
+def _version(package: str) -> str | None:
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return None
+
+
+def _runner_classes(family: str):
+    if family == "qwen3":
+        from ..runtime.drafter import Qwen3DSparkDrafter
+        from ..runtime.qwen3 import Qwen3Target
+
+        return Qwen3Target, Qwen3DSparkDrafter
+    from ..runtime.deepseek_v4 import DeepseekV4Target
+    from ..runtime.deepseek_v4_drafter import DeepseekV4DSparkDrafter
+
+    return DeepseekV4Target, DeepseekV4DSparkDrafter
+
+
+def _capture(ckpt: Path) -> tuple[int, ...]:
+    return tuple(json.loads((ckpt / "manifest.json").read_text())["dspark"]["target_layer_ids"])
+
+
+def _prompts(vocab: int, lengths: tuple[int, ...], seed: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def check_target(family: str, device: str, fixtures: Fixtures) -> tuple[bool, str, dict[str, Any]]:
+    """The fixture target on `device` against the CPU float32 runner: a batched prefill of two prompts,
+    then a step with a rollback (logits and captured features of every new token)."""
+
+    ckpt = fixtures.get(family)
+    target_cls, _ = _runner_classes(family)
+    capture = _capture(ckpt)
+    vocab = json.loads((ckpt / "target" / "config.json").read_text())["vocab_size"]
+    prompt, step = _prompts(vocab, (40, 17), 1), _prompts(vocab, (3, 1), 2)
+
+    def outputs(runner) -> list:
+        head, feats = runner.forward([0, 1], prompt, capture=capture, start=[0, 0])
+        head2, feats2 = runner.forward([1, 0], step, capture=capture, start=[15, 40])
+        return [t.float().cpu() for t in head + feats + head2 + feats2]
+
+    ref = outputs(target_cls(ckpt / "target", num_slots=2, max_len=96))
+    figures = {}
+    for name, dtype in _dtypes(device):
+        got = outputs(target_cls(ckpt / "target", num_slots=2, max_len=96, device=device, dtype=dtype))
+        scale = max(float(r.abs().max()) for r in ref)
+        err = max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True))
+        logits = [(g, r) for g, r in zip(got, ref, strict=True) if g.shape[-1] == vocab]
+        agree = sum(int((g.argmax(-1) == r.argmax(-1)).sum()) for g, r in logits)
+        figures[name] = {"max_abs_err": err, "relative_to_max": err / scale,
+                         "argmax_agreement": agree / sum(r.shape[0] for _, r in logits)}
+    ok = figures["float32"]["relative_to_max"] <= 1e-4
+    detail = f"float32 max |err| {figures['float32']['max_abs_err']:.1e}"
+    if "bfloat16" in figures:
+        bf16 = figures["bfloat16"]
+        detail += f"; bf16 max |err| {bf16['max_abs_err']:.1e}, argmax agreement {bf16['argmax_agreement']:.3f}"
+    return ok, detail, figures
+
+
+def _dtypes(device: str) -> list[tuple[str, Any]]:
+    """float32 (checked against the CPU oracle), and the device's default bf16 (reported) off the CPU."""
+    import torch
+
+    return [("float32", torch.float32)] + ([] if device == "cpu" else [("bfloat16", None)])
+
+
+def check_speculative(family: str, device: str, fixtures: Fixtures) -> tuple[bool, str, dict[str, Any]]:
+    """Greedy decoding on `device`: fixed and auto speculation give the target-only tokens (float32);
+    the same in bf16 is reported. Qwen3 uses the shipped trained pair (examples/), whose drafts get accepted."""
+    from ..runtime.generate import Request, generate
+
+    ckpt = fixtures.get("qwen3-shipped" if family == "qwen3" else family)
+    target_cls, drafter_cls = _runner_classes(family)
+    vocab = json.loads((ckpt / "target" / "config.json").read_text())["vocab_size"]
+    prompts = _prompts(vocab, (12, 5, 9), 3)
+    figures: dict[str, Any] = {}
+    for name, dtype in _dtypes(device):
+        kw = {"num_slots": 3, "max_len": 96, "device": device, "dtype": dtype}
+        target, drafter = target_cls(ckpt / "target", **kw), drafter_cls(ckpt / "draft", **kw)
+        runs = {mode: generate(target, drafter, [Request(p, max_new_tokens=16, speculation=mode) for p in prompts])
+                for mode in ("off", "fixed", "auto")}
+        off = [r.tokens for r in runs["off"]]
+        figures[name] = {mode: {"equal_to_target_only": [r.tokens for r in res] == off,
+                                "mean_tau": sum(r.mean_tau for r in res) / len(res)}
+                         for mode, res in runs.items() if mode != "off"}
+    ok = all(v["equal_to_target_only"] for v in figures["float32"].values())
+    detail = ", ".join(f"{name} {mode}: {'equal' if v['equal_to_target_only'] else 'DIFFERS'} (tau {v['mean_tau']:.2f})"
+                       for name, modes in figures.items() for mode, v in modes.items())
+    return ok, detail, figures
+
+
+def check_tp2(device: str, fixtures: Fixtures, timeout_s: float = 180.0) -> tuple[bool, str, dict[str, Any]]:
+    """A 2-rank world on one device (NCCL on a GPU, gloo on the CPU) against TP 1, in a child process with a
+    time limit: NCCL may refuse two ranks on one GPU, or hang on it."""
+    import subprocess
+
+    tp1, tp2 = fixtures.get("qwen3"), fixtures.get("qwen3-tp2")
+    try:
+        done = subprocess.run([sys.executable, "-m", "dspark_trt.plugins.gpu_check", "--tp-child", str(tp1), str(tp2),
+                               "--device", device], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise Skip(f"2-rank world on {device} did not finish in {timeout_s:.0f} s") from None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        if device.startswith("cuda"):
+            raise Skip(f"NCCL refused a 2-rank world on one GPU: {last}")
+        return False, f"2-rank gloo world failed: {last}", {}
+    result = json.loads(lines[-1])
+    return result["max_abs_err"] <= 1e-4, f"{result['backend']}: max |err| vs TP 1 {result['max_abs_err']:.1e}", result
+
+
+def _tp_child(tp1: Path, tp2: Path, device: str) -> None:
+    import torch
+
+    from ..runtime.qwen3 import Qwen3Target
+    from ..runtime.tp import DistributedTarget
+
+    cuda = device.startswith("cuda")
+    index = torch.device(device).index or 0 if cuda else None
+    backend = "nccl" if cuda else "gloo"
+    prompt = _prompts(1024, (20, 7), 4)
+    capture = _capture(tp1)
+    ref = Qwen3Target(tp1 / "target", num_slots=2, max_len=64, device=device, dtype=torch.float32)
+    expected = ref.forward([0, 1], prompt, capture=capture)
+    with DistributedTarget("qwen3", tp2 / "target", 2, gpus=[index, index] if cuda else None, backend=backend,
+                           num_slots=2, max_len=64, dtype=torch.float32) as target:
+        got = target.forward([0, 1], prompt, capture=capture)
+    err = max(float((g - e).abs().max()) for g, e in zip(got[0] + got[1], expected[0] + expected[1], strict=True))
+    print(json.dumps({"backend": backend, "max_abs_err": err}))
+
+
+# -- timings ----------------------------------------------------------------------------------------
+
+QWEN3_8B = {"vocab_size": 151_936, "hidden_size": 4096, "num_layers": 36, "num_heads": 32, "num_kv_heads": 8,
+            "head_dim": 128, "intermediate_size": 12_288}
+QWEN3_TINY = {"vocab_size": 1000, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+              "head_dim": 16, "intermediate_size": 128}
+ACCEPTANCE_SOURCE = Path(__file__).resolve().parents[1] / "examples" / "tiny-qwen3-dspark" / "README.md"
+
+
+def shipped_acceptance(readme: Path = ACCEPTANCE_SOURCE) -> list[float]:
+    """P(≥k accepted drafts), k = 1..γ, of the shipped drafter at T = 0, from its README's τ table (the CPU
+    measurement of bench/tau.py): the survival a round's block has on average."""
+    for line in readme.read_text().splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if len(cells) > 3 and cells[0] == "DSpark (Markov head)" and cells[1] == "0":
+            return [float(c) for c in cells[3:]]
+    raise Skip(f"{readme}: no 'DSpark (Markov head)' row at T = 0 in its τ table")
+
+
+def time_rounds(device: str, small: bool) -> tuple[bool, str, dict[str, Any]]:
+    """Per round and per token for off / fixed / auto at batch 1, 8, 32: verify steps timed on a Qwen3 target
+    of real-model shapes (random weights made on the device; tiny shapes with --device cpu), the draft
+    taken as the DSpark heads' kernels (there is no drafter of these shapes here, so its backbone is not
+    in the figures), and acceptance from the shipped drafter's CPU τ table."""
+    import torch
+
+    from ..runtime.qwen3 import Qwen3Config, Qwen3Target
+    from ..runtime.scheduler import CostTable, plan_production
+
+    survival = shipped_acceptance()
+    gamma, cuda = len(survival), device.startswith("cuda")
+    shapes = QWEN3_TINY if small else QWEN3_8B
+    cfg = Qwen3Config(**shapes, norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                      max_positions=40_960, tp=1)
+    context, batches = (16, (1, 8, 32)) if small else (512, (1, 8, 32))
+    target = Qwen3Target.with_random_weights(cfg, num_slots=max(batches), max_len=context + 2 * gamma + 2,
+                                             device=device, cuda_graphs=cuda)
+    graphs = target.graphs
+    slots = list(range(max(batches)))
+    for first in range(0, len(slots), 8):  # the contexts, 8 requests per prefill
+        chunk = slots[first: first + 8]
+        target.forward(chunk, _prompts(cfg.vocab_size, (context,) * len(chunk), 5), start=[0] * len(chunk),
+                       logits=False)
+
+    def verify_ms(batch: int, tokens: int, use_graphs: bool, repeats: int = 3 if small else 10) -> float:
+        target.graphs = graphs if use_graphs else None
+        args = (slots[:batch], [[7] * tokens] * batch)
+        target.forward(*args, start=[context] * batch, logits=False)  # warm-up (and graph capture)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            target.forward(*args, start=[context] * batch, logits=False)
+        _sync(device)
+        return (time.perf_counter() - start) / repeats * 1000
+
+    figures: dict[str, Any] = {"device": device, "model": "Qwen3-8B shapes, random bf16 weights" if not small else
+                               "tiny Qwen3 shapes (CPU run: not GPU figures)", "gamma": gamma,
+                               "acceptance_P_ge_k": survival, "acceptance_source": str(ACCEPTANCE_SOURCE.name),
+                               "draft": "DSpark heads kernels only (no drafter backbone of these shapes)"}
+    for batch in batches:
+        steps = {t: verify_ms(batch, t, cuda) for t in range(1, gamma + 2)}
+        heads_ms = _time_heads_at(batch, device)["kernels_us"] / 1000 if cuda else 0.0
+        table = CostTable(token_counts=[batch * t for t in steps], step_time_ms=list(steps.values()),
+                          batch_sizes=[batch], batch_overhead_ms=[0.0], draft_step_ms=[heads_ms],
+                          verify_batching="padded")
+        pays, lengths = plan_production(torch.tensor([survival] * batch), table, drafting_rows=batch)
+        auto_len = int(lengths[0]) if pays else 0
+
+        def mode(verified: int, steps: dict[int, float] = steps, heads_ms: float = heads_ms) -> dict[str, float]:
+            round_ms = steps[1 + verified] + (heads_ms if verified else 0.0)
+            tokens = 1 + sum(survival[:verified])
+            return {"verify_len": verified, "round_ms": round_ms, "tokens_per_round": tokens,
+                    "ms_per_token": round_ms / tokens}
+
+        figures[f"batch {batch}"] = {"off": mode(0), "fixed": mode(gamma), "auto": mode(auto_len),
+                                     "verify_ms_by_tokens": steps,
+                                     "eager_verify_ms_full_block": verify_ms(batch, gamma + 1, False)}
+    target.graphs = graphs
+    text = "; ".join(f"{k}: off {v['off']['ms_per_token']:.2f}, fixed {v['fixed']['ms_per_token']:.2f}, auto "
+                     f"{v['auto']['ms_per_token']:.2f} ms/token" for k, v in figures.items() if k.startswith("batch"))
+    return True, ("GPU " if cuda else "CPU (tiny shapes) ") + text, figures
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def model_checks(device: str, small: bool, workdir: Path) -> list[Check]:
+    fixtures = Fixtures(workdir)
+    checks = []
+    for family in ("qwen3", "v4"):
+        label = "Qwen3" if family == "qwen3" else "DeepSeek-V4"
+        checks.append(run_check("targets", f"{label} fixture target on {device} vs CPU float32",
+                                lambda f=family: check_target(f, device, fixtures)))
+        checks.append(run_check("specul", f"{label} greedy speculative == target-only on {device}",
+                                lambda f=family: check_speculative(f, device, fixtures)))
+    checks.append(run_check("tp", f"TP 2 (two ranks on {device}) vs TP 1", lambda: check_tp2(device, fixtures)))
+    checks.append(run_check("timing", "off / fixed / auto per round and per token, batch 1 8 32",
+                            lambda: time_rounds(device, small)))
+    return checks
+
+
 # -- driver --------------------------------------------------------------------------------------
 
 
@@ -313,7 +610,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda:0", help="cuda:N (default cuda:0), or cpu for the interpreter")
     parser.add_argument("--out", type=Path, default=Path("build/gpu-check.json"), help="the JSON of results")
+    parser.add_argument("--tp-child", nargs=2, type=Path, metavar=("TP1", "TP2"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.tp_child:  # the child process of check_tp2
+        _tp_child(*args.tp_child, args.device)
+        return 0
     small = args.device == "cpu"
     if small:
         from .interpret import enable_interpreter
@@ -327,7 +628,11 @@ def main(argv: list[str] | None = None) -> int:
                   "interpreter check", file=sys.stderr)
             return 2
     env = environment(args.device)
+    import tempfile
+
     checks = kernel_checks(args.device, small)
+    with tempfile.TemporaryDirectory(prefix="dspark-gpu-check-") as workdir:
+        checks += model_checks(args.device, small, Path(workdir))
     print_table(checks, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": env, "checks": [asdict(c) for c in checks]}, indent=2) + "\n")
