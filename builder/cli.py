@@ -86,8 +86,27 @@ def main() -> None:
     """
 
 
+class FamilyName(click.ParamType):
+    """A registered family's name (builder/families), the registry imported only when one is read: it
+    imports torch, which `--help` and the other commands do not need."""
+
+    name = "family"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        from .families import FAMILIES
+
+        return "{" + "|".join(FAMILIES) + "}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .families import FAMILIES
+
+        if value not in FAMILIES:
+            self.fail(f"{value!r} is not one of {', '.join(map(repr, FAMILIES))}.", param, ctx)
+        return value
+
+
 @main.command()
-@click.argument("family", type=click.Choice(["qwen3", "deepseek-v4", "gemma4"]))
+@click.argument("family", type=FamilyName())
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed for weights (same seed, same bytes).")
 @click.option("--markov-head", "markov_head", type=click.Choice(["vanilla", "gated", "rnn"]), default="vanilla",
@@ -113,18 +132,12 @@ def fixture(family: str, out: Path, seed: int, markov_head: str, scale: int, for
 
     check_output(out, inputs=[stdlib_root()], force=force)  # the tokenizer is trained on that corpus
     # The generators write atomically themselves: OUT appears whole or not at all.
-    if family == "qwen3":
-        from .fixture_qwen3 import write_qwen3_fixture
+    from .families import FAMILIES
+    from .families.family import resolve
 
-        write_qwen3_fixture(out, seed=seed, markov_head_type=markov_head, scale=scale)
-    elif family == "gemma4":
-        from .fixture_gemma4 import write_gemma4_fixture
-
-        write_gemma4_fixture(out, seed=seed, markov_head_type=markov_head)
-    else:
-        from .fixture_deepseek_v4 import write_deepseek_v4_fixture
-
-        write_deepseek_v4_fixture(out, seed=seed)
+    fam = FAMILIES[family]
+    options = {"markov_head_type": markov_head, "scale": scale}
+    resolve(fam.fixture)(out, seed=seed, **{name: options[name] for name in fam.fixture_options})
     stdout.print(f"[green]✓[/] wrote {family} fixture to {out}")
 
 

@@ -180,9 +180,9 @@ def convert(target: Path, drafter: Path | None, out: Path, *, tp: int = 1, draft
             report.problems += scan_values(pair, lambda n: progress.advance(task, n))
     if not report.ok:
         raise ValidationError(report.problems)
-    fam = pair.module
+    fam = pair.model_family
     draft_tp = draft_tp if draft_tp is not None else (tp if pair.drafter_inside_target else 1)
-    kwargs = {"dequantize": dequantize} if pair.family == "deepseek-v4" else {}
+    kwargs = {name: value for name, value in {"dequantize": dequantize}.items() if name in fam.plan_options}
     plans: dict[str, tuple[Source, Plan]] = {"target": (pair.target, fam.target_plan(pair.target, tp, **kwargs))}
     dspark: dict[str, Any] | None = None
     if pair.drafter is not None:

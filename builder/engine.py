@@ -30,6 +30,7 @@ from ..plugins.deps import MissingDependencyError, require_tensorrt
 from ..runtime.atomic import atomic_directory, check_output
 from ..runtime.errors import CheckpointError
 from ..runtime.manifest import read_manifest, write_manifest
+from .families import FAMILIES, family
 from .families.common import check_tokenizer
 
 BACKENDS = ("reference", "tensorrt")
@@ -74,12 +75,13 @@ def build_engine(ckpt: Path, out: Path, *, backend: str = "reference", force: bo
         with atomic_directory(out, force=force, inputs=[ckpt]) as tmp:
             _link_tree(Path(ckpt), tmp / "checkpoint")
             return write_manifest(tmp, "engine", **_engine_fields(manifest, backend, ckpt))
-    if manifest["family"] == "qwen3":
+    if family(manifest["family"], Path(ckpt) / "manifest.json").tensorrt_draft_plans:
         return _build_qwen3_tensorrt(Path(ckpt), Path(out), manifest, force=force, max_batch_size=max_batch_size,
                                      max_input_len=max_input_len, max_seq_len=max_seq_len)
     raise CheckpointError(Path(ckpt) / "manifest.json", "no TensorRT draft plan for this family (its drafter runs "
                           "on TensorRT-LLM: dspark-build repo ENGINE_DIR --backend tensorrt-llm)", subject="family",
-                          found=manifest["family"], expected="qwen3")
+                          found=manifest["family"],
+                          expected=" | ".join(name for name, fam in FAMILIES.items() if fam.tensorrt_draft_plans))
 
 
 # -- Qwen3: draft plans with the dspark plugins ----------------------------------------------------------

@@ -31,6 +31,7 @@ from ..runtime.drafter import Qwen3DSparkDrafter
 from ..runtime.errors import CheckpointError
 from ..runtime.layers import apply_rope, attention, rms_norm, swiglu
 from ..runtime.manifest import read_manifest
+from .families import family
 
 OPSET = 20
 
@@ -156,7 +157,7 @@ def open_drafter(ckpt: Path) -> tuple[Qwen3DSparkDrafter, dict[str, Any]]:
 
     ckpt = resolve_checkpoint(Path(ckpt))
     manifest = read_manifest(ckpt, "checkpoint")
-    if manifest.get("family") != "qwen3":
+    if not family(manifest.get("family"), ckpt / "manifest.json").tensorrt_draft_plans:
         raise CheckpointError(ckpt / "manifest.json", "ONNX export covers the Qwen3 drafter only", subject="family",
                               found=manifest.get("family"), expected="qwen3")
     if not manifest.get("dspark") or not (ckpt / "draft" / "config.json").is_file():
@@ -208,7 +209,7 @@ def export_onnx(ckpt: Path, out: Path, *, force: bool = False, schedule_mode: st
                 dims["schedule"])
         graphs = {name: plugin_nodes(tmp / f"{name}.onnx") for name in ("draft", "context", "schedule")}
         result = write_manifest(
-            tmp, "onnx", family="qwen3", dspark=manifest["dspark"], opset=OPSET, schedule_mode=schedule_mode,
+            tmp, "onnx", family=manifest["family"], dspark=manifest["dspark"], opset=OPSET, schedule_mode=schedule_mode,
             plugins={"namespace": onnx_ops.PLUGIN_NAMESPACE, "version": onnx_ops.PLUGIN_VERSION,
                      "domain": onnx_ops.DOMAIN},
             graphs={name: {"file": f"{name}.onnx", "plugin_nodes": nodes} for name, nodes in graphs.items()},

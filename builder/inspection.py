@@ -36,7 +36,7 @@ def _quantization(source: Source, by_dtype: Counter) -> str:
 
 def describe(pair: Pair, report: Report) -> dict[str, Any]:
     """A JSON-ready description of the pair and its validation result."""
-    fam = pair.module
+    fam = pair.model_family
     out: dict[str, Any] = {"family": pair.family, "ok": report.ok,
                            "problems": [p.describe() for p in report.problems], "warnings": report.warnings}
     inside = pair.drafter_inside_target

@@ -32,6 +32,7 @@ from ..runtime.atomic import atomic_directory
 from ..runtime.errors import CheckpointError
 from ..runtime.loader import resolve_checkpoint
 from ..runtime.manifest import read_manifest
+from .families import family
 
 # DSparkDecodingConfig's fields on TensorRT-LLM main since PR #15808 ("Add DeepSeek DSpark speculative
 # decoding"; tensorrt_llm/llmapi/llm_args.py): its own and DecodingBaseConfig's that we may write.
@@ -77,7 +78,7 @@ def speculative_config(manifest: dict[str, Any], ckpt: Path, fields: frozenset[s
         raise CheckpointError(ckpt / "manifest.json", "the checkpoint has no drafter", subject="dspark",
                               expected="a checkpoint converted with its drafter")
     # V4's mtp.* drafter lives in the target checkpoint ("embedded"); a DeepSpec drafter is its own one.
-    role = "target" if manifest["family"] == "deepseek-v4" else "drafter"
+    role = "target" if family(manifest["family"], ckpt / "manifest.json").embedded_drafter else "drafter"
     spec = {
         "decoding_type": "DSpark",
         "max_draft_len": dspark["block_size"],
@@ -110,7 +111,7 @@ def model_yaml(manifest: dict[str, Any], ckpt: Path, *, gpus: int, fields: froze
         "backend": "pytorch",
         "tensor_parallel_size": gpus,
     }
-    if manifest["family"] == "deepseek-v4":  # MoE: experts spread over the same GPUs
+    if family(manifest["family"], ckpt / "manifest.json").expert_parallel:  # MoE: experts over the same GPUs
         config["moe_expert_parallel_size"] = gpus
     config["max_batch_size"] = max_batch_size
     if max_seq_len is not None:

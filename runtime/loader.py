@@ -7,13 +7,9 @@ from typing import Any
 
 import torch
 
+from ..builder.families import Family, family
 from .errors import CheckpointError
 from .manifest import read_manifest
-
-# family -> (target runner kind for runtime.tp, drafter class path)
-FAMILIES = {"qwen3": ("qwen3", "dspark_trt.runtime.drafter:Qwen3DSparkDrafter"),
-            "deepseek-v4": ("deepseek-v4", "dspark_trt.runtime.deepseek_v4_drafter:DeepseekV4DSparkDrafter"),
-            "gemma4": ("gemma4", "dspark_trt.runtime.gemma4_drafter:Gemma4DSparkDrafter")}
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -31,25 +27,37 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def open_checkpoint(ckpt_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
-                    dtype: torch.dtype = torch.float32) -> tuple[Any, Any, dict[str, Any]]:
-    """(target runner, drafter, manifest). A target sharded for tp > 1 runs as tp gloo processes."""
-    from importlib import import_module
-
-    from .tp import open_target
-
+def checkpoint_family(ckpt_dir: Path) -> tuple[Path, dict[str, Any], Family]:
+    """(checkpoint directory, manifest, family) of a converted checkpoint or reference engine directory
+    whose manifest has a drafter."""
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     manifest = read_manifest(ckpt_dir, "checkpoint")
-    family = manifest["family"]
-    if family not in FAMILIES:
-        raise CheckpointError(ckpt_dir / "manifest.json", "no reference runner for this family yet", subject="family",
-                              found=family, expected=" | ".join(FAMILIES))
+    fam = family(manifest["family"], ckpt_dir / "manifest.json")
     if manifest.get("dspark") is None:
         raise CheckpointError(ckpt_dir / "manifest.json", "checkpoint has no drafter", subject="dspark",
                               expected="convert with --drafter")
-    kind, drafter_path = FAMILIES[family]
-    module, name = drafter_path.split(":")
-    drafter = getattr(import_module(module), name)(ckpt_dir / "draft", num_slots=num_slots, max_len=max_len,
-                                                   dtype=dtype)
-    target = open_target(kind, ckpt_dir / "target", num_slots=num_slots, max_len=max_len, dtype=dtype)
+    return ckpt_dir, manifest, fam
+
+
+def open_target(ckpt_dir: Path, **kwargs: Any) -> Any:
+    """The target runner of a converted checkpoint (`runtime.tp.open_target`'s keyword arguments: num_slots,
+    max_len, dtype, gpus, ...). A target sharded for tp > 1 runs as tp processes."""
+    from .tp import open_target as open_ranks
+
+    ckpt_dir, _, fam = checkpoint_family(ckpt_dir)
+    return open_ranks(fam.name, ckpt_dir / "target", **kwargs)
+
+
+def open_drafter(ckpt_dir: Path, **kwargs: Any) -> Any:
+    """The drafter runner of a converted checkpoint (its class's keyword arguments: num_slots, max_len, ...)."""
+    ckpt_dir, _, fam = checkpoint_family(ckpt_dir)
+    return fam.drafter_class()(ckpt_dir / "draft", **kwargs)
+
+
+def open_checkpoint(ckpt_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
+                    dtype: torch.dtype = torch.float32) -> tuple[Any, Any, dict[str, Any]]:
+    """(target runner, drafter, manifest). A target sharded for tp > 1 runs as tp gloo processes."""
+    ckpt_dir, manifest, _ = checkpoint_family(ckpt_dir)
+    drafter = open_drafter(ckpt_dir, num_slots=num_slots, max_len=max_len, dtype=dtype)
+    target = open_target(ckpt_dir, num_slots=num_slots, max_len=max_len, dtype=dtype)
     return target, drafter, manifest

@@ -1,8 +1,19 @@
-"""Model families: detection, and validation of a target with its DSpark drafter.
+"""Model families: the registry, detection, and validation of a target with its DSpark drafter.
 
-A family is a module with the same small set of functions (see qwen3.py): expected tensors for
-target and drafter, config checks, a family-neutral description of the drafter (`dspark_fields`),
-a summary, and conversion plans. Adding a family means adding one module and one FAMILIES entry.
+Every question about a family goes to its `Family` (family.py), found here by name (`family(name)`)
+or by detecting a checkpoint (`detect`). Nothing else in dspark-trt tests a family's name.
+
+Adding a family `foo`:
+  1. builder/families/foo.py: detection (`detect(config, path) -> (role, config) | None`), `canonical`
+     tensor names, expected tensors (`target_tensors`, `drafter_tensors`), config checks
+     (`check_drafter_fields`, `check_pair`), `dspark_fields`, `summary`, and the conversion plans
+     (`target_plan`, `drafter_plan`); qwen3.py is the model to copy. The module ends with
+     `FAMILY = Family(...)` naming those, its runner classes, its fixture writer and its GPU routes.
+  2. The runners named there: runtime/foo.py (target: `FooTarget(path, rank=, num_slots=, max_len=,
+     dtype=)`) and runtime/foo_drafter.py (`FooDSparkDrafter(draft_dir, num_slots=, max_len=, dtype=)`),
+     and builder/fixture_foo.py (`write_foo_fixture(out, seed=, ...)`) for the tests.
+  3. One line in `FAMILIES` below. `dspark-build fixture|inspect|convert|engine|repo`, the loader,
+     tensor parallelism and the Triton models then take it.
 """
 
 from __future__ import annotations
@@ -13,7 +24,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -22,9 +32,18 @@ from ...runtime.errors import CheckpointError
 from ...runtime.safetensors_io import SafetensorsCheckpoint, TensorInfo, count_nonfinite
 from . import deepseek_v4, gemma4, qwen3
 from .common import Source, check_tensors, check_tokenizer, load_config
+from .family import Family
 
-FAMILIES: dict[str, ModuleType] = {"qwen3": qwen3, "deepseek-v4": deepseek_v4, "gemma4": gemma4}
+FAMILIES: dict[str, Family] = {f.name: f for f in (qwen3.FAMILY, deepseek_v4.FAMILY, gemma4.FAMILY)}
 CALIBRATION_FILE = "sts.json"
+
+
+def family(name: str, where: str | Path = "manifest.json") -> Family:
+    """The registered family called `name`; an unknown one is a CheckpointError naming `where`."""
+    if name not in FAMILIES:
+        raise CheckpointError(where, "unknown model family", subject="family", found=name,
+                              expected=" | ".join(FAMILIES))
+    return FAMILIES[name]
 
 
 @dataclass
@@ -37,7 +56,7 @@ class Pair:
     calibration: Path | None = None
 
     @property
-    def module(self) -> ModuleType:
+    def model_family(self) -> Family:
         return FAMILIES[self.family]
 
     @property
@@ -48,22 +67,13 @@ class Pair:
 def detect(path: Path) -> tuple[str, str, dict[str, Any]]:
     """(family, role, config) of a checkpoint directory; role is 'target' or 'drafter'."""
     config = load_config(path)
-    archs = config.get("architectures") or []
-    model_type = config.get("model_type")
-    if qwen3.DRAFTER_ARCH in archs:
-        return "qwen3", "drafter", config
-    if qwen3.TARGET_ARCH in archs or model_type == "qwen3":
-        return "qwen3", "target", config
-    if model_type == deepseek_v4.MODEL_TYPE or deepseek_v4.ARCH in archs:
-        return "deepseek-v4", "target", config
-    if gemma4.DRAFTER_ARCH in archs:
-        return "gemma4", "drafter", config
-    if model_type in gemma4.MODEL_TYPES:
-        return "gemma4", "target", gemma4.text_config(config, Path(path) / "config.json")
+    for fam in FAMILIES.values():
+        if found := fam.detect(config, Path(path)):
+            role, config = found
+            return fam.name, role, config
     raise CheckpointError(Path(path) / "config.json", "unsupported model", subject="architectures/model_type",
-                          found=f"{archs or None} / {model_type}",
-                          expected=f"{qwen3.TARGET_ARCH}, {qwen3.DRAFTER_ARCH}, {gemma4.DRAFTER_ARCH} or model_type "
-                                   f"{deepseek_v4.MODEL_TYPE} | {' | '.join(gemma4.MODEL_TYPES)}")
+                          found=f"{config.get('architectures') or None} / {config.get('model_type')}",
+                          expected=" | ".join(f.accepts for f in FAMILIES.values()))
 
 
 def open_pair(paths: list[Path]) -> Pair:
@@ -81,7 +91,8 @@ def open_pair(paths: list[Path]) -> Pair:
             raise CheckpointError(path, f"two {role} checkpoints given", found=str(getattr(pair, role).path),
                                   expected=f"one {role}")
         setattr(pair, role, source)
-        if family == "deepseek-v4" and deepseek_v4.mtp_stages(source):
+        inside = FAMILIES[family].drafter_in_target
+        if inside is not None and inside(source):
             pair.drafter = source
         if role == "drafter" or pair.drafter_inside_target:
             calibration = path / CALIBRATION_FILE
@@ -107,7 +118,7 @@ def validate(pair: Pair, *, values: bool = True, progress: Callable[[int], None]
     `values`: also read every weight and report NaN/Inf (`check_values`; `progress` gets bytes read).
     """
     report = Report()
-    fam = pair.module
+    fam = pair.model_family
     expected_by_source: dict[int, tuple[Source, list]] = {}
     incomplete: set[int] = set()  # sources whose expected list a config problem cut short
 
@@ -182,7 +193,7 @@ def check_calibration(path: Path, pair: Pair) -> list[CheckpointError]:
         temps = json.loads(path.read_text()).get("sts_temperatures")
     except (json.JSONDecodeError, AttributeError) as e:
         return [CheckpointError(path, f"unreadable calibration file ({e})")]
-    gamma = pair.module.dspark_fields(pair.drafter)["block_size"]
+    gamma = pair.model_family.dspark_fields(pair.drafter)["block_size"]
     if not (isinstance(temps, list) and len(temps) == gamma
             and all(isinstance(t, (int, float)) and t > 0 for t in temps)):
         return [CheckpointError(path, "bad STS temperatures", subject="sts_temperatures", found=temps,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 from ...runtime.errors import CheckpointError
@@ -32,8 +33,8 @@ from .common import (
     on_rank,
     replicated,
     require_divisible,
-    split,
 )
+from .family import Family
 
 MODEL_TYPE = "deepseek_v4"
 ARCH = "DeepseekV4ForCausalLM"
@@ -41,6 +42,7 @@ FP8 = "F8_E4M3"
 # Linear weights DeepSeek ships in FP8 (compressor / indexer projections stay BF16).
 _FP8_LINEAR = re.compile(r"(\.|^)(wq_a|wq_b|wkv|wo_a|wo_b|w1|w2|w3|main_proj)\.weight$")
 _COMPRESSOR = re.compile(r"\.(compressor|indexer)\.")
+_EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")
 _HF_RENAMES = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn",
                "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}
 
@@ -242,6 +244,23 @@ def _check_tp(src: Source, d: dict[str, Any], tp: int) -> None:
     require_divisible(src.config_path, "moe_intermediate_size", d["expert_dim"], tp)
 
 
+_COLUMN_PARALLEL = re.compile(r"attn\.(wq_b|wo_a)\.weight$|attn\.attn_sink$|shared_experts\.w[13]\.weight$"
+                              r"|^head\.weight$")
+_ROW_PARALLEL = re.compile(r"attn\.wo_b\.weight$|shared_experts\.w2\.weight$")
+
+
+def shard_dim(name: str) -> int | None:
+    """The dimension `convert` splits tensor `name` along over the tensor-parallel ranks; None when it
+    is replicated or a routed expert (held whole by one rank). The runtime reassembles ranks with it."""
+    if _EXPERT.search(name) or _COMPRESSOR.search(name):
+        return None
+    if _COLUMN_PARALLEL.search(name):
+        return 0
+    if _ROW_PARALLEL.search(name):
+        return 1
+    return None
+
+
 def _items(src: Source, expected: list[Expect], tp: int, dequantize: bool) -> list[Item]:
     """Shard every expected tensor by the rules in the module docstring."""
     d = dims(src)
@@ -251,17 +270,13 @@ def _items(src: Source, expected: list[Expect], tp: int, dequantize: bool) -> li
         name = e.name
         if name.endswith(SCALE_SUFFIX):
             continue  # produced together with its weight by `linear`
-        if m := re.search(r"\.ffn\.experts\.(\d+)\.", name):
+        if m := _EXPERT.search(name):
             rank = int(m.group(1)) // per_rank
             items += [on_rank(it, rank) for it in linear(src, name, name, 1, None, dequantize=dequantize)]
         elif _COMPRESSOR.search(name):
             items += linear(src, name, name, tp, None, dequantize=dequantize)
-        elif re.search(r"attn\.(wq_b|wo_a)\.weight$|shared_experts\.w[13]\.weight$", name):
-            items += linear(src, name, name, tp, 0, dequantize=dequantize)
-        elif re.search(r"attn\.wo_b\.weight$|shared_experts\.w2\.weight$", name):
-            items += linear(src, name, name, tp, 1, dequantize=dequantize)
-        elif name.endswith("attn.attn_sink") or name == "head.weight":
-            items.append(split(src, name, name, tp, 0))
+        elif (dim := shard_dim(name)) is not None:
+            items += linear(src, name, name, tp, dim, dequantize=dequantize)
         elif _FP8_LINEAR.search(name):
             items += linear(src, name, name, tp, None, dequantize=dequantize)
         else:
@@ -305,3 +320,27 @@ def drafter_plan(src: Source, tp: int, dequantize: bool = False) -> Plan:
     # The drafter has no embedding or head of its own: it reads the target's.
     config["shared_with_target"] = {"embed": "embed.weight", "head": "head.weight"}
     return Plan(config, _items(src, drafter_tensors(src), tp, dequantize), tp)
+
+
+def detect(config: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]] | None:
+    if config.get("model_type") == MODEL_TYPE or ARCH in (config.get("architectures") or []):
+        return "target", config
+    return None
+
+
+def check_pair(target: Source, drafter: Source) -> list[CheckpointError]:
+    """Nothing to match: the drafter is the target checkpoint's own mtp.* stages."""
+    return []
+
+
+FAMILY = Family(
+    name="deepseek-v4", detect=detect, accepts=f"{ARCH} (model_type {MODEL_TYPE}, drafter under mtp.*)",
+    canonical=canonical, target_tensors=target_tensors, drafter_tensors=drafter_tensors,
+    check_drafter_fields=check_drafter_fields, check_pair=check_pair,
+    dspark_fields=dspark_fields, summary=summary, target_plan=target_plan, drafter_plan=drafter_plan,
+    plan_options=("dequantize",), drafter_in_target=mtp_stages,
+    target_runner="dspark_trt.runtime.deepseek_v4:DeepseekV4Target",
+    drafter_runner="dspark_trt.runtime.deepseek_v4_drafter:DeepseekV4DSparkDrafter",
+    fixture="dspark_trt.builder.fixture_deepseek_v4:write_deepseek_v4_fixture",
+    expert_parallel=True,
+)

@@ -41,6 +41,7 @@ from .common import (
     require_divisible,
     split,
 )
+from .family import Family
 
 MODEL_TYPES = ("gemma4", "gemma4_text")
 TEXT_MODEL_TYPE = "gemma4_text"
@@ -360,3 +361,22 @@ def drafter_plan(src: Source, tp: int) -> Plan:
     config = dict(src.config)
     config["mapping"] = {"world_size": 1, "tp_size": 1, "pp_size": 1}
     return Plan(config, items, 1)
+
+
+def detect(config: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]] | None:
+    if DRAFTER_ARCH in (config.get("architectures") or []):
+        return "drafter", config
+    if config.get("model_type") in MODEL_TYPES:
+        return "target", text_config(config, Path(path) / "config.json")
+    return None
+
+
+FAMILY = Family(
+    name="gemma4", detect=detect, accepts=f"{DRAFTER_ARCH} or model_type {' | '.join(MODEL_TYPES)}",
+    canonical=canonical, target_tensors=target_tensors, drafter_tensors=drafter_tensors,
+    check_drafter_fields=check_drafter_fields, check_pair=check_pair, dspark_fields=dspark_fields,
+    summary=summary, target_plan=target_plan, drafter_plan=drafter_plan,
+    target_runner="dspark_trt.runtime.gemma4:Gemma4Target",
+    drafter_runner="dspark_trt.runtime.gemma4_drafter:Gemma4DSparkDrafter",
+    fixture="dspark_trt.builder.fixture_gemma4:write_gemma4_fixture", fixture_options=("markov_head_type",),
+)

@@ -8,6 +8,7 @@ fused per-rank QKV, column-parallel `mlp.fc` (gate_proj) and `mlp.gate` (up_proj
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ...runtime.errors import CheckpointError
@@ -25,6 +26,7 @@ from .common import (
     require_divisible,
     split,
 )
+from .family import Family
 
 TARGET_ARCH = "Qwen3ForCausalLM"
 DRAFTER_ARCH = "Qwen3DSparkModel"
@@ -311,3 +313,24 @@ def drafter_plan(src: Source, tp: int) -> Plan:
     config = dict(src.config)
     config["mapping"] = {"world_size": tp, "tp_size": tp, "pp_size": 1}
     return Plan(config, items, tp)
+
+
+def detect(config: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]] | None:
+    archs = config.get("architectures") or []
+    if DRAFTER_ARCH in archs:
+        return "drafter", config
+    if TARGET_ARCH in archs or config.get("model_type") == "qwen3":
+        return "target", config
+    return None
+
+
+FAMILY = Family(
+    name="qwen3", detect=detect, accepts=f"{TARGET_ARCH} or {DRAFTER_ARCH} (model_type qwen3)",
+    canonical=canonical, target_tensors=target_tensors, drafter_tensors=drafter_tensors,
+    check_drafter_fields=check_drafter_fields, check_pair=check_pair, dspark_fields=dspark_fields,
+    summary=summary, target_plan=target_plan, drafter_plan=drafter_plan,
+    target_runner="dspark_trt.runtime.qwen3:Qwen3Target",
+    drafter_runner="dspark_trt.runtime.drafter:Qwen3DSparkDrafter",
+    fixture="dspark_trt.builder.fixture_qwen3:write_qwen3_fixture", fixture_options=("markov_head_type", "scale"),
+    tensorrt_draft_plans=True, cuda_graphs=True,
+)
