@@ -318,11 +318,11 @@ def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max
     the calibration error of the cumulative product) on two thirds of the rounds, and reports the
     ECE on the held-out third before and after.
     """
-    from ..runtime.calibration import KEY
+    from ..runtime.calibration import CALIBRATION_FILE, KEY
     from .calibrate import builtin_prompts, encode, read_prompts
     from .calibrate import calibrate as run_calibration
 
-    out = out or engine_dir / "draft" / "sts.json"
+    out = out or engine_dir / "draft" / CALIBRATION_FILE
     # Writing ENGINE_DIR/draft/sts.json is the point (the drafter picks it up); replacing any other
     # file of the checkpoint is not. Recalibrating replaces the earlier calibration without --force.
     check_output(out, inputs=[engine_dir, prompts_file], force=True,

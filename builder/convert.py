@@ -33,6 +33,7 @@ from rich.progress import (
 )
 
 from ..runtime.atomic import atomic_directory, check_output
+from ..runtime.calibration import CALIBRATION_FILE
 from ..runtime.errors import CheckpointError
 from ..runtime.manifest import sampled_sha256, sha256_file, write_manifest
 from ..runtime.safetensors_io import PlannedTensor, StreamingWriter, TensorInfo
@@ -230,4 +231,4 @@ def _copy_side_files(pair: Pair, tmp: Path) -> None:
         if (pair.target.path / name).is_file():
             shutil.copy2(pair.target.path / name, tokenizer / name)
     if pair.calibration is not None:
-        shutil.copy2(pair.calibration, tmp / "draft" / "sts.json")
+        shutil.copy2(pair.calibration, tmp / "draft" / CALIBRATION_FILE)

@@ -43,6 +43,7 @@ _DRAFTER_SEED_OFFSET = 1_000_003
 
 def calibrate_drafter(target_dir: Path, drafter_dir: Path, *, seed: int) -> dict[str, Any]:
     """Fit STS on held-out prompts (part 0; the τ benchmark uses part 1) and write drafter_dir/sts.json."""
+    from ..runtime.calibration import CALIBRATION_FILE
     from .calibrate import calibrate, encode
     from .convert import convert
 
@@ -50,7 +51,7 @@ def calibrate_drafter(target_dir: Path, drafter_dir: Path, *, seed: int) -> dict
         ckpt = Path(tmp) / "ckpt"
         convert(target_dir, drafter_dir, ckpt, tp=1, show_progress=False)
         prompts = encode(ckpt, heldout_prompts(CALIBRATION_PROMPTS, part=0, seed=seed))
-        report = calibrate(ckpt, prompts, drafter_dir / "sts.json", max_new_tokens=CALIBRATION_NEW_TOKENS)
+        report = calibrate(ckpt, prompts, drafter_dir / CALIBRATION_FILE, max_new_tokens=CALIBRATION_NEW_TOKENS)
     mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
     console.print(f"STS: ECE {mean(report['ece_before'])} -> {mean(report['ece_after'])}")
     return {"temperatures": [round(t, 4) for t in report["temperatures"]], "rounds": report["rounds"],

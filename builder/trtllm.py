@@ -29,6 +29,7 @@ from typing import Any
 
 from ..plugins.deps import TENSORRT_LLM_PYTORCH_INSTALL, MissingDependencyError, has_module
 from ..runtime.atomic import atomic_directory
+from ..runtime.calibration import CALIBRATION_FILE
 from ..runtime.errors import CheckpointError
 from ..runtime.loader import resolve_checkpoint
 from ..runtime.manifest import read_manifest
@@ -150,7 +151,7 @@ def build_trtllm_repo(engine_dir: Path, out: Path, *, gpus: int, release: str | 
     release, fields = fields_for(release)
     out = Path(out).absolute()
     confidence = [f for f in CONFIDENCE_FIELDS if f in fields]
-    sts_file = ckpt / "draft" / "sts.json"
+    sts_file = ckpt / "draft" / CALIBRATION_FILE
     if sps_table is not None and "confidence_sps_table_path" not in fields:
         raise CheckpointError(sps_table, f"TensorRT-LLM ({release}) has no confidence scheduling to give it to",
                               subject="--trtllm-sps-table", expected=f"a release whose DSparkDecodingConfig has "
@@ -162,8 +163,8 @@ def build_trtllm_repo(engine_dir: Path, out: Path, *, gpus: int, release: str | 
     with atomic_directory(out, force=force, inputs=[engine_dir, ckpt, llmapi_model, sps_table]) as tmp:
         sts = sps = None
         if "confidence_sts_path" in confidence and sts_file.is_file():
-            shutil.copyfile(sts_file, tmp / "sts.json")
-            sts = str(out / "sts.json")
+            shutil.copyfile(sts_file, tmp / CALIBRATION_FILE)
+            sts = str(out / CALIBRATION_FILE)
         if sps_table is not None:
             shutil.copyfile(sps_table, tmp / "trtllm_sps_table.json")
             sps = str(out / "trtllm_sps_table.json")

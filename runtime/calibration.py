@@ -30,6 +30,7 @@ FORMAT = "dspark-trt/sts"
 FORMAT_VERSION = 1
 DEFAULT_BINS = 15
 KEY = "sts_temperatures"  # the name TensorRT-LLM uses too, so its files and ours are interchangeable
+CALIBRATION_FILE = "sts.json"  # beside a drafter's weights (source checkpoint, converted draft/, repository)
 
 # Exact float ties are common (e.g. when no sample changes bin); differences below this are ties.
 _TIE_TOLERANCE = 1e-12

@@ -24,14 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from ..plugins import launch
-from .calibration import read_calibration
+from .calibration import CALIBRATION_FILE, read_calibration
 from .errors import CheckpointError
 from .heads import ConfidenceHead, MarkovHead, sample
 from .layers import Projection, apply_rope, native_bf16, rms_norm, runner_device
 from .qwen3 import qwen3_rope
 from .safetensors_io import SafetensorsCheckpoint
-
-CALIBRATION_FILE = "sts.json"
 
 
 @dataclass

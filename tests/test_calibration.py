@@ -177,3 +177,15 @@ def test_read_rejects_non_json(tmp_path: Path) -> None:
         read_calibration(path)
     with pytest.raises(CheckpointError, match="cannot read"):
         read_calibration(tmp_path / "missing.json")
+
+
+def test_calibration_file_name_is_one_constant() -> None:
+    """Every reader and writer of the STS file uses runtime.calibration.CALIBRATION_FILE, not its own literal."""
+    root = Path(__file__).resolve().parent.parent
+    literal = '"' + "sts.json" + '"'
+    spelled = [f"{path.relative_to(root)}:{number}"
+               for folder in ("builder", "runtime", "client", "model_repository", "plugins", "bench")
+               for path in sorted((root / folder).rglob("*.py"))
+               for number, line in enumerate(path.read_text().splitlines(), 1)
+               if literal in line and not line.lstrip().startswith("#")]
+    assert [where.split(":")[0] for where in spelled] == ["runtime/calibration.py"], spelled

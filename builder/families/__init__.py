@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ...runtime.calibration import CALIBRATION_FILE
 from ...runtime.errors import CheckpointError
 from ...runtime.safetensors_io import SafetensorsCheckpoint, TensorInfo, count_nonfinite
 from . import deepseek_v4, gemma4, qwen3
@@ -35,7 +36,6 @@ from .common import Source, check_tensors, check_tokenizer, load_config
 from .family import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (qwen3.FAMILY, deepseek_v4.FAMILY, gemma4.FAMILY)}
-CALIBRATION_FILE = "sts.json"
 
 
 def family(name: str, where: str | Path = "manifest.json") -> Family:
