@@ -81,7 +81,8 @@ def _health(protocol: str, url: str, timeout: float) -> tuple[str, bool, bool, d
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Print text as it arrives.")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(-(2**63), 2**63 - 1),
+              help="Sampling seed, any int64.")
 @click.option("--speculation", type=click.Choice(["auto", "off", "fixed"]), default="auto", show_default=True)
 @click.option("--gamma", type=click.IntRange(min=1), help="Drafts per round with --speculation fixed.")
 @click.option("--stop", "stops", multiple=True, help="Stop string (repeatable).")

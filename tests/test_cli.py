@@ -81,3 +81,8 @@ def test_serve_refuses_a_port_that_is_taken(tmp_path: Path) -> None:
     assert result.exit_code == 5
     assert f"grpc port {port} on 127.0.0.1 is in use" in result.output
     assert not (tmp_path / "pid").exists()
+
+
+def test_client_refuses_a_seed_outside_int64_before_sending() -> None:
+    result = CliRunner().invoke(client, ["generate", "x", "--url", "127.0.0.1:9", "--seed", str(2**63)])
+    assert result.exit_code == 2 and "Invalid value for '--seed'" in result.output
