@@ -7,56 +7,19 @@ found and what was expected) · 2 bad command-line usage · 3 output exists (pas
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..runtime.atomic import OutputExistsError, check_output
-from ..runtime.errors import CheckpointError
-
-EXIT_INVALID_INPUT = 1
-EXIT_OUTPUT_EXISTS = 3
-EXIT_SERVER = 5
-
-# soft_wrap: messages name files and tensors; they must stay greppable, never re-wrapped.
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-stdout = Console(highlight=False, soft_wrap=True)
-
-
-def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our exceptions into one clear message and a meaningful exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .convert import ValidationError
-
-        try:
-            return fn(*args, **kwargs)
-        except ValidationError as e:
-            err.print(f"[red]error:[/] {len(e.problems)} problem(s) with the input:")
-            for problem in e.problems:
-                err.print(f"  • {escape(str(problem))}")
-            sys.exit(EXIT_INVALID_INPUT)
-        except CheckpointError as e:
-            err.print(f"[red]error:[/] {escape(str(e))}")
-            sys.exit(EXIT_INVALID_INPUT)
-        except OutputExistsError as e:
-            err.print(f"[red]error:[/] {escape(str(e))}")
-            sys.exit(EXIT_OUTPUT_EXISTS)
-        except OSError as e:  # a file we were told to read or write is not there or not ours: no traceback
-            where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "(no file named)"
-            err.print(f"[red]error:[/] {escape(where)}: {escape(e.strerror or str(e))}")
-            sys.exit(EXIT_INVALID_INPUT)
-
-    return wrapper
+from ..runtime.atomic import check_output
+from .cli_common import EXIT_INVALID_INPUT, EXIT_SERVER, err, reports_errors, stdout
+from .cli_engine import engine, export, plugins
+from .evaluate import eval_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -149,11 +112,24 @@ def fixture(family: str, out: Path, seed: int, markov_head: str, scale: int, for
 @click.option("--target-minutes", default=20.0, show_default=True, help="Wall-clock budget for the target.")
 @click.option("--drafter-minutes", default=20.0, show_default=True, help="Wall-clock budget per drafter.")
 @click.option("--ablation", type=click.Path(path_type=Path), help="Also train the no-Markov (markov_rank 0) drafter.")
+@click.option("--draft-layers", type=click.IntRange(min=1), help="Drafter layers (default: the recipe's).")
+@click.option("--markov-rank", type=click.IntRange(min=0), help="Markov head rank (default: the recipe's).")
+@click.option("--random-init", is_flag=True, help="Draft layers from noise, not copied from the target's.")
+@click.option("--distill-rows", type=click.IntRange(min=0),
+              help="Windows continued by the target itself, mixed into the drafter's batches (default: the recipe's).")
+# Thread counts are part of the determinism recipe: the shipped pair used 2 for the target, 1 per drafter.
+@click.option("--target-threads", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Torch threads while training the target.")
+@click.option("--drafter-threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Torch threads while training a drafter.")
 @click.option("--resume", is_flag=True, help="Keep the finished stages of an earlier run in OUT.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_errors
 def train(out: Path, seed: int, target_steps: int | None, drafter_steps: str | None, target_minutes: float,
-          drafter_minutes: float, ablation: Path | None, resume: bool, force: bool) -> None:
+          drafter_minutes: float, ablation: Path | None, draft_layers: int | None, markov_rank: int | None,
+          random_init: bool, distill_rows: int | None, target_threads: int, drafter_threads: int, resume: bool,
+          force: bool, quiet: bool) -> None:
     """Train a tiny Qwen3 target + DSpark drafter on CPU from the Python standard library's source.
 
     \b
@@ -162,13 +138,21 @@ def train(out: Path, seed: int, target_steps: int | None, drafter_steps: str | N
     OUT/training.json  steps, minutes, losses, held-out acceptance and calibration error
 
     This is how examples/tiny-qwen3-dspark was made (`make fixture` repeats it with its step counts).
-    More knobs: python -m dspark_trt.builder.train --help.
+    With a wall-clock budget the step count is estimated from the first steps' speed and recorded in
+    OUT/training.json; pass it back as --target-steps / --drafter-steps to reproduce a run exactly.
     """
     from .train import train_pair
+    from .train_drafter import DrafterRecipe
 
+    recipe = {name: value for name, value in
+              {"layers": draft_layers, "markov_rank": markov_rank, "distill_rows": distill_rows}.items()
+              if value is not None}
     train_pair(out, seed=seed, steps_target=target_steps, minutes_target=target_minutes,
                steps_drafter=_ints(drafter_steps) if drafter_steps else None,
-               minutes_drafter=drafter_minutes, ablation=ablation, resume=resume, force=force)
+               minutes_drafter=drafter_minutes, ablation=ablation,
+               drafter_recipe=DrafterRecipe(**recipe, init_from_target=not random_init),
+               target_threads=target_threads, drafter_threads=drafter_threads, resume=resume, force=force,
+               quiet=quiet)
 
 
 @main.command("inspect")
@@ -554,15 +538,8 @@ def stop(http_port: int, pid_file: Path | None, stop_all: bool) -> None:
                      else f"tritonserver (pid {state['pid']}) was not running; removed what it left behind")
 
 
-def _register_engine_commands() -> None:
-    from .cli_engine import engine, export, plugins
-    from .evaluate import eval_cmd
-
-    for command in (plugins, export, engine, eval_cmd):
-        main.add_command(command)
-
-
-_register_engine_commands()
+for command in (plugins, export, engine, eval_cmd):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -1,42 +1,16 @@
 """`dspark-build plugins | export | engine`: standalone click commands, registered by cli.py.
 
-Exit codes as in cli.py (0 ok, 1 invalid input, 2 usage, 3 output exists) plus 4: a GPU-side
+Exit codes as in cli_common.py (0 ok, 1 invalid input, 2 usage, 3 output exists) plus 4: a GPU-side
 dependency (TensorRT, TensorRT-LLM) is not installed; the message names the install command.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
-from rich.console import Console
-from rich.markup import escape
 
-from ..plugins.deps import MissingDependencyError
-
-EXIT_MISSING_DEPENDENCY = 4
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
-_out = Console(highlight=False, soft_wrap=True)
-
-
-def _reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """cli.reports_errors (imported late: cli.py imports this module) plus exit code 4."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .cli import reports_errors
-
-        try:
-            return reports_errors(fn)(*args, **kwargs)
-        except MissingDependencyError as e:
-            _err.print(f"[red]error:[/] {escape(str(e))}")
-            sys.exit(EXIT_MISSING_DEPENDENCY)
-
-    return wrapper
+from .cli_common import reports_errors, stdout
 
 
 def _csv(text: str) -> list[str]:
@@ -56,7 +30,7 @@ def _csv(text: str) -> list[str]:
               help="Comma-separated weight/activation types to specialise for (fp32, bf16, fp16).")
 @click.option("--ptx-version", type=int, help="Cap the PTX ISA (e.g. 86 for CUDA 12.8 drivers); default: Triton's.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
-@_reports_errors
+@reports_errors
 def plugins(archs: str, out: Path, ckpt: Path | None, dtypes: str, ptx_version: int | None, force: bool) -> None:
     """Compile the DSpark kernels (MarkovSample, DSparkConfidence, DSparkSchedule) to PTX and cubin.
 
@@ -80,7 +54,7 @@ def plugins(archs: str, out: Path, ckpt: Path | None, dtypes: str, ptx_version: 
     specs = [s for s in specs if s.plugin == "DSparkSchedule" or s.signature.get("hidden_ptr", "").lstrip("*") in kinds]
     manifest = aot.compile_plugins(out, arch_list, specs, force=force, ptx_version=ptx_version)
     seconds = sum(k["compile_seconds"] for k in manifest["kernels"])
-    _out.print(f"[green]✓[/] compiled {len(specs)} kernel variants for {', '.join(arch_list)} into {out} "
+    stdout.print(f"[green]✓[/] compiled {len(specs)} kernel variants for {', '.join(arch_list)} into {out} "
                f"({seconds:.1f} s of compilation)")
 
 
@@ -90,7 +64,7 @@ def plugins(archs: str, out: Path, ckpt: Path | None, dtypes: str, ptx_version: 
 @click.option("--schedule-mode", type=click.Choice(["paper", "production"]), default="paper", show_default=True,
               help="Which scheduler schedule.onnx runs (Algorithm 1, or the production variant).")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
-@_reports_errors
+@reports_errors
 def export(ckpt: Path, out: Path, schedule_mode: str, force: bool) -> None:
     """Export the Qwen3 drafter as ONNX with the DSpark kernels as TensorRT plugin nodes.
 
@@ -110,8 +84,8 @@ def export(ckpt: Path, out: Path, schedule_mode: str, force: bool) -> None:
     for graph in manifest["graphs"].values():
         check_onnx(out / graph["file"])
         ops = ", ".join(n["op"] for n in graph["plugin_nodes"]) or "no plugin nodes"
-        _out.print(f"  {graph['file']}: {ops}")
-    _out.print(f"[green]✓[/] exported the drafter to {out} (onnx.checker full check passed)")
+        stdout.print(f"  {graph['file']}: {ops}")
+    stdout.print(f"[green]✓[/] exported the drafter to {out} (onnx.checker full check passed)")
 
 
 @click.command("engine")
@@ -123,7 +97,7 @@ def export(ckpt: Path, out: Path, schedule_mode: str, force: bool) -> None:
 @click.option("--max-input-len", default=4096, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-seq-len", default=8192, show_default=True, type=click.IntRange(min=2))
 @click.option("--force", is_flag=True, help="Replace the engine directory if it exists.")
-@_reports_errors
+@reports_errors
 def engine(ckpt: Path, backend: str, out: Path, max_batch_size: int, max_input_len: int, max_seq_len: int,
            force: bool) -> None:
     """Build what the server loads from a converted checkpoint.
@@ -138,4 +112,4 @@ def engine(ckpt: Path, backend: str, out: Path, max_batch_size: int, max_input_l
 
     manifest = build_engine(ckpt, out, backend=backend, force=force, max_batch_size=max_batch_size,
                             max_input_len=max_input_len, max_seq_len=max_seq_len)
-    _out.print(f"[green]✓[/] {manifest['family']} {backend} engine written to {out}")
+    stdout.print(f"[green]✓[/] {manifest['family']} {backend} engine written to {out}")

@@ -430,13 +430,12 @@ def eval_cmd(engine_dir: Path, data: tuple[Path, ...], domains: tuple[str, ...],
 
     from ..runtime.errors import CheckpointError
     from ..runtime.loader import resolve_checkpoint
-    from .cli import reports_errors
+    from .cli_common import err, reports_errors
 
     temperature = 0.0 if temperature < GREEDY_BELOW else temperature
     console = Console(highlight=False)
     if not console.is_terminal:  # a log or a pipe: wide enough that the table's rows stay one line each
         console = Console(highlight=False, width=160)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
     if domains and len(domains) != len(data):
         raise click.BadParameter(f"give one --domain per --data file ({len(data)}), or none; got {len(domains)}",
                                  param_hint="--domain")

@@ -1,7 +1,7 @@
 """Train the tiny Qwen3 target + DSpark drafter pair that the project ships, on CPU, from scratch.
 
-    python -m dspark_trt.builder.train OUT [--seed 0] [--target-minutes 20 | --target-steps N]
-                                           [--drafter-minutes 20 | --drafter-steps N] [--ablation DIR]
+    dspark-build train OUT [--seed 0] [--target-minutes 20 | --target-steps N]
+                           [--drafter-minutes 20 | --drafter-steps N] [--ablation DIR]  (--help: every knob)
 
 Stages, each seeded (same seed, step counts and thread count -> same weights):
   1. tokenizer: byte-level BPE trained on the TRAIN split of the stdlib corpus (builder/corpus.py);
@@ -18,7 +18,6 @@ it back as --target-steps / --drafter-steps to reproduce a run exactly.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -160,38 +159,3 @@ def _python_version() -> str:
     import platform
 
     return platform.python_version()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dspark_trt.builder.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help="output directory (target/, drafter/, training.json)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target-minutes", type=float, default=20.0, help="wall-clock budget for the target")
-    parser.add_argument("--drafter-minutes", type=float, default=20.0, help="wall-clock budget per drafter")
-    parser.add_argument("--target-steps", type=int, help="exact optimiser steps (overrides --target-minutes)")
-    parser.add_argument("--drafter-steps", type=lambda text: [int(n) for n in text.split(",")],
-                        help="exact optimiser steps per cycle, e.g. 1600,800 (overrides --drafter-minutes)")
-    parser.add_argument("--ablation", type=Path, help="also train the no-Markov (markov_rank 0) drafter here")
-    parser.add_argument("--draft-layers", type=int, default=DrafterRecipe.layers)
-    parser.add_argument("--markov-rank", type=int, default=DrafterRecipe.markov_rank)
-    parser.add_argument("--random-init", action="store_true", help="draft layers from noise, not the target's")
-    parser.add_argument("--distill-rows", type=int, default=DrafterRecipe.distill_rows,
-                        help="windows continued by the target itself, mixed into the drafter's batches")
-    parser.add_argument("--resume", action="store_true", help="keep the finished stages of an earlier run in OUT")
-    # Thread counts are part of the determinism recipe; the shipped pair used 2 for the target, 1 per drafter.
-    parser.add_argument("--target-threads", type=int, default=2, help="torch threads while training the target")
-    parser.add_argument("--drafter-threads", type=int, default=1, help="torch threads while training a drafter")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    train_pair(args.out, seed=args.seed, minutes_target=args.target_minutes, minutes_drafter=args.drafter_minutes,
-               steps_target=args.target_steps, steps_drafter=args.drafter_steps, ablation=args.ablation,
-               drafter_recipe=DrafterRecipe(layers=args.draft_layers, markov_rank=args.markov_rank,
-                                            distill_rows=args.distill_rows, init_from_target=not args.random_init),
-               target_threads=args.target_threads, drafter_threads=args.drafter_threads, force=args.force,
-               resume=args.resume, quiet=args.quiet)
-
-
-if __name__ == "__main__":
-    main()

@@ -31,11 +31,11 @@ def test_build_help_lists_every_exit_code() -> None:
     """`dspark-build --help` names each exit code the commands use (0-5), one line each."""
     import re
 
-    from dspark_trt.builder import cli, cli_engine
+    from dspark_trt.builder import cli_common as cli
 
     text = CliRunner().invoke(build, ["--help"]).output
     listed = {int(code) for code in re.findall(r"^\s+(\d)\s+\w", text.split("Exit codes:")[1], re.MULTILINE)}
-    used = {0, 2, cli.EXIT_INVALID_INPUT, cli.EXIT_OUTPUT_EXISTS, cli.EXIT_SERVER, cli_engine.EXIT_MISSING_DEPENDENCY}
+    used = {0, 2, cli.EXIT_INVALID_INPUT, cli.EXIT_OUTPUT_EXISTS, cli.EXIT_SERVER, cli.EXIT_MISSING_DEPENDENCY}
     assert listed == used == {0, 1, 2, 3, 4, 5}
 
 
@@ -86,3 +86,36 @@ def test_serve_refuses_a_port_that_is_taken(tmp_path: Path) -> None:
 def test_client_refuses_a_seed_outside_int64_before_sending() -> None:
     result = CliRunner().invoke(client, ["generate", "x", "--url", "127.0.0.1:9", "--seed", str(2**63)])
     assert result.exit_code == 2 and "Invalid value for '--seed'" in result.output
+
+
+def test_train_passes_every_knob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dspark-build train` carries every knob the old argparse CLI had through to train_pair."""
+    import dspark_trt.builder.train
+    from dspark_trt.builder.train_drafter import DrafterRecipe
+
+    calls: list[dict] = []
+    monkeypatch.setattr(dspark_trt.builder.train, "train_pair", lambda out, **kw: calls.append({"out": out, **kw}))
+    result = CliRunner().invoke(build, [
+        "train", str(tmp_path / "run"), "--seed", "3", "--target-steps", "7", "--drafter-steps", "5,4",
+        "--ablation", str(tmp_path / "abl"), "--draft-layers", "3", "--markov-rank", "8", "--random-init",
+        "--distill-rows", "11", "--target-threads", "4", "--drafter-threads", "2", "--resume", "--force", "--quiet"])
+    assert result.exit_code == 0, result.output
+    (call,) = calls
+    assert call["drafter_recipe"] == DrafterRecipe(layers=3, markov_rank=8, distill_rows=11, init_from_target=False)
+    assert {k: call[k] for k in ("seed", "steps_target", "steps_drafter", "target_threads", "drafter_threads",
+                                 "resume", "force", "quiet")} == {
+        "seed": 3, "steps_target": 7, "steps_drafter": [5, 4], "target_threads": 4, "drafter_threads": 2,
+        "resume": True, "force": True, "quiet": True}
+    assert call["ablation"] == tmp_path / "abl"
+    calls.clear()
+    assert CliRunner().invoke(build, ["train", str(tmp_path / "run")]).exit_code == 0
+    assert calls[0]["drafter_recipe"] == DrafterRecipe() and not calls[0]["quiet"]
+
+
+def test_command_modules_do_not_import_each_other(tmp_path: Path) -> None:
+    """cli_engine's commands report errors through cli_common alone: running one never imports cli.py."""
+    code = ("import sys; from click.testing import CliRunner; from dspark_trt.builder.cli_engine import engine; "
+            f"r = CliRunner().invoke(engine, [{str(tmp_path)!r}, '-o', {str(tmp_path / 'out')!r}]); "
+            "print(r.exit_code, 'dspark_trt.builder.cli' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["1", "False"], result.stdout + result.stderr
