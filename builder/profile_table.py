@@ -17,11 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..runtime.scheduler import CostTable
 
-# Weight of the smoothness rows relative to the data rows. On a shared machine a cell's steady time
-# still moves by ±10 % from run to run, while a few more tokens at small B cost ~1 %: θ must not
-# follow single cells (a weight of 0.01 let it put a 0.7-1.4 ms step between 5 and 6 tokens at R = 1
-# in some runs and not others). At 3 the c = 1 plans agree across repeated profiles, and a real knee
-# (θ's slope changing over several cells) still shows.
+# Weight of the smoothness rows relative to the data rows. A cell's run-to-run noise is larger than
+# what a few more tokens cost at small B, so θ must not follow single cells (or plans change from one
+# profile to the next); a real knee, θ's slope changing over several cells, must still show. The
+# figures that set it: docs/measurements.md.
 _SMOOTHNESS = 3.0
 
 
@@ -195,8 +194,8 @@ def steady_time(samples: list[float]) -> float:
 
     Interference from the rest of a shared machine only ever adds time, and adds it whatever the step's
     size; what the scheduler needs is how step sizes *differ*. The lower quartile tracks the step's own
-    cost with far less spread than the median (at c = 1 a median of 5 could invent a 1.4 ms step
-    between 5 and 6 tokens that cost the same, and `auto` then dropped the 5th draft every round).
+    cost with far less spread than the median, which can invent a step between two token counts that
+    cost the same (docs/measurements.md).
     """
     if len(samples) < 4:
         return statistics.median(samples)

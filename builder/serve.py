@@ -166,8 +166,9 @@ def server_env(binary: Path) -> dict[str, str]:
     env["DSPARK_PYTHON"] = sys.executable  # for tensor-parallel worker processes started inside models
     # Several model processes share the cores. OpenMP's default keeps an idle thread spinning for ~3 ms
     # after each parallel region, stealing a core from the next model in the pipeline; passive waiting
-    # instead pays a wake-up on each of a draft round's hundreds of small ops (2x slower rounds). A
-    # short spin (~0.1 ms) keeps threads awake through a round and idle between models.
+    # instead pays a wake-up on each of a draft round's hundreds of small ops (much slower rounds:
+    # docs/measurements.md). A short spin (~0.1 ms) keeps threads awake through a round and idle between
+    # models.
     env.setdefault("GOMP_SPINCOUNT", "10000")
     libs = []
     root = _bundled_root(binary)

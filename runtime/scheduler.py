@@ -221,16 +221,15 @@ class ServedCosts:
 
     `dspark-build profile` times bare verify steps and drafting rounds inside one process. Served, every
     round also pays for the calls between models, for copying logits out and for sending each request's
-    tokens back: on the reference backend at concurrency 32 a verify call took ~13 ms more than its
-    profiled time whatever its tokens, and responses ~10 ms a round, which no profile of the models
-    alone can see and which makes drafting pay where the bare table says it does not (fewer rounds per
-    token). So the decoder reports each round's measured times, and plans with
+    tokens back: a cost per call, whatever its tokens (docs/measurements.md), which no profile of the
+    models alone can see and which makes drafting pay where the bare table says it does not (fewer
+    rounds per token). So the decoder reports each round's measured times, and plans with
 
         verify(R, B) + verify_extra + between_rounds  [+ draft(R) + draft_extra when drafting]
 
     each extra a running average (weight `smoothing` per round) of measured minus profiled time. The
-    extras are additive: what the profile misses is per call, not per token (scaling the table instead
-    made longer blocks look dearer than they are). The corrected table is rebuilt every `refresh`
+    extras are additive: what the profile misses is per call, not per token, so scaling the table would
+    make longer blocks look dearer than they are. The corrected table is rebuilt every `refresh`
     rounds. Timings never depend on what was drafted, so plans stay lossless.
     """
 
@@ -338,10 +337,10 @@ def _interp_theta(points: np.ndarray, xs: list[int], ys: list[float]) -> np.ndar
     return np.interp(points, xs, ys) + slope * np.maximum(points - xs[-1], 0.0)  # np.interp alone is flat
 
 
-# The scheduler runs every round for a handful of numbers, so it works in numpy: a torch op costs
-# ~5-10 µs of dispatch where numpy's costs ~1 µs (torch made `auto` ~0.7 ms a round slower than `fixed`
-# at concurrency 1), and torch's search parallelises above ~200 queries, whose thread pool stalls for
-# milliseconds under CPU contention. Tensors come in and go out; arrays stay inside.
+# The scheduler runs every round for a handful of numbers, so it works in numpy: torch's per-op dispatch
+# costs more than these small operations themselves, and its search goes multi-threaded on larger
+# inputs, which stalls under CPU contention (figures: docs/measurements.md). Tensors come in and go
+# out; arrays stay inside.
 
 
 def _check_survival(survival: Tensor) -> np.ndarray:
