@@ -392,7 +392,8 @@ class DeepseekV4Target(SlotRunner):
 
     `device` / `dtype` as for the Qwen3 runner (float32 on the CPU, bfloat16 elsewhere); slot lengths stay
     on the host. The reference MoE picks each expert's tokens with `torch.where`, which waits for the
-    device once per expert and layer."""
+    device once per expert and layer. `target_feature`: what `forward(capture=...)` returns (see the
+    module docstring); the loader passes the checkpoint manifest's `dspark.target_feature`."""
 
     def __init__(self, target_dir: Path, *, rank: int = 0, num_slots: int = 8, max_len: int = 1024,
                  dtype: torch.dtype | None = None, target_feature: str | None = None,
@@ -404,7 +405,7 @@ class DeepseekV4Target(SlotRunner):
             raise RuntimeError(f"{target_dir} is sharded for tp={cfg.tp}: run it with tp={cfg.tp} processes "
                                "(runtime.tp.DistributedTarget)")
         self.rank, self.dtype, self.max_len = rank, dtype, max_len
-        self.target_feature = target_feature or _manifest_feature(target_dir.parent)
+        self.target_feature = target_feature or TARGET_FEATURES[0]
         if self.target_feature not in TARGET_FEATURES:
             raise ValueError(f"target_feature must be one of {TARGET_FEATURES}, got {self.target_feature!r}")
         weights = read_rank(target_dir / f"rank{rank}.safetensors", dtype)
@@ -528,11 +529,3 @@ class DeepseekV4Target(SlotRunner):
             visible = _select_indexed(index, h, q_res, slot_idx, visible, w, p, cfg, cos, sin)
         return comp.entries[slot_idx, :count], visible
 
-
-def _manifest_feature(ckpt_dir: Path) -> str:
-    """The checkpoint's `dspark.target_feature` (the converter records it), else the V4 DSpark default."""
-    manifest = Path(ckpt_dir) / "manifest.json"
-    if manifest.is_file():
-        dspark = json.loads(manifest.read_text()).get("dspark") or {}
-        return dspark.get("target_feature") or TARGET_FEATURES[0]
-    return TARGET_FEATURES[0]

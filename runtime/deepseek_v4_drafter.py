@@ -59,8 +59,11 @@ _OLD_MARKOV = {"markov_head.embed.weight": "markov_head.markov_w1.weight",
 
 class DeepseekV4DSparkDrafter(SlotContext):
     def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
-                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
-        """`device` / `dtype`: as for the Qwen3 drafter (float32 on the CPU, bfloat16 elsewhere)."""
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 target_dir: Path | None = None) -> None:
+        """`device` / `dtype`: as for the Qwen3 drafter (float32 on the CPU, bfloat16 elsewhere).
+        `target_dir`: the converted target whose embedding and head the stages share (the loader passes
+        it; default: `target` beside `draft_dir`, the layout `convert` writes)."""
         draft_dir = Path(draft_dir)
         self.device, dtype = runner_device(device, dtype)
         c = json.loads((draft_dir / "config.json").read_text())
@@ -71,7 +74,7 @@ class DeepseekV4DSparkDrafter(SlotContext):
             for name in [n for n in w if n.endswith(old)]:
                 w[name[: -len(old)] + new] = w.pop(name)
         self.stages = c.get("mtp_stages") or 1 + max(int(m.group(1)) for n in w if (m := re.match(r"mtp\.(\d+)\.", n)))
-        target_dir = draft_dir.parent / "target"
+        target_dir = Path(target_dir) if target_dir is not None else draft_dir.parent / "target"
         shared = c.get("shared_with_target") or {"embed": "embed.weight", "head": "head.weight"}
         target_tp = json.loads((target_dir / "config.json").read_text())["mapping"]["tp_size"]
         wanted = re.compile("^(" + "|".join(re.escape(n) for n in shared.values()) + ")$")

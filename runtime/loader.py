@@ -44,14 +44,16 @@ def open_target(ckpt_dir: Path, **kwargs: Any) -> Any:
     max_len, dtype, gpus, ...). A target sharded for tp > 1 runs as tp processes."""
     from .tp import open_target as open_ranks
 
-    ckpt_dir, _, fam = checkpoint_family(ckpt_dir)
-    return open_ranks(fam.name, ckpt_dir / "target", **kwargs)
+    ckpt_dir, manifest, fam = checkpoint_family(ckpt_dir)
+    options = fam.target_options(ckpt_dir, manifest) if fam.target_options else {}
+    return open_ranks(fam.name, ckpt_dir / "target", **{**options, **kwargs})
 
 
 def open_drafter(ckpt_dir: Path, **kwargs: Any) -> Any:
     """The drafter runner of a converted checkpoint (its class's keyword arguments: num_slots, max_len, ...)."""
-    ckpt_dir, _, fam = checkpoint_family(ckpt_dir)
-    return fam.drafter_class()(ckpt_dir / "draft", **kwargs)
+    ckpt_dir, manifest, fam = checkpoint_family(ckpt_dir)
+    options = fam.drafter_options(ckpt_dir, manifest) if fam.drafter_options else {}
+    return fam.drafter_class()(ckpt_dir / "draft", **{**options, **kwargs})
 
 
 def open_checkpoint(ckpt_dir: Path, *, num_slots: int = 8, max_len: int = 1024,

@@ -88,3 +88,36 @@ def test_no_dispatch_on_family_names_outside_the_registry() -> None:
                 if test.search(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_v4_runners_read_only_the_paths_the_loader_gives(v4_pair: Path, tmp_path: Path) -> None:
+    """The V4 drafter reads the target it is given, the V4 target no manifest beside its directory; the
+    loader passes both from the checkpoint's manifest."""
+    import json
+    import shutil
+
+    import torch
+
+    from dspark_trt.builder.convert import convert
+    from dspark_trt.runtime.deepseek_v4 import DeepseekV4Target
+    from dspark_trt.runtime.deepseek_v4_drafter import DeepseekV4DSparkDrafter
+    from dspark_trt.runtime.loader import open_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    convert(v4_pair / "target", None, ckpt, tp=1, show_progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(ckpt / "draft", elsewhere / "draft")
+    shutil.copytree(ckpt / "target", tmp_path / "moved-target")
+    moved = DeepseekV4DSparkDrafter(elsewhere / "draft", num_slots=1, max_len=32, target_dir=tmp_path / "moved-target")
+    plain = DeepseekV4DSparkDrafter(ckpt / "draft", num_slots=1, max_len=32)
+    assert torch.equal(moved.embed, plain.embed) and torch.equal(moved.head, plain.head)
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"dspark": {"target_feature": "not-a-feature"}}))
+    assert DeepseekV4Target(tmp_path / "moved-target", num_slots=1, max_len=32).target_feature == \
+        "layer_output_hc_mean"
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["dspark"]["target_feature"] = "layer_input_hc_mean"
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    target, _, _ = open_checkpoint(ckpt, num_slots=1, max_len=32)
+    assert target.target_feature == "layer_input_hc_mean"

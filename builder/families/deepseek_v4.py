@@ -333,12 +333,23 @@ def check_pair(target: Source, drafter: Source) -> list[CheckpointError]:
     return []
 
 
+def target_options(ckpt_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The runner computes the context features the drafter was converted for."""
+    return {"target_feature": (manifest.get("dspark") or {}).get("target_feature")}
+
+
+def drafter_options(ckpt_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The mtp stages share the target's embedding and head, read from the converted target."""
+    return {"target_dir": Path(ckpt_dir) / "target"}
+
+
 FAMILY = Family(
     name="deepseek-v4", detect=detect, accepts=f"{ARCH} (model_type {MODEL_TYPE}, drafter under mtp.*)",
     canonical=canonical, target_tensors=target_tensors, drafter_tensors=drafter_tensors,
     check_drafter_fields=check_drafter_fields, check_pair=check_pair,
     dspark_fields=dspark_fields, summary=summary, target_plan=target_plan, drafter_plan=drafter_plan,
     plan_options=("dequantize",), drafter_in_target=mtp_stages,
+    target_options=target_options, drafter_options=drafter_options,
     target_runner="dspark_trt.runtime.deepseek_v4:DeepseekV4Target",
     drafter_runner="dspark_trt.runtime.deepseek_v4_drafter:DeepseekV4DSparkDrafter",
     fixture="dspark_trt.builder.fixture_deepseek_v4:write_deepseek_v4_fixture",

@@ -54,6 +54,10 @@ class Family:
     fixture: str
     fixture_options: tuple[str, ...] = ()
     plan_options: tuple[str, ...] = ()
+    # Keyword arguments the runners take from the converted checkpoint, given (checkpoint directory,
+    # manifest): the loader passes them, so no runner reads files beside its own directory.
+    target_options: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None
+    drafter_options: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None
     # The drafter ships inside the target checkpoint (DeepSeek-V4's mtp.* stages): given the
     # target's Source, whether it holds one. None: the drafter is its own checkpoint.
     drafter_in_target: Callable[[Source], Any] | None = None
