@@ -24,8 +24,6 @@ PAIR    := $(if $(and $(filter qwen3,$(FAMILY)),$(wildcard $(TRAINED)/target/con
 CKPT    := $(BUILD)/ckpt-$(notdir $(PAIR))-tp$(TP)
 ENGINES := $(BUILD)/engines-$(FAMILY)
 REPO    := $(BUILD)/repo-$(FAMILY)
-# qwen3 and gemma4 pair a target with a separate DeepSpec drafter; deepseek-v4 carries its own.
-DRAFTER := $(if $(filter qwen3 gemma4,$(FAMILY)),--drafter $(PAIR)/drafter)
 CLIENT  := $(BIN)/dspark-client
 
 .PHONY: setup test demo fixture lint serve stop bench-convert bench-generate bench-serve soak clean help gpu-check
@@ -65,10 +63,12 @@ fixture: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# A pair has a drafter directory unless its target carries the drafter (deepseek-v4's mtp.* stages).
 $(CKPT)/manifest.json: $(wildcard $(PAIR)/target/* $(PAIR)/drafter/*) | setup
 	$(if $(filter $(BUILD)/%,$(PAIR)),$(BIN)/dspark-build fixture $(FAMILY) $(PAIR) --force)
-	$(BIN)/dspark-build inspect $(PAIR)/target $(if $(DRAFTER),$(PAIR)/drafter)
-	$(BIN)/dspark-build convert --target $(PAIR)/target $(DRAFTER) --tp $(TP) -o $(CKPT) --force
+	drafter=$$(test -d $(PAIR)/drafter && echo $(PAIR)/drafter); \
+	$(BIN)/dspark-build inspect $(PAIR)/target $$drafter && \
+	$(BIN)/dspark-build convert --target $(PAIR)/target $${drafter:+--drafter $$drafter} --tp $(TP) -o $(CKPT) --force
 
 # The whole pipeline on CPU: checkpoints -> engines -> cost table -> repository -> tritonserver ->
 # one streamed completion -> off / mtp1 / auto: frontier plot and SLA table -> stop. The server is
