@@ -617,9 +617,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     small = args.device == "cpu"
     if small:
+        import torch
+
         from .interpret import enable_interpreter
 
         enable_interpreter()
+        # Tiny shapes: one thread does them in microseconds, while a thread pool on a busy shared machine
+        # waits for cores (a 256-wide product took 20 ms with 2 threads under load, 0.1 ms with one).
+        torch.set_num_threads(1)
     else:
         import torch
 
