@@ -1,7 +1,8 @@
 """Model families: the registry, detection, and validation of a target with its DSpark drafter.
 
 Every question about a family goes to its `Family` (family.py), found here by name (`family(name)`)
-or by detecting a checkpoint (`detect`). Nothing else in dspark-trt tests a family's name.
+or by detecting a checkpoint (`detect`). Builder, runtime, client and Triton-model code never compare
+a family's name (tests/test_families.py checks).
 
 Adding a family `foo`:
   1. builder/families/foo.py: detection (`detect(config, path) -> (role, config) | None`), `canonical`
@@ -10,8 +11,10 @@ Adding a family `foo`:
      (`target_plan`, `drafter_plan`); qwen3.py is the model to copy. The module ends with
      `FAMILY = Family(...)` naming those, its runner classes, its fixture writer and its GPU routes.
   2. The runners named there: runtime/foo.py (target: `FooTarget(path, rank=, num_slots=, max_len=,
-     dtype=)`) and runtime/foo_drafter.py (`FooDSparkDrafter(draft_dir, num_slots=, max_len=, dtype=)`),
-     and builder/fixture_foo.py (`write_foo_fixture(out, seed=, ...)`) for the tests.
+     dtype=, device=)`) and runtime/foo_drafter.py (`FooDSparkDrafter(draft_dir, num_slots=, max_len=,
+     dtype=, device=)`), reading only the directory they are given (anything else they need from the
+     converted checkpoint comes through `target_options` / `drafter_options`), and
+     builder/fixture_foo.py (`write_foo_fixture(out, seed=, ...)`) for the tests.
   3. One line in `FAMILIES` below. `dspark-build fixture|inspect|convert|engine|repo`, the loader,
      tensor parallelism and the Triton models then take it.
 """

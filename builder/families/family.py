@@ -62,7 +62,8 @@ class Family:
     # target's Source, whether it holds one. None: the drafter is its own checkpoint.
     drafter_in_target: Callable[[Source], Any] | None = None
     # GPU routes. `tensorrt_draft_plans`: `engine --backend tensorrt` / `export-onnx` build TensorRT
-    # draft plans with the dspark plugins (else the drafter runs on TensorRT-LLM only).
+    # draft plans with the dspark plugins (else the drafter runs on TensorRT-LLM only); the ONNX
+    # graphs of builder/export_onnx.py exist for the Qwen3 drafter only, so only qwen3 sets it.
     # `expert_parallel`: TensorRT-LLM spreads MoE experts over the tensor-parallel GPUs.
     # `cuda_graphs`: the reference target replays its verify steps from CUDA graphs on a GPU.
     tensorrt_draft_plans: bool = False
