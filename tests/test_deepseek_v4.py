@@ -371,6 +371,9 @@ def small_vocab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.n
         weights[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
     weights["mtp.0.main_norm.weight"] = torch.ones(64)
     save_file(weights, str(root / "target" / "model.safetensors"), metadata={"format": "pt"})
+    from test_sampling import write_word_tokenizer  # tests/test_sampling.py
+
+    write_word_tokenizer(root / "target", VOCAB)
     convert(root / "target", None, root / "ckpt", show_progress=False)
     return root / "ckpt", model.float().eval()
 

@@ -148,8 +148,10 @@ def test_export_refuses_non_qwen3_or_missing_drafter(tmp_path: Path):
     from dspark_trt.runtime.errors import CheckpointError
     from dspark_trt.runtime.manifest import write_manifest
 
-    write_manifest(tmp_path, "checkpoint", family="deepseek-v4", tp=1, dspark={"block_size": 5})
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    write_manifest(ckpt, "checkpoint", family="deepseek-v4", tp=1, dspark={"block_size": 5})
     with pytest.raises(CheckpointError, match="Qwen3 drafter only"):
-        open_drafter(tmp_path)
-    result = CliRunner().invoke(export, [str(tmp_path), "-o", str(tmp_path / "out")])
+        open_drafter(ckpt)
+    result = CliRunner().invoke(export, [str(ckpt), "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and "Qwen3 drafter only" in result.output

@@ -481,10 +481,9 @@ def small_vocab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.n
         model.lm_head.weight.mul_(60)
     model = model.to(torch.bfloat16)
     model.save_pretrained(root / "target")
-    from tokenizers import Tokenizer, models  # one word per id: the server-side tokenizer convert requires
+    from test_sampling import write_word_tokenizer  # tests/test_sampling.py
 
-    Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0")).save(
-        str(root / "target" / "tokenizer.json"))
+    write_word_tokenizer(root / "target", VOCAB)
     draft_config = drafter_config(json.loads((root / "target" / "config.json").read_text()), VOCAB - 1, "vanilla")
     (root / "drafter").mkdir()
     (root / "drafter" / "config.json").write_text(json.dumps(draft_config))

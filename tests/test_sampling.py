@@ -25,6 +25,13 @@ from dspark_trt.runtime.qwen3 import Qwen3Target
 VOCAB, PROMPT, SAMPLES, TEMPERATURE = 16, [3, 1, 4], 2000, 1.0
 
 
+def write_word_tokenizer(target: Path, vocab: int) -> None:
+    """One word per id: the tokenizer.json that convert requires beside a target (the server loads it)."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0")).save(str(target / "tokenizer.json"))
+
+
 @pytest.fixture(scope="module")
 def small_vocab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
     """A 16-token Qwen3 target with peaked distributions, its DeepSpec drafter, converted."""
@@ -42,6 +49,7 @@ def small_vocab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.n
         model.lm_head.weight.mul_(60)
     model = model.to(torch.bfloat16)
     model.save_pretrained(root / "target")
+    write_word_tokenizer(root / "target", VOCAB)
     draft_config = drafter_config(json.loads((root / "target" / "config.json").read_text()), VOCAB - 1, "vanilla")
     (root / "drafter").mkdir()
     (root / "drafter" / "config.json").write_text(json.dumps(draft_config))

@@ -277,5 +277,6 @@ def test_deploy_lws_manifest_for_two_nodes(qwen3_ckpt: Path, tmp_path: Path):
     assert claim["persistentVolumeClaim"]["claimName"] == "dspark-models"
     assert objects[4]["spec"]["selector"]["role"] == "leader"
     assert objects[1]["rules"][1] == {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]}
-    result = _cli("deploy", qwen3_ckpt, "--nodes", 2, "--source", Path(__file__).parents[1], "--lws", out)
+    elsewhere = Path("/usr")  # exists, and is not under the checkpoint's top directory (/tmp here)
+    result = _cli("deploy", qwen3_ckpt, "--nodes", 2, "--source", elsewhere, "--lws", out)
     assert result.exit_code == 1 and "dspark-models claim" in result.output
