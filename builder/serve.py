@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ..runtime.errors import CheckpointError
 from ..runtime.model_handlers import KEY_ENV
+from ..runtime.watch import process_alive
 
 KEY_HEADER = "dspark-internal-key"  # the header that opens the restricted repository API
 SHM_DIR = Path("/dev/shm")
@@ -84,19 +85,6 @@ def read_state(path: Path) -> dict:
     """A state file written by start_server (or, from older versions, a file holding just the pid)."""
     text = path.read_text().strip()
     return json.loads(text) if text.startswith("{") else {"pid": int(text)}
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead; it only waits for its parent to collect it
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def clean_stale(directory: Path | None = None) -> list[int]:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import CheckpointError
+from .watch import process_alive
 
 # Kernel pseudo-filesystems: writing there fails or, worse, changes the running system.
 PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
@@ -121,23 +122,13 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_partials(out: Path) -> None:
     for leftover in out.parent.glob(f".{out.name}.partial-*"):
         try:
             pid = int(leftover.name.split(".partial-")[1].split("-")[0])
         except (IndexError, ValueError):
             continue
-        if not _alive(pid):
+        if not process_alive(pid):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

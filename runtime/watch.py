@@ -30,6 +30,18 @@ class ModelProcess:
     shm_region: str = ""  # a stub's shared-memory region (/dev/shm/NAME), which it leaves behind if killed
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie is dead, it only waits for its parent to collect it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    state = _stat(pid)
+    return state is None or state[0] != "Z"
+
+
 def _stat(pid: int) -> tuple[str, int] | None:
     """(state, parent pid) of a process, None if it does not exist."""
     try:
