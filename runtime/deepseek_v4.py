@@ -153,12 +153,16 @@ class Rope:
 
 def _rope_parameters(cfg: V4Config) -> dict[str, dict[str, Any]]:
     """{"main": ..., "compress": ...} as transformers' DeepseekV4Config.__post_init__ normalises them."""
-    rp = cfg.source.get("rope_parameters") or {}
+    # Older configs give the compress rope's scaling as `rope_scaling` (YaRN, with `type`), which
+    # transformers folds into rope_parameters["compress"] the same way.
+    rp = cfg.source.get("rope_parameters") or cfg.source.get("rope_scaling") or {}
     if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
         return {"main": rp["main"], "compress": rp["compress"]}
     c = cfg.source
     partial = c.get("partial_rotary_factor") or c.get("qk_rope_head_dim", 64) / c.get("head_dim", 512)
     flat = {k: v for k, v in rp.items() if k not in ("main", "compress")}
+    if "type" in flat:
+        flat.setdefault("rope_type", flat["type"])
     main = {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0), "partial_rotary_factor": partial}
     return {"main": main,
             "compress": {"rope_type": "default", **flat, "rope_theta": c.get("compress_rope_theta", 160000.0),

@@ -442,3 +442,26 @@ def test_served_stream_equals_target_only_greedy(v4_ckpt: Path, tmp_path: Path) 
                 assert got.ids == want and got.finish_reason == "length", mode
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("field", ["rope_parameters", "rope_scaling"])
+def test_yarn_compress_rope_equals_transformers(field: str) -> None:
+    """The compress rope's YaRN frequencies and attention factor are transformers' own, whether the
+    config gives them as rope_parameters or as the older rope_scaling (with `type`)."""
+    from transformers import DeepseekV4Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from dspark_trt.runtime.deepseek_v4 import Rope, V4Config
+
+    yarn = {"factor": 16.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}
+    yarn |= {"rope_type": "yarn"} if field == "rope_parameters" else {"type": "yarn"}
+    base = {k: v for k, v in DeepseekV4Config(max_position_embeddings=65536).to_dict().items()
+            if k not in ("rope_parameters", "rope_scaling")}  # a config.json as saved, before normalising
+    rope = Rope(V4Config.from_source({**base, field: yarn}))
+    hf = DeepseekV4Config(max_position_embeddings=65536, **{field: dict(yarn)})
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS["yarn"](hf, None, layer_type="compress")
+    ours, our_scaling = rope.tables["compress"]
+    assert our_scaling == pytest.approx(scaling)
+    torch.testing.assert_close(ours, inv_freq, rtol=0, atol=0)
+    default = Rope(V4Config.from_source(base))
+    assert not torch.equal(default.tables["compress"][0], ours)  # the scaling is not silently dropped
