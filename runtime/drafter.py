@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,15 +95,12 @@ class SlotContext:
                        features: torch.Tensor) -> None:
         raise NotImplementedError
 
-
-class Qwen3DSparkDrafter(SlotContext):
-    def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
-                 dtype: torch.dtype | None = None, bf16_products: bool | None = None,
-                 device: str | torch.device = "cpu") -> None:
-        """`device`: where weights, caches and activations live (float32 on the CPU, bfloat16 elsewhere
-        unless `dtype` says otherwise). `bf16_products`: on the CPU, multiply the large projections in
-        bf16 (see layers.Projection); by default where this CPU does so natively."""
-        draft_dir = Path(draft_dir)
+    def _load_unsharded(self, draft_dir: Path, device: str | torch.device, dtype: torch.dtype | None
+                        ) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.dtype]:
+        """What every drafter converted as one unsharded file set loads first: its config.json (refused
+        unless tp 1), rank0.safetensors on `device` in the runner's dtype (layers.runner_device), the
+        DSpark fields (block size, mask token, target layers) and the Markov / confidence heads.
+        Sets those attributes and returns (config, weights, dtype) for the family's own layers."""
         self.device, dtype = runner_device(device, dtype)
         self.config = c = json.loads((draft_dir / "config.json").read_text())
         if c["mapping"]["tp_size"] != 1:
@@ -113,14 +111,26 @@ class Qwen3DSparkDrafter(SlotContext):
         self.w = w = {name: ckpt.get(name).to(device=self.device, dtype=dtype) for name in ckpt.tensors}
         self.block_size, self.mask_token_id = dspark["block_size"], dspark["mask_token_id"]
         self.target_layer_ids = tuple(dspark["target_layer_ids"])
-        self.layers, self.eps = c["num_hidden_layers"], c["rms_norm_eps"]
-        self.heads, self.kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
-        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
         self.markov = MarkovHead.from_weights(dspark["markov_head_type"], w, source=draft_dir / "rank0.safetensors")
         calibration = draft_dir / CALIBRATION_FILE
         temperatures = read_calibration(calibration, self.block_size) if calibration.is_file() else None
         self.confidence = ConfidenceHead(w["confidence_head.proj.weight"], w.get("confidence_head.proj.bias"),
                                          dspark["confidence_head_with_markov"], temperatures)
+        return c, w, dtype
+
+
+class Qwen3DSparkDrafter(SlotContext):
+    def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
+                 dtype: torch.dtype | None = None, bf16_products: bool | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        """`device`: where weights, caches and activations live (float32 on the CPU, bfloat16 elsewhere
+        unless `dtype` says otherwise). `bf16_products`: on the CPU, multiply the large projections in
+        bf16 (see layers.Projection); by default where this CPU does so natively."""
+        draft_dir = Path(draft_dir)
+        c, w, dtype = self._load_unsharded(draft_dir, device, dtype)
+        self.layers, self.eps = c["num_hidden_layers"], c["rms_norm_eps"]
+        self.heads, self.kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
         # One projection where the checkpoint has two or three weights (q/k/v, k/v, gate/up): fewer,
         # bigger products.
         bf16 = (self.device.type == "cpu" and native_bf16()) if bf16_products is None else bf16_products

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .errors import CheckpointError
-from .layers import Rope, apply_rope, rms_norm
+from .layers import Rope, apply_rope, rms_norm, runner_device
 from .runner import SlotRunner
 from .safetensors_io import SafetensorsCheckpoint
 
@@ -101,19 +101,23 @@ class Gemma4Config:
 
 
 class Gemma4Target(SlotRunner):
-    """One tensor-parallel rank of a Gemma4 target, with a KV cache of `num_slots` sequences."""
+    """One tensor-parallel rank of a Gemma4 target, with a KV cache of `num_slots` sequences.
+
+    `device` / `dtype`: as for the Qwen3 target (float32 on the CPU, bfloat16 elsewhere); `lengths` stays
+    on the host."""
 
     def __init__(self, target_dir: Path, *, rank: int = 0, num_slots: int = 8, max_len: int = 1024,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
         self.config = cfg = Gemma4Config.from_checkpoint(target_dir)
+        self.device, dtype = runner_device(device, dtype)
         self.rank, self.dtype = rank, dtype
         source = Path(target_dir) / "config.json"
-        self.ropes = {t: gemma4_rope(cfg.hf, t, source) for t in set(cfg.layer_types)}
+        self.ropes = {t: gemma4_rope(cfg.hf, t, source).to(self.device) for t in set(cfg.layer_types)}
         if cfg.tp > 1 and not (dist.is_initialized() and dist.get_world_size() == cfg.tp):
             raise RuntimeError(f"{target_dir} is sharded for tp={cfg.tp}: run it with tp={cfg.tp} processes "
                                "(runtime.tp.DistributedTarget)")
         ckpt = SafetensorsCheckpoint(Path(target_dir) / f"rank{rank}.safetensors")
-        self.w = {name: ckpt.get(name).to(dtype) for name in ckpt.tensors}
+        self.w = {name: ckpt.get(name).to(device=self.device, dtype=dtype) for name in ckpt.tensors}
         self.q_heads = cfg.num_heads // cfg.tp
         # Per layer: (head_dim, this rank's kv heads, has values); a cache shaped for it.
         self.layer_shapes = []
@@ -122,15 +126,16 @@ class Gemma4Target(SlotRunner):
             head_dim, kv, has_v = cfg.geometry(layer)
             kv = max(1, kv // cfg.tp)
             self.layer_shapes.append((head_dim, kv, has_v))
-            self.k_cache.append(torch.zeros(num_slots, kv, max_len, head_dim, dtype=dtype))
-            self.v_cache.append(torch.zeros(num_slots, kv, max_len, head_dim, dtype=dtype))
+            self.k_cache.append(torch.zeros(num_slots, kv, max_len, head_dim, dtype=dtype, device=self.device))
+            self.v_cache.append(torch.zeros(num_slots, kv, max_len, head_dim, dtype=dtype, device=self.device))
         self.lengths = torch.zeros(num_slots, dtype=torch.long)
         self.max_len = max_len
 
     def _per_layer_inputs(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[B, T, layers, p]: Gemma4TextModel.get_per_layer_inputs + project_per_layer_inputs."""
         cfg, w, p = self.config, self.w, self.config.per_layer_input
-        token = F.embedding(ids, w["transformer.embed_tokens_per_layer.weight"]) * torch.tensor(p**0.5, dtype=x.dtype)
+        token = F.embedding(ids, w["transformer.embed_tokens_per_layer.weight"]) * torch.tensor(p**0.5, dtype=x.dtype,
+                                                                                                device=x.device)
         proj = F.linear(x, w["transformer.per_layer_model_projection.weight"]) * cfg.hidden_size**-0.5
         proj = rms_norm(proj.view(*x.shape[:2], cfg.num_layers, p), w["transformer.per_layer_projection_norm.weight"],
                         cfg.norm_eps)
@@ -141,20 +146,19 @@ class Gemma4Target(SlotRunner):
                 start: list[int] | None = None, logits: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Append `tokens[i]` to slot `slots[i]` and run them; the Qwen3 runner's contract (runtime/qwen3.py):
         per slot the (softcapped) logits of its new tokens, or their argmax ids with `logits` False, and the
-        outputs of the `capture` layers concatenated (HF `hidden_states[l + 1]`; -1: the scaled embedding)."""
-        cfg, w = self.config, self.w
+        outputs of the `capture` layers concatenated (HF `hidden_states[l + 1]`; -1: the scaled embedding).
+        All on the runner's device; index tensors and masks are built on the host and copied there once."""
+        cfg, w, dev = self.config, self.w, self.device
         batch, n_new = len(slots), [len(t) for t in tokens]
         width = max(n_new)
-        slot_idx = torch.tensor(slots)
         self.continue_from(slots, start)
-        start = self.lengths[slot_idx]
+        start = self.lengths[slots]
         if int((start + torch.tensor(n_new)).max()) > self.max_len:
             raise ValueError(f"a slot would exceed the cache length {self.max_len}")
         ids = torch.zeros(batch, width, dtype=torch.long)
         for b, t in enumerate(tokens):
             ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         positions = start[:, None] + torch.arange(width)
-        rope = {t: r(positions) for t, r in self.ropes.items()}
         total = int((start + torch.tensor(n_new)).max())
         keys = torch.arange(total)
         valid = torch.arange(width)[None, :] < torch.tensor(n_new)[:, None]  # [B, T]
@@ -164,10 +168,13 @@ class Gemma4Target(SlotRunner):
         for mask in masks.values():  # padded query rows see key 0 only (their output is discarded)
             mask &= valid[:, :, None]
             mask[:, :, 0] |= ~valid
+        masks = {t: mask.to(dev) for t, mask in masks.items()}
+        ids, slot_idx, positions = ids.to(dev), torch.tensor(slots, device=dev), positions.to(dev)
+        rope = {t: r(positions) for t, r in self.ropes.items()}
 
         # Gemma4TextScaledWordEmbedding: the scale in the weights' dtype.
         x = F.embedding(ids, w["transformer.vocab_embedding.weight"]) * torch.tensor(cfg.hidden_size**0.5,
-                                                                                      dtype=self.dtype)
+                                                                                      dtype=self.dtype, device=dev)
         per_layer = self._per_layer_inputs(ids, x) if cfg.per_layer_input else None
         captured = [x] if -1 in capture else []
         for layer in range(cfg.num_layers):
@@ -208,7 +215,7 @@ class Gemma4Target(SlotRunner):
             x = x * w[p + "layer_scalar"]
             if layer in capture:
                 captured.append(x)
-        self.lengths[slot_idx] = start + torch.tensor(n_new)
+        self.lengths[slots] = start + torch.tensor(n_new)
         h = rms_norm(x, w["transformer.ln_f.weight"], cfg.norm_eps)
         z = F.linear(h, w["lm_head.weight"]).float()
         if cfg.softcap is not None:  # monotonic: the argmax of each shard is unchanged by it

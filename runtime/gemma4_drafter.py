@@ -19,55 +19,40 @@ with the inference path of `deepspec/eval/dspark/draft_ops.py`), for a batch of 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .calibration import read_calibration
-from .drafter import CALIBRATION_FILE, Draft, SlotContext, sequential_heads
-from .errors import CheckpointError
+from .drafter import Draft, SlotContext, sequential_heads
 from .gemma4 import FULL, gemma4_rope
-from .heads import ConfidenceHead, MarkovHead
 from .layers import apply_rope, rms_norm
-from .safetensors_io import SafetensorsCheckpoint
 
 
 class Gemma4DSparkDrafter(SlotContext):
     def __init__(self, draft_dir: Path, *, num_slots: int = 8, max_len: int = 1024,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
+        """`device` / `dtype`: as for the Qwen3 drafter (float32 on the CPU, bfloat16 elsewhere)."""
         draft_dir = Path(draft_dir)
-        self.config = c = json.loads((draft_dir / "config.json").read_text())
-        if c["mapping"]["tp_size"] != 1:
-            raise CheckpointError(draft_dir / "config.json", "the reference drafter runs unsharded",
-                                  subject="mapping.tp_size", found=c["mapping"]["tp_size"], expected=1)
-        dspark = c["dspark"]
-        ckpt = SafetensorsCheckpoint(draft_dir / "rank0.safetensors")
-        self.w = w = {name: ckpt.get(name).to(dtype) for name in ckpt.tensors}
-        self.block_size, self.mask_token_id = dspark["block_size"], dspark["mask_token_id"]
-        self.target_layer_ids = tuple(dspark["target_layer_ids"])
+        c, w, dtype = self._load_unsharded(draft_dir, device, dtype)
         self.layers, self.eps, self.hidden_size = c["num_hidden_layers"], c["rms_norm_eps"], c["hidden_size"]
         self.heads, self.head_dim = c["num_attention_heads"], c["global_head_dim"]
         self.k_eq_v = bool(c.get("attention_k_eq_v", False))
         self.kv_heads = c["num_global_key_value_heads"] if self.k_eq_v else c["num_key_value_heads"]
         self.softcap = c.get("final_logit_softcapping")
-        self.markov = MarkovHead.from_weights(dspark["markov_head_type"], w, source=draft_dir / "rank0.safetensors")
-        calibration = draft_dir / CALIBRATION_FILE
-        temperatures = read_calibration(calibration, self.block_size) if calibration.is_file() else None
-        self.confidence = ConfidenceHead(w["confidence_head.proj.weight"], w.get("confidence_head.proj.bias"),
-                                         dspark["confidence_head_with_markov"], temperatures)
         # Keys and values come from one product: [k_proj; v_proj] (just k_proj when keys are values).
         self.kv_proj = [torch.cat([w[f"layers.{i}.self_attn.{n}_proj.weight"] for n in ("k" if self.k_eq_v else "kv")])
                         for i in range(self.layers)]
         shape = (self.layers, num_slots, self.kv_heads, max_len + self.block_size, self.head_dim)
-        self.k_ctx, self.v_ctx = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.k_ctx = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_ctx = torch.zeros(shape, dtype=dtype, device=self.device)
         self.ctx_len = torch.zeros(num_slots, dtype=torch.long)
         self.max_len, self.dtype = max_len, dtype
         # Gemma4DSparkModel.rotary_emb: the full-attention rotary embedding, for every position a context
         # token or a block can take.
         rope = gemma4_rope(c, FULL, draft_dir / "config.json")
-        self.cos_table, self.sin_table = rope(torch.arange(max_len + self.block_size))
+        cos, sin = rope(torch.arange(max_len + self.block_size))
+        self.cos_table, self.sin_table = cos.to(self.device), sin.to(self.device)
 
     def _keys_values(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k_norm(k) and v_norm(v) [..., kv_heads, head_dim] of inputs x [..., hidden] (before rotation)."""
@@ -79,7 +64,8 @@ class Gemma4DSparkDrafter(SlotContext):
 
     def _write_context(self, slot_of: torch.Tensor | int, positions: torch.Tensor | slice,
                        features: torch.Tensor) -> None:
-        ctx = rms_norm(F.linear(features.to(self.dtype), self.w["fc.weight"]), self.w["hidden_norm.weight"], self.eps)
+        ctx = F.linear(features.to(self.device, self.dtype), self.w["fc.weight"])
+        ctx = rms_norm(ctx, self.w["hidden_norm.weight"], self.eps)
         cos, sin = self.cos_table[positions], self.sin_table[positions]  # [n, head_dim]: apply_rope adds the head dim
         for layer in range(self.layers):
             k, v = self._keys_values(layer, ctx)  # [n, kv_heads, head_dim]
@@ -95,8 +81,8 @@ class Gemma4DSparkDrafter(SlotContext):
     def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
               generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
         hidden, base_logits = self.backbone(slots, anchors, gamma)
-        return sequential_heads(self.markov, self.confidence, hidden, base_logits, torch.tensor(anchors),
-                                temperatures, generators)
+        return sequential_heads(self.markov, self.confidence, hidden, base_logits,
+                                torch.tensor(anchors, device=self.device), temperatures, generators)
 
     @torch.inference_mode()
     def backbone(self, slots: list[int], anchors: list[int], gamma: int | None = None
@@ -104,17 +90,20 @@ class Gemma4DSparkDrafter(SlotContext):
         """Hidden states [B, γ, d] after `norm` and base logits U [B, γ, V] (softcapped, float32)."""
         w, gamma, eps = self.w, gamma or self.block_size, self.eps
         batch, heads, head_dim = len(slots), self.heads, self.head_dim
-        slot_idx = torch.tensor(slots)
-        ctx_len = self.ctx_len[slot_idx]
+        # Index tensors are made on the host (ctx_len is host bookkeeping) and copied to the device once.
+        dev = self.device
+        ctx_len = self.ctx_len[slots]
         ids = torch.full((batch, gamma), self.mask_token_id, dtype=torch.long)
         ids[:, 0] = torch.tensor(anchors)
-        positions = ctx_len[:, None] + torch.arange(gamma)
+        ids, slot_idx = ids.to(dev), torch.tensor(slots, device=dev)
+        positions = (ctx_len[:, None] + torch.arange(gamma)).to(dev)
         cos, sin = self.cos_table[positions], self.sin_table[positions]
         # Every block position sees its slot's context and the whole block; shorter contexts mask their tail.
         length = int(ctx_len.max()) + gamma
-        mask = (torch.arange(length) < (ctx_len + gamma)[:, None])[:, None, None]
+        mask = (torch.arange(length) < (ctx_len + gamma)[:, None])[:, None, None].to(dev)
 
-        x = F.embedding(ids, w["embed_tokens.weight"]) * torch.tensor(self.hidden_size**0.5, dtype=self.dtype)
+        x = F.embedding(ids, w["embed_tokens.weight"]) * torch.tensor(self.hidden_size**0.5, dtype=self.dtype,
+                                                                      device=dev)
         for layer in range(self.layers):
             p = f"layers.{layer}."
             h = rms_norm(x, w[p + "input_layernorm.weight"], eps)

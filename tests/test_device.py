@@ -3,8 +3,8 @@
 - Placement: built on the `meta` device (shapes and dtypes, no storage), every weight, cache and table of
   a runner is on it, in bfloat16 (the default off the CPU), and the slot bookkeeping stays on the host.
 - No host round trips: a meta tensor has no values, so `int()` / `.item()` / `.tolist()` / a boolean mask
-  on one raises. A forward (Qwen3) and a drafting round (Qwen3 drafter) that run on `meta` therefore read
-  nothing back from the device.
+  on one raises. A forward (Qwen3, Gemma4) and a drafting round (their drafters) that run on `meta`
+  therefore read nothing back from the device.
 - CPU stays the oracle: outputs on the CPU are checked by every other test file.
 
 Tests that need a GPU are marked `gpu` and skip here with the reason.
@@ -21,6 +21,8 @@ from conftest import convert_pair
 from dspark_trt.runtime.deepseek_v4 import DeepseekV4Target
 from dspark_trt.runtime.deepseek_v4_drafter import DeepseekV4DSparkDrafter
 from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
+from dspark_trt.runtime.gemma4 import Gemma4Target
+from dspark_trt.runtime.gemma4_drafter import Gemma4DSparkDrafter
 from dspark_trt.runtime.layers import runner_device, to_host
 from dspark_trt.runtime.qwen3 import Qwen3Target
 
@@ -74,6 +76,15 @@ def qwen3_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert_pair(pair, pair.parent / "ckpt")
 
 
+@pytest.fixture(scope="module")
+def gemma4_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dspark_trt.builder.fixture_gemma4 import write_gemma4_fixture
+
+    pair = tmp_path_factory.mktemp("device-gemma4") / "pair"
+    write_gemma4_fixture(pair, seed=0, markov_head_type="rnn")
+    return convert_pair(pair, pair.parent / "ckpt")
+
+
 def test_default_dtype_is_float32_on_the_cpu_and_bfloat16_elsewhere() -> None:
     assert runner_device("cpu", None) == (torch.device("cpu"), torch.float32)
     assert runner_device("meta", None) == (torch.device("meta"), torch.bfloat16)
@@ -109,6 +120,49 @@ def test_qwen3_drafter_on_meta_places_everything_and_drafts_without_reading_back
     drafter.draft([3], [5], [0.0], [None])  # one slot: the cache-slice path
 
 
+def test_gemma4_target_on_meta_places_everything_and_reads_nothing_back(gemma4_ckpt: Path) -> None:
+    """Built the way the loader and tensor parallelism build a rank (tp._build with tp._on's device)."""
+    from dspark_trt.runtime.tp import _build, _on
+
+    target = _build("gemma4", gemma4_ckpt / "target", 0, _on("meta", {"num_slots": 4, "max_len": 64}))
+    assert isinstance(target, Gemma4Target)
+    assert_all_on(target, "meta", torch.bfloat16)
+    capture = (-1, 0, 1)  # -1: the scaled embedding
+    head, features = target.forward([2, 0], [[5, 6, 7], [8]], capture=capture, start=[0, 0], logits=False)
+    assert [h.shape for h in head] == [(3,), (1,)] and all(h.device.type == "meta" for h in head)
+    assert features[0].shape == (3, len(capture) * target.config.hidden_size) and features[0].device.type == "meta"
+    assert target.lengths.tolist() == [1, 0, 3, 0]
+    head, _ = target.forward([2], [[1, 2]], start=[2], logits=True)  # a rollback and full logits
+    assert head[0].shape == (2, target.config.vocab_size) and target.lengths.tolist() == [1, 0, 4, 0]
+
+
+def test_gemma4_drafter_on_meta_places_everything_and_drafts_without_reading_back(gemma4_ckpt: Path) -> None:
+    drafter = Gemma4DSparkDrafter(gemma4_ckpt / "draft", num_slots=4, max_len=64, device="meta")
+    assert_all_on(drafter, "meta", torch.bfloat16)
+    width = drafter.w["fc.weight"].shape[1]
+    drafter.add_context_batch([1, 3], [torch.zeros(4, width, device="meta"), torch.zeros(2, width, device="meta")])
+    drafter.add_context(3, torch.zeros(1, width, device="meta"))  # one slot: the cache-slice path
+    draft = drafter.draft([1, 3], [5, 6], [0.0, 0.0], [None, None])
+    assert draft.tokens.shape == (2, drafter.block_size) and draft.tokens.device.type == "meta"
+    assert draft.confidence.device.type == "meta" and drafter.ctx_len.tolist() == [0, 4, 0, 3]
+
+
+def test_gemma4_drafter_refuses_a_sharded_checkpoint_by_field(gemma4_ckpt: Path, tmp_path: Path) -> None:
+    """The load preamble the drafters share (SlotContext._load_unsharded) names the field it refuses."""
+    import json
+    import shutil
+
+    from dspark_trt.runtime.errors import CheckpointError
+
+    draft = shutil.copytree(gemma4_ckpt / "draft", tmp_path / "draft")
+    config = json.loads((draft / "config.json").read_text())
+    config["mapping"]["tp_size"] = 2
+    (draft / "config.json").write_text(json.dumps(config))
+    for runner in (Gemma4DSparkDrafter, Qwen3DSparkDrafter):
+        with pytest.raises(CheckpointError, match="mapping.tp_size"):
+            runner(draft, device="meta")
+
+
 def test_v4_runners_on_meta_place_everything(v4_pair: Path, tmp_path: Path) -> None:
     """Placement only: the reference MoE routes tokens with data-dependent indexing (torch.where), which a
     meta tensor cannot answer, so a V4 forward is checked on the GPU (gpu_check) and the CPU (test_deepseek_v4)."""
@@ -121,9 +175,11 @@ def test_v4_runners_on_meta_place_everything(v4_pair: Path, tmp_path: Path) -> N
     assert_all_on(drafter, "meta", torch.bfloat16)
 
 
-def test_the_cpu_default_is_unchanged_float32(qwen3_ckpt: Path) -> None:
+def test_the_cpu_default_is_unchanged_float32(qwen3_ckpt: Path, gemma4_ckpt: Path) -> None:
     target = Qwen3Target(qwen3_ckpt / "target", num_slots=2, max_len=32)
     assert_all_on(target, "cpu", torch.float32)
+    assert_all_on(Gemma4Target(gemma4_ckpt / "target", num_slots=2, max_len=32), "cpu", torch.float32)
+    assert_all_on(Gemma4DSparkDrafter(gemma4_ckpt / "draft", num_slots=2, max_len=32), "cpu", torch.float32)
 
 
 @pytest.mark.gpu
@@ -135,6 +191,26 @@ def test_qwen3_on_cuda_matches_the_cpu_runner(qwen3_ckpt: Path) -> None:
     (h_cpu, f_cpu), (h_gpu, f_gpu) = cpu.forward(*args), gpu.forward(*args)
     for a, b in zip(h_cpu + f_cpu, h_gpu + f_gpu, strict=True):
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_gemma4_on_cuda_matches_the_cpu_runners(gemma4_ckpt: Path) -> None:
+    f32 = {"num_slots": 2, "max_len": 64, "dtype": torch.float32}
+    cpu, gpu = Gemma4Target(gemma4_ckpt / "target", **f32), Gemma4Target(gemma4_ckpt / "target", device="cuda:0", **f32)
+    args = ([0, 1], [[5, 6, 7], [8]], (-1, 0, 1), [0, 0], True)
+    (h_cpu, f_cpu), (h_gpu, f_gpu) = cpu.forward(*args), gpu.forward(*args)
+    for a, b in zip(h_cpu + f_cpu, h_gpu + f_gpu, strict=True):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
+    drafters = [Gemma4DSparkDrafter(gemma4_ckpt / "draft", device=d, **f32) for d in ("cpu", "cuda:0")]
+    width = drafters[0].w["fc.weight"].shape[1]
+    features = [torch.randn(3, width, generator=torch.Generator().manual_seed(0)), torch.randn(1, width)]
+    drafts = []
+    for drafter in drafters:
+        drafter.add_context_batch([0, 1], [f.to(drafter.device) for f in features])
+        drafts.append(drafter.draft([0, 1], [5, 6], [0.0, 0.0], [None, None]).cpu())
+    assert torch.equal(drafts[1].tokens, drafts[0].tokens)
+    torch.testing.assert_close(drafts[1].confidence, drafts[0].confidence, atol=1e-4, rtol=1e-4)
 
 
 def test_nccl_needs_one_gpu_per_rank_and_is_refused_without(qwen3_ckpt: Path) -> None:
