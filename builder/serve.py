@@ -274,13 +274,18 @@ def _group_has(pgid: int, text: str) -> bool:
     return False
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of this group still runs (zombies excepted: they hold no resources)."""
+def group_pids(pgid: int) -> list[int]:
+    """The processes of this group that still run (zombies excepted: they hold no resources)."""
+    pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _group_alive(pgid: int) -> bool:
+    return bool(group_pids(pgid))

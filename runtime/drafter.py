@@ -61,6 +61,15 @@ class SlotContext:
     max_len: int
     device = torch.device("cpu")  # where the drafter's weights and caches live
 
+    @torch.inference_mode()
+    def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
+              generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
+        """One round: the family's parallel `backbone` (hidden [B, γ, d], base logits [B, γ, V]), then the
+        shared sequential heads. A family whose heads read something else overrides this (DeepSeek-V4)."""
+        hidden, base_logits = self.backbone(slots, anchors, gamma)
+        return sequential_heads(self.markov, self.confidence, hidden, base_logits,
+                                torch.tensor(anchors, device=self.device), temperatures, generators)
+
     def reset(self, slot: int) -> None:
         self.ctx_len[slot] = 0
 
@@ -178,13 +187,6 @@ class Qwen3DSparkDrafter(SlotContext):
         # else token t goes to (every layer, its slot, all heads, its position): advanced indices put t first.
         self.k_ctx[:, slot_of, :, positions] = k
         self.v_ctx[:, slot_of, :, positions] = v
-
-    @torch.inference_mode()
-    def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
-              generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
-        hidden, base_logits = self.backbone(slots, anchors, gamma)
-        return sequential_heads(self.markov, self.confidence, hidden, base_logits,
-                                torch.tensor(anchors, device=self.device), temperatures, generators)
 
     @torch.inference_mode()
     def backbone(self, slots: list[int], anchors: list[int], gamma: int | None = None

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .drafter import Draft, SlotContext, sequential_heads
+from .drafter import SlotContext
 from .gemma4 import FULL, gemma4_rope
 from .layers import apply_rope, rms_norm
 
@@ -76,13 +76,6 @@ class Gemma4DSparkDrafter(SlotContext):
             else:
                 self.k_ctx[layer, slot_of, :, positions] = k
                 self.v_ctx[layer, slot_of, :, positions] = v
-
-    @torch.inference_mode()
-    def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
-              generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
-        hidden, base_logits = self.backbone(slots, anchors, gamma)
-        return sequential_heads(self.markov, self.confidence, hidden, base_logits,
-                                torch.tensor(anchors, device=self.device), temperatures, generators)
 
     @torch.inference_mode()
     def backbone(self, slots: list[int], anchors: list[int], gamma: int | None = None

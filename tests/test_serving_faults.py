@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from dspark_trt.builder.cli import main as build
 from dspark_trt.builder.convert import convert
 from dspark_trt.builder.repo import build_repo
-from dspark_trt.builder.serve import SHM_DIR, start_server
+from dspark_trt.builder.serve import SHM_DIR, group_pids, start_server
 from dspark_trt.client.cli import main as client
 from dspark_trt.client.stream import RequestError, complete, complete_http
 from dspark_trt.runtime.generate import Request, generate
@@ -193,18 +193,6 @@ def test_client_health_takes_either_port_and_errors_keep_their_brackets(served) 
 
 
 
-def _group(pgid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def test_stop_after_tritonserver_was_killed_leaves_nothing_from_any_directory(served, tmp_path, monkeypatch) -> None:
     """kill -9 of tritonserver orphans its model processes and their shared memory; `stop`, run from
     another directory, finds the server by its state file and removes all of it."""
@@ -213,12 +201,12 @@ def test_stop_after_tritonserver_was_killed_leaves_nothing_from_any_directory(se
     assert state["pid"] == server.process.pid and state["shm_prefix"] == server.shm_prefix
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait(10)
-    assert len(_group(server.process.pid)) >= 5  # the orphaned stubs (and the TP worker)
+    assert len(group_pids(server.process.pid)) >= 5  # the orphaned stubs (and the TP worker)
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(build, ["stop", "--http-port", str(server.http_port)])
     assert result.exit_code == 0, result.output
     assert f"tritonserver (pid {server.process.pid}) was not running; removed what it left behind" in result.output
-    assert _group(server.process.pid) == []
+    assert group_pids(server.process.pid) == []
     assert list(SHM_DIR.glob(f"{server.shm_prefix}*")) == []
     assert not (root / "state" / f"tritonserver-{server.http_port}.json").exists()
     assert "no server running" in CliRunner().invoke(build, ["stop", "--http-port", str(server.http_port)]).output
