@@ -23,6 +23,7 @@ from ..runtime.atomic import atomic_directory
 from ..runtime.errors import CheckpointError
 from ..runtime.loader import resolve_checkpoint
 from ..runtime.manifest import read_manifest
+from ..runtime.protocol import DRAFT, VERIFY
 from ..runtime.scheduler import DEFAULT_MIN_GAIN
 from .families.common import check_tokenizer
 
@@ -76,6 +77,8 @@ def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 
         "preprocessing_instances": 1, "postprocessing_instances": 1,
         "instance_kind": "KIND_MODEL" if layout == "gpu" else "KIND_CPU",
         "verify_gpus": verify_gpus, "draft_gpus": draft_gpus,
+        # the internal models' input / output sections, from the one definition of their messages
+        "verify_io": VERIFY.config_io(), "draft_io": DRAFT.config_io(),
         "layout_comment_verify": (f"Layout gpu: one instance owning {tp} tensor-parallel rank(s), rank r on GPU r "
                                   f"of `gpus` ({verify_gpus})." if layout == "gpu"
                                   else f"Layout cpu: one instance, {tp} gloo rank(s)."),

@@ -1,8 +1,8 @@
-"""Server side of the dspark_verify / dspark_draft wire protocol (see runtime/serving.py).
+"""Server side of the dspark_verify / dspark_draft wire protocol (the messages: runtime/protocol.py).
 
 Each handler owns a runner and its per-slot state and turns one batched request (numpy arrays by
-name) into one batched response. The Triton models are thin wrappers around these, and in-process
-tests call them directly.
+name, read into the endpoint's request message) into one batched response message. The Triton
+models are thin wrappers around these, and in-process tests call them directly.
 
 Both models hold per-slot state (caches, drafter context, samplers), so only the orchestrator may
 call them: `dspark-build serve` gives every model process a key in the environment
@@ -24,6 +24,7 @@ import torch
 from .generate import generator_seed
 from .layers import to_host
 from .loader import checkpoint_family, open_drafter, open_target
+from .protocol import DRAFT, VERIFY, DraftRequest, DraftResponse, Endpoint, VerifyRequest, VerifyResponse
 
 KEY_ENV = "DSPARK_INTERNAL_KEY"  # set by `dspark-build serve`, inherited by every model process
 KEY_PARAMETER = "dspark_internal_key"  # the request parameter the orchestrator sends it in
@@ -48,9 +49,8 @@ def internal_key() -> str:
     return key
 
 
-def _vector(inputs: dict[str, np.ndarray], name: str, rows: int, low: float, high: float) -> np.ndarray:
+def _vector(value: np.ndarray, name: str, rows: int, low: float, high: float) -> np.ndarray:
     """Field `name` as a vector of `rows` values in [low, high]."""
-    value = np.asarray(inputs[name])
     if value.ndim != 1 or value.shape[0] != rows:
         raise BadCall(f"{name} must have shape [{rows}] (one value per slot), got {list(value.shape)}")
     if value.size and (not np.isfinite(value).all() or value.min() < low or value.max() > high):
@@ -58,17 +58,17 @@ def _vector(inputs: dict[str, np.ndarray], name: str, rows: int, low: float, hig
     return value
 
 
-def _slots(inputs: dict[str, np.ndarray], num_slots: int) -> list[int]:
-    slots = np.asarray(inputs["SLOTS"])
+def _slots(slots: np.ndarray, num_slots: int) -> list[int]:
     if slots.ndim != 1 or slots.size == 0:
         raise BadCall(f"SLOTS must have shape [B] with B >= 1, got {list(slots.shape)}")
-    _vector(inputs, "SLOTS", slots.size, 0, num_slots - 1)
+    _vector(slots, "SLOTS", slots.size, 0, num_slots - 1)
     if len(set(slots.tolist())) != slots.size:
         raise BadCall(f"SLOTS must not repeat a slot, got {slots.tolist()}")
     return slots.astype(np.int64).tolist()
 
 
 class VerifyHandler:
+    endpoint = VERIFY
     def __init__(self, engine_dir: Path, *, num_slots: int, max_len: int, gpus: list[int] | None = None) -> None:
         """`gpus`: rank r of the target on cuda:<gpus[r]> (NCCL between ranks; Qwen3 verify steps replayed
         from CUDA graphs); none: on the CPU."""
@@ -79,15 +79,15 @@ class VerifyHandler:
         self.target = open_target(ckpt, num_slots=num_slots, max_len=max_len, gpus=gpus, **graphs)
         self.vocab_size = self.target.config.vocab_size
 
-    def validate(self, inputs: dict[str, np.ndarray]) -> tuple[list[int], list[int], list[list[int]], bool]:
+    def validate(self, request: VerifyRequest) -> tuple[list[int], list[int], list[list[int]], bool]:
         """(slots, starts, tokens per slot, want_logits), or BadCall / OutOfSync naming the field."""
-        slots = _slots(inputs, self.num_slots)
+        slots = _slots(request.slots, self.num_slots)
         rows = len(slots)
-        tokens = np.asarray(inputs["TOKENS"])
+        tokens = request.tokens
         if tokens.ndim != 2 or tokens.shape[0] != rows or tokens.shape[1] == 0:
             raise BadCall(f"TOKENS must have shape [{rows}, T] with T >= 1, got {list(tokens.shape)}")
-        counts = _vector(inputs, "COUNTS", rows, 1, tokens.shape[1]).astype(np.int64).tolist()
-        starts = _vector(inputs, "START", rows, 0, self.max_len).astype(np.int64).tolist()
+        counts = _vector(request.counts, "COUNTS", rows, 1, tokens.shape[1]).astype(np.int64).tolist()
+        starts = _vector(request.start, "START", rows, 0, self.max_len).astype(np.int64).tolist()
         rows_tokens = [row[:n].astype(np.int64).tolist() for row, n in zip(tokens, counts, strict=True)]
         for slot, start, row in zip(slots, starts, rows_tokens, strict=True):
             held = int(self.target.lengths[slot])
@@ -97,13 +97,14 @@ class VerifyHandler:
                 raise BadCall(f"slot {slot}: START {start} + COUNTS {len(row)} exceeds the cache length {self.max_len}")
             if min(row) < 0 or max(row) >= self.vocab_size:
                 raise BadCall(f"TOKENS of slot {slot} must lie in [0, {self.vocab_size}), got {min(row)}..{max(row)}")
-        want = np.asarray(inputs["WANT_LOGITS"])
-        if want.size != 1:
-            raise BadCall(f"WANT_LOGITS must hold one value, got {want.size}")
-        return slots, starts, rows_tokens, bool(want.reshape(-1)[0])
+        return slots, starts, rows_tokens, bool(request.want_logits[0])
 
     def handle(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        slots, starts, tokens, want_logits = self.validate(inputs)
+        """One call as Triton carries it: tensors by name in, tensors by name out."""
+        return self.respond(VerifyRequest.from_numpy(inputs)).to_numpy()
+
+    def respond(self, request: VerifyRequest) -> VerifyResponse:
+        slots, starts, tokens, want_logits = self.validate(request)
         counts = [len(t) for t in tokens]
         head, features = self.target.forward(slots, tokens, capture=self.capture, start=starts, logits=want_logits)
         head, features = to_host(head), to_host(features)  # one copy each off a GPU
@@ -116,13 +117,14 @@ class VerifyHandler:
             if want_logits:
                 out_logits[b, :n] = head[b].numpy()
             out_features[b, :n] = features[b].float().numpy()
-        return {"TOP_IDS": top_ids, "LOGITS": out_logits, "FEATURES": out_features}
+        return VerifyResponse(top_ids=top_ids, logits=out_logits, features=out_features)
 
     def close(self) -> None:
         self.target.close()
 
 
 class DraftHandler:
+    endpoint = DRAFT
     def __init__(self, engine_dir: Path, *, num_slots: int, max_len: int, threads: int | None = None,
                  device: str = "cpu") -> None:
         if threads:  # torch threads of this process (the model's own: Triton runs each in a process)
@@ -136,18 +138,18 @@ class DraftHandler:
         fc = getattr(self.drafter, "fc", None)
         self.feature_width = getattr(fc, "in_features", None)  # what the drafter reads, where it says
 
-    def validate(self, inputs: dict[str, np.ndarray]) -> list[int]:
+    def validate(self, request: DraftRequest) -> list[int]:
         """The slots of a well-formed call, or BadCall / OutOfSync naming the field; changes nothing."""
-        slots = _slots(inputs, self.num_slots)
+        slots = _slots(request.slots, self.num_slots)
         rows = len(slots)
-        features = np.asarray(inputs["CTX_FEATURES"])
+        features = request.ctx_features
         width = self.feature_width
         if features.ndim != 3 or features.shape[0] != rows or (width is not None and features.shape[2] != width):
             raise BadCall(f"CTX_FEATURES must have shape [{rows}, N, {width or 'F'}], got {list(features.shape)}")
         if not np.isfinite(features).all():
             raise BadCall("CTX_FEATURES must be finite")
-        counts = _vector(inputs, "CTX_COUNTS", rows, 0, features.shape[1])
-        starts = _vector(inputs, "CTX_START", rows, 0, self.max_len)
+        counts = _vector(request.ctx_counts, "CTX_COUNTS", rows, 0, features.shape[1])
+        starts = _vector(request.ctx_start, "CTX_START", rows, 0, self.max_len)
         for slot, start, count in zip(slots, starts.tolist(), counts.tolist(), strict=True):
             held = int(self.drafter.ctx_len[slot])
             if start not in (0, held):
@@ -155,26 +157,28 @@ class DraftHandler:
             if start + count > self.max_len:
                 raise BadCall(f"slot {slot}: CTX_START {start} + CTX_COUNTS {count} exceeds the context length "
                               f"{self.max_len}")
-        _vector(inputs, "ANCHORS", rows, 0, self.vocab_size - 1)
-        _vector(inputs, "TEMPERATURES", rows, 0, 100)
-        _vector(inputs, "SEEDS", rows, -(2**63), 2**63 - 1)
-        _vector(inputs, "GAMMA", 1, 1, self.drafter.block_size)
+        _vector(request.anchors, "ANCHORS", rows, 0, self.vocab_size - 1)
+        _vector(request.temperatures, "TEMPERATURES", rows, 0, 100)
+        _vector(request.seeds, "SEEDS", rows, -(2**63), 2**63 - 1)
+        _vector(request.gamma, "GAMMA", 1, 1, self.drafter.block_size)
         return slots
 
     def handle(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        slots = self.validate(inputs)
+        """One call as Triton carries it: tensors by name in, tensors by name out."""
+        return self.respond(DraftRequest.from_numpy(inputs)).to_numpy()
+
+    def respond(self, request: DraftRequest) -> DraftResponse:
+        slots = self.validate(request)
         for i, slot in enumerate(slots):
-            if int(inputs["CTX_START"][i]) == 0:
+            if int(request.ctx_start[i]) == 0:
                 self.drafter.reset(slot)
-                self.generators[slot].manual_seed(generator_seed(int(inputs["SEEDS"][i])))
-        features = torch.from_numpy(inputs["CTX_FEATURES"])
-        self.drafter.add_context_batch(slots, [features[i, :n] for i, n in enumerate(inputs["CTX_COUNTS"].tolist())])
-        temperatures = inputs["TEMPERATURES"].astype(float).tolist()
-        draft = self.drafter.draft(slots, inputs["ANCHORS"].astype(np.int64).tolist(), temperatures,
-                                   [self.generators[s] for s in slots], int(inputs["GAMMA"].reshape(-1)[0])).cpu()
-        return {"TOKENS": draft.tokens.numpy().astype(np.int32), "PROBS": draft.probs.numpy().astype(np.float32),
-                "CONF_LOGITS": draft.conf_logits.numpy().astype(np.float32),
-                "CONFIDENCE": draft.confidence.numpy().astype(np.float32)}
+                self.generators[slot].manual_seed(generator_seed(int(request.seeds[i])))
+        features = torch.from_numpy(request.ctx_features)
+        self.drafter.add_context_batch(slots, [features[i, :n] for i, n in enumerate(request.ctx_counts.tolist())])
+        draft = self.drafter.draft(slots, request.anchors.astype(np.int64).tolist(),
+                                   request.temperatures.astype(float).tolist(), [self.generators[s] for s in slots],
+                                   int(request.gamma[0]))
+        return DraftResponse.from_draft(draft)
 
 
 def from_orchestrator(parameters: str, key: str) -> bool:
@@ -186,21 +190,21 @@ def from_orchestrator(parameters: str, key: str) -> bool:
     return isinstance(sent, str) and hmac.compare_digest(sent.encode(), key.encode())
 
 
-def execute_batched(handler: VerifyHandler | DraftHandler, requests: list, input_names: tuple[str, ...],
-                    pb_utils: object, model: str, key: str) -> list:
+def execute_batched(handler: VerifyHandler | DraftHandler, requests: list, pb_utils: object, key: str) -> list:
     """The `execute` of the dspark_verify / dspark_draft Triton models (pb_utils is passed in because
     it only exists inside Triton's Python backend). A failure answers its request, the model stays up."""
+    endpoint: Endpoint = handler.endpoint
     responses = []
     for request in requests:
         if not from_orchestrator(request.parameters(), key):
             responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                f"{model} is internal to the dspark orchestrator and serves no clients: send requests to the "
-                "`ensemble` model")))
+                f"{endpoint.model} is internal to the dspark orchestrator and serves no clients: send requests "
+                "to the `ensemble` model")))
             continue
         try:
-            inputs = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in input_names}
+            inputs = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in endpoint.request.names()}
             outputs = handler.handle(inputs)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]))
         except Exception as e:  # noqa: BLE001 - reported to the caller
-            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{model}: {e}")))
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{endpoint.model}: {e}")))
     return responses

@@ -3,17 +3,9 @@
 Kept free of Triton imports so that it can be tested in-process; model_repository/dspark/1/model.py
 plugs in Triton's BLS calls, response senders and metrics.
 
-Wire protocol of the two models the orchestrator calls (batched tensors, one call per round):
-
-    dspark_verify  SLOTS i32[B] START i32[B] TOKENS i32[B,T] COUNTS i32[B] WANT_LOGITS bool[1]
-                   -> TOP_IDS i32[B,T] LOGITS f32[B,T,V] FEATURES f32[B,T,F]
-                   (START is the slot's cache length before the new tokens: rollback is implicit)
-                   (TOP_IDS is each position's argmax; LOGITS is [B,T,0] unless WANT_LOGITS)
-    dspark_draft   SLOTS i32[B] CTX_START i32[B] CTX_COUNTS i32[B] CTX_FEATURES f32[B,N,F] ANCHORS i32[B]
-                   TEMPERATURES f32[B] SEEDS i64[B] GAMMA i32[1]
-                   -> TOKENS i32[B,G] PROBS f32[B,G,V] CONF_LOGITS f32[B,G] CONFIDENCE f32[B,G]
-                   (PROBS is [B,G,0] when every row is greedy: verification then needs no distribution)
-                   (CTX_START 0 starts the slot afresh, its sampler seeded from SEEDS)
+The orchestrator calls two models, dspark_verify (the target, a KV cache per slot) and dspark_draft
+(the drafter, a context per slot), once each per round with batched tensors: RemoteTarget and
+RemoteDrafter below. Their messages are defined in runtime/protocol.py.
 """
 
 from __future__ import annotations
@@ -33,6 +25,7 @@ import torch
 from .detok import CONTEXT_TOKENS, IncrementalText
 from .drafter import Draft
 from .generate import SEED_MAX, SEED_MIN, Request, SpeculativeDecoder, wire_seed
+from .protocol import DRAFT, VERIFY, DraftRequest, DraftResponse, VerifyRequest, VerifyResponse
 
 Call = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 SPECULATION_MODES = ("auto", "off", "fixed")
@@ -136,12 +129,10 @@ class RemoteTarget:
         if start is None:
             raise ValueError("the remote target needs each slot's start position")
         counts = [len(t) for t in tokens]
-        out = self.call("dspark_verify", {
-            "SLOTS": np.asarray(slots, dtype=np.int32), "START": np.asarray(start, dtype=np.int32),
-            "TOKENS": _pad(tokens), "COUNTS": np.asarray(counts, dtype=np.int32),
-            "WANT_LOGITS": np.asarray([logits])})
-        head = torch.from_numpy(out["LOGITS"]) if logits else torch.from_numpy(out["TOP_IDS"]).long()
-        features = torch.from_numpy(out["FEATURES"])
+        request = VerifyRequest(slots=slots, start=start, tokens=_pad(tokens), counts=counts, want_logits=[logits])
+        out = VerifyResponse.from_numpy(self.call(VERIFY.model, request.to_numpy()))
+        head = torch.from_numpy(out.logits) if logits else torch.from_numpy(out.top_ids).long()
+        features = torch.from_numpy(out.features)
         return [head[b, :n] for b, n in enumerate(counts)], [features[b, :n] for b, n in enumerate(counts)]
 
     def close(self) -> None:
@@ -174,19 +165,16 @@ class RemoteDrafter:
         ctx = np.zeros((len(slots), width, feature_dim), dtype=np.float32)
         for i, f in enumerate(new):
             ctx[i, : f.shape[0]] = f.float().numpy()
-        out = self.call("dspark_draft", {
-            "SLOTS": np.asarray(slots, dtype=np.int32),
-            "CTX_START": np.asarray([0 if s in self.fresh else int(self.ctx_len[s]) for s in slots], dtype=np.int32),
-            "CTX_COUNTS": np.asarray([f.shape[0] for f in new], dtype=np.int32), "CTX_FEATURES": ctx,
-            "ANCHORS": np.asarray(anchors, dtype=np.int32), "TEMPERATURES": np.asarray(temperatures, dtype=np.float32),
-            "SEEDS": np.asarray([wire_seed(g) if g is not None else 0 for g in generators], dtype=np.int64),
-            "GAMMA": np.asarray([gamma or self.block_size], dtype=np.int32)})
+        request = DraftRequest(
+            slots=slots, ctx_start=[0 if s in self.fresh else int(self.ctx_len[s]) for s in slots],
+            ctx_counts=[f.shape[0] for f in new], ctx_features=ctx, anchors=anchors, temperatures=temperatures,
+            seeds=[wire_seed(g) if g is not None else 0 for g in generators], gamma=[gamma or self.block_size])
+        out = DraftResponse.from_numpy(self.call(DRAFT.model, request.to_numpy()))
         for i, s in enumerate(slots):
             self.ctx_len[s] += new[i].shape[0]
             self.pending[s] = []
             self.fresh.discard(s)
-        return Draft(torch.from_numpy(out["TOKENS"]).long(), torch.from_numpy(out["PROBS"]),
-                     torch.from_numpy(out["CONF_LOGITS"]), torch.from_numpy(out["CONFIDENCE"]))
+        return out.to_draft()
 
 
 # ---------------------------------------------------------------------------------------------

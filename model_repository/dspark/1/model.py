@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from dspark_trt.runtime.loader import resolve_checkpoint
 from dspark_trt.runtime.manifest import read_manifest
 from dspark_trt.runtime.model_handlers import KEY_PARAMETER, internal_key
+from dspark_trt.runtime.protocol import ENDPOINTS
 from dspark_trt.runtime.scheduler import CostTable
 from dspark_trt.runtime.serving import (
     Limits,
@@ -32,8 +33,6 @@ from dspark_trt.runtime.serving import (
 from dspark_trt.runtime.watch import ModelWatch
 
 INPUTS = ("INPUT_IDS", "MAX_TOKENS", "TEMPERATURE", "SEED", "STOP", "STOP_IDS", "SPECULATION", "GAMMA")
-OUTPUTS = {"dspark_verify": ["TOP_IDS", "LOGITS", "FEATURES"],
-           "dspark_draft": ["TOKENS", "PROBS", "CONF_LOGITS", "CONFIDENCE"]}
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Models whose processes hold request state: when one dies, the live requests are lost.
 STATEFUL = ("dspark_verify", "dspark_draft")
@@ -43,13 +42,15 @@ IPC = threading.Lock()  # this process's messages to the server, one at a time (
 
 
 def bls(model, inputs):
+    """One call to an internal model (runtime/protocol.py names its inputs and outputs)."""
+    outputs = ENDPOINTS[model].response.names()
     request = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
-                                        requested_output_names=OUTPUTS[model], parameters=PARAMETERS)
+                                        requested_output_names=outputs, parameters=PARAMETERS)
     with IPC:
         response = request.exec()
     if response.has_error():
         raise RuntimeError(response.error().message())
-    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in OUTPUTS[model]}
+    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
 def _tensors(tokens, prefix, finish_reason, stats):

@@ -1,4 +1,5 @@
-"""dspark_draft: batched DSpark drafting with per-slot context (dspark_trt.runtime.model_handlers)."""
+"""dspark_draft: batched DSpark drafting with per-slot context (dspark_trt.runtime.model_handlers);
+its inputs and outputs are the messages of dspark_trt.runtime.protocol."""
 
 import json
 
@@ -6,8 +7,6 @@ import triton_python_backend_utils as pb_utils
 
 from dspark_trt.runtime.model_handlers import DraftHandler, execute_batched, internal_key
 from dspark_trt.runtime.placement import model_gpus, rank_device, require_visible
-
-INPUTS = ("SLOTS", "CTX_START", "CTX_COUNTS", "CTX_FEATURES", "ANCHORS", "TEMPERATURES", "SEEDS", "GAMMA")
 
 
 class TritonPythonModel:
@@ -26,4 +25,4 @@ class TritonPythonModel:
                                     device=rank_device(gpus))
 
     def execute(self, requests):
-        return execute_batched(self.handler, requests, INPUTS, pb_utils, "dspark_draft", self.key)
+        return execute_batched(self.handler, requests, pb_utils, self.key)

@@ -1,4 +1,5 @@
-"""dspark_verify: batched target forward with per-slot caches (dspark_trt.runtime.model_handlers)."""
+"""dspark_verify: batched target forward with per-slot caches (dspark_trt.runtime.model_handlers);
+its inputs and outputs are the messages of dspark_trt.runtime.protocol."""
 
 import json
 
@@ -6,8 +7,6 @@ import triton_python_backend_utils as pb_utils
 
 from dspark_trt.runtime.model_handlers import VerifyHandler, execute_batched, internal_key
 from dspark_trt.runtime.placement import model_gpus, require_visible
-
-INPUTS = ("SLOTS", "START", "TOKENS", "COUNTS", "WANT_LOGITS")
 
 
 class TritonPythonModel:
@@ -25,7 +24,7 @@ class TritonPythonModel:
                                      max_len=int(params["max_len"]), gpus=gpus)
 
     def execute(self, requests):
-        return execute_batched(self.handler, requests, INPUTS, pb_utils, "dspark_verify", self.key)
+        return execute_batched(self.handler, requests, pb_utils, self.key)
 
     def finalize(self):
         self.handler.close()
