@@ -236,10 +236,21 @@ def convert(target: Path, drafter: Path | None, tp: int, draft_tp: int | None, d
 @click.option("--warmup", default=2, show_default=True, help="Discarded steps per grid cell.")
 @click.option("--steps", default=15, show_default=True,
               help="Measured steps per grid cell (the lower quartile is kept: load from elsewhere only adds time).")
-@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output file(s) if they exist.")
+@click.option("--backend", type=click.Choice(["reference", "tensorrt-llm"]), default="reference", show_default=True,
+              help="reference: time our target's verify steps on this machine. tensorrt-llm (GPU host, TensorRT-LLM "
+                   "installed): time the deployment `repo --backend tensorrt-llm` serves, through TensorRT-LLM's LLM "
+                   "API (see below).")
+@click.option("--trtllm-output", type=click.Path(dir_okay=False, path_type=Path),
+              help="tensorrt-llm: where TensorRT-LLM's own table goes (default: OUTPUT's name + .trtllm.json).")
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(min=1),
+              help="tensorrt-llm: tensor parallel size (as `repo --gpus`).")
+@click.option("--max-batch-size", type=click.IntRange(min=1),
+              help="tensorrt-llm: the served max batch size (`repo --num-slots`; default: the largest batch size).")
 @reports_errors
 def profile(engine_dir: Path, out: Path, batch_sizes: str, verify_lengths: str | None, context: int, warmup: int,
-            steps: int, force: bool) -> None:
+            steps: int, force: bool, backend: str, trtllm_output: Path | None, gpus: int,
+            max_batch_size: int | None) -> None:
     """Measure the SPS cost table the confidence scheduler plans with.
 
     Times verify steps of the target on this machine over a grid of batch size R × verify length l
@@ -250,12 +261,39 @@ def profile(engine_dir: Path, out: Path, batch_sizes: str, verify_lengths: str |
     \b
     JSON: {"format": "dspark-trt/sps-table", "token_counts": [...], "step_time_ms": [...],
            "fixed_overhead_ms": x, "batch_sizes": [...], "batch_overhead_ms": [...], "meta": {...}}
+
+    \b
+    --backend tensorrt-llm runs on a GPU host with TensorRT-LLM (DSpark in its PyTorch backend):
+    one LLM per draft length l (the model.yaml arguments of `repo --backend tensorrt-llm`, block
+    cut to l; l = 0 without speculation), R requests with --context random prompt tokens per batch
+    size; LLM.get_stats() gives each iteration's hostStepTimeMS, and only generation-only iterations
+    with exactly R requests verifying l drafts count (median after --warmup; try --steps 64).
+    Writes OUTPUT (ours, verify_batching "packed") and TensorRT-LLM's table for
+    confidence_sps_table_path as read on its confidence-scheduling branch (PR #17056: the same
+    fixed + alpha(R) + theta(tokens), _meta.engine = tp/ep/block/max_batch_size). Not written: the
+    schema-v2 table of PR #18392, which only loads with a live fingerprint of the running engine
+    that TensorRT-LLM's runtime produces. Without TensorRT-LLM it exits 4 and writes nothing.
     """
     from ..runtime.scheduler import FORMAT
     from .profile import profile_checkpoint
 
     # The table may live in ENGINE_DIR (where `repo` looks for it) but never replace another file there.
     check_output(out, inputs=[engine_dir], force=force, replaceable=lambda f: _json_field(f, "format") == FORMAT)
+    if backend == "tensorrt-llm":
+        from . import profile_trtllm as trt
+
+        trt.check_tensorrt_llm()
+        trtllm_output = trtllm_output or trt.trtllm_output_path(out)
+        check_output(trtllm_output, inputs=[engine_dir], force=force, replaceable=trt.is_trtllm_table)
+        table, trtllm_table = trt.profile_trtllm(engine_dir, batch_sizes=_ints(batch_sizes),
+                                                 draft_lengths=_ints(verify_lengths) if verify_lengths else None,
+                                                 gpus=gpus, max_batch_size=max_batch_size, prompt_tokens=context,
+                                                 warmup=warmup, steps=steps)
+        table.save(out)
+        trt.write_trtllm_table(trtllm_table, trtllm_output)
+        stdout.print(f"[green]✓[/] wrote {out} and {trtllm_output} (TensorRT-LLM {table.meta['tensorrt_llm_version']}"
+                     f" on {table.meta['gpu']})")
+        return
     table = profile_checkpoint(engine_dir, batch_sizes=_ints(batch_sizes),
                                verify_lengths=_ints(verify_lengths) if verify_lengths else None,
                                context=context, warmup=warmup, steps=steps)
