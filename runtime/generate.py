@@ -7,7 +7,13 @@
     choose verify lengths                  off: 0 · fixed: γ · auto: the confidence scheduler
     verify [x0, d_1..d_l] per request      (target, one batched call, different lengths per slot)
     accept (greedy or rejection sampling), roll back the target cache, feed the accepted tokens'
-    features to the drafter's context, commit, finish requests on stop ids or max_new_tokens.
+    features to the drafter's context, commit, finish requests on stop ids, stop strings or
+    max_new_tokens.
+
+Choosing the verify lengths is `_plan`: estimate survival from earlier rounds → decide whether drafting
+pays (and, for the production scheduler, the lengths) → draft → lengths from this round's survival
+where the paper's scheduler asks for them. Served, each round's model calls are timed (`_timed`) and
+fed to `ServedCosts`, which corrects the cost table the plans use.
 
 The Triton orchestrator drives the same object; `generate()` is the in-process loop used by tests,
 calibration and benchmarks.
@@ -16,13 +22,14 @@ calibration and benchmarks.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from .detok import IncrementalText
 from .drafter import Draft
 from .layers import to_host
 from .scheduler import (
@@ -53,6 +60,8 @@ class Request:
     temperature: float = 0.0
     seed: int = 0
     stop_ids: tuple[int, ...] = ()
+    # End after the token that completes one of these (it stays in the output); needs the decoder's `decode`.
+    stop_strings: tuple[str, ...] = ()
     speculation: Mode = "auto"
     gamma: int | None = None  # fixed mode's block; default: the drafter's block size
 
@@ -94,6 +103,7 @@ class _Live:
     anchor: int  # the last committed token: not yet run through the target
     cached: int = 0  # tokens of this request in the target's cache (all committed ones but the anchor)
     stale_survival: torch.Tensor | None = None  # last round's, for the production scheduler
+    text: IncrementalText | None = None  # the output's text so far, when the request has stop strings
 
 
 class SpeculativeDecoder:
@@ -101,14 +111,16 @@ class SpeculativeDecoder:
 
     def __init__(self, target: Any, drafter: Any, *, num_slots: int, cost_table: CostTable | None = None,
                  scheduler: Literal["paper", "production"] = "paper", min_gain: float = DEFAULT_MIN_GAIN,
-                 record_calibration: bool = False, measure_costs: bool = False, adapt_survival: bool = True
-                 ) -> None:
+                 record_calibration: bool = False, measure_costs: bool = False, adapt_survival: bool = True,
+                 decode: Callable[[Sequence[int]], str] | None = None) -> None:
         self.target, self.drafter = target, drafter
+        self.decode = decode  # token ids -> text, for stop strings
         self.cost_table = cost_table or CostTable.flat()
         # Served: plan with the table corrected by each round's measured times (see ServedCosts).
         self.served = ServedCosts(self.cost_table) if measure_costs else None
         self._round_end: float | None = None  # when the last round ended, unless a prefill ran since
-        self._draft_ms, self._drafted_rows = 0.0, 0
+        self._times: dict[str, float] = {}  # this round's model calls, in ms (see `_timed`)
+        self._drafted_rows = 0
         self._skipped = 0  # rounds in which `auto` decided not to draft
         self.scheduler, self.min_gain = scheduler, min_gain
         self.free = list(range(num_slots))[::-1]
@@ -135,6 +147,10 @@ class SpeculativeDecoder:
             raise RuntimeError(f"{len(requests)} requests but only {len(self.free)} free slots")
         if any(not r.prompt for r in requests):
             raise ValueError("empty prompt")
+        if any(r.stop_strings for r in requests) and self.decode is None:
+            raise ValueError("stop strings need the tokenizer's decode: pass decode= to the decoder")
+        if any(not stop for r in requests for stop in r.stop_strings):
+            raise ValueError("stop strings must not be empty")
         slots = [self.free.pop() for _ in requests]
         self._round_end = None  # the prefill's time is not a round's overhead
         try:
@@ -151,7 +167,8 @@ class SpeculativeDecoder:
             self.free.extend(slots[::-1])  # the requests were never admitted: their slots are free again
             raise
         for i, (slot, request) in enumerate(zip(slots, requests, strict=True)):
-            live = _Live(request, Result(), torch.Generator(), anchor=-1, cached=len(request.prompt))
+            live = _Live(request, Result(), torch.Generator(), anchor=-1, cached=len(request.prompt),
+                         text=IncrementalText(self.decode) if request.stop_strings else None)
             self.live[slot] = live
             with self._isolated(slot):
                 live.generator.manual_seed(generator_seed(request.seed))
@@ -180,17 +197,15 @@ class SpeculativeDecoder:
         slots = [s for s, live in self.live.items() if live.result.finish_reason is None]
         if not slots:
             return {}
-        start = time.perf_counter()
-        self._draft_ms, self._drafted_rows = 0.0, 0
+        self._times, self._drafted_rows = {}, 0
         lengths, draft = self._plan(slots)
-        planned = time.perf_counter()
         verify_tokens = [[self.live[s].anchor] + draft.tokens[i, : lengths[i]].tolist() if lengths[i] else
                          [self.live[s].anchor] for i, s in enumerate(slots)]
         sampled = any(self.live[s].request.temperature > 0 for s in slots)
-        head, features = self.target.forward(slots, verify_tokens, capture=self.drafter.target_layer_ids,
-                                             start=[self.live[s].cached for s in slots], logits=sampled)
-        head = to_host(head)  # acceptance runs on the host; the features stay where the drafter reads them
-        verified = time.perf_counter()
+        with self._timed("verify"):
+            head, features = self.target.forward(slots, verify_tokens, capture=self.drafter.target_layer_ids,
+                                                 start=[self.live[s].cached for s in slots], logits=sampled)
+            head = to_host(head)  # acceptance runs on the host; the features stay where the drafter reads them
         committed: dict[int, list[int]] = {}
         context: list[torch.Tensor] = []
         accepted_counts = []
@@ -227,15 +242,27 @@ class SpeculativeDecoder:
             self._observed = ADAPT_DECAY * (self._observed + accepted_mask.sum(0))
         self.drafter.add_context_batch(slots, context)
         if self.served is not None:
-            end = time.perf_counter()
-            # Outside the two model calls: planning, accepting, and (before `start`) whatever the caller
-            # did with the last round's tokens, e.g. sending them.
-            inside = (planned - start) * 1000 - self._draft_ms + (end - verified) * 1000
-            between = None if self._round_end is None else inside + (start - self._round_end) * 1000
-            self.served.observe(len(slots), sum(len(t) for t in verify_tokens), (verified - planned) * 1000,
-                                self._drafted_rows, self._draft_ms, between)
-            self._round_end = end
+            self._observe_costs(len(slots), lengths)
         return committed
+
+    @contextmanager
+    def _timed(self, call: str) -> Iterator[None]:
+        """Time one model call of this round into `_times` (what `ServedCosts` learns from)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._times[call] = self._times.get(call, 0.0) + (time.perf_counter() - began) * 1000
+
+    def _observe_costs(self, rows: int, lengths: list[int]) -> None:
+        """Report this round to `ServedCosts`: its model calls, and everything else since the last round
+        ended (planning, accepting, and whatever the caller did with the tokens, e.g. sending them)."""
+        end = time.perf_counter()
+        verify_ms, draft_ms = self._times.get("verify", 0.0), self._times.get("draft", 0.0)
+        other = None if self._round_end is None else (end - self._round_end) * 1000 - verify_ms - draft_ms
+        tokens = rows * (1 + max(lengths)) if self.cost_table.padded else rows + sum(lengths)
+        self.served.observe(rows, tokens, verify_ms, self._drafted_rows, draft_ms, other)
+        self._round_end = end
 
     @property
     def table(self) -> CostTable:
@@ -243,66 +270,73 @@ class SpeculativeDecoder:
         return self.cost_table if self.served is None else self.served.table
 
     def _plan(self, slots: list[int]) -> tuple[list[int], Draft | None]:
-        """Draft for the requests that speculate and decide how many drafts each one verifies."""
+        """Estimate → decide → draft → verify lengths, for the requests of one round (rows as in `slots`)."""
         lives = [self.live[s] for s in slots]
         budget = [live.request.max_new_tokens - len(live.result.tokens) - 1 for live in lives]
         speculating = [i for i, live in enumerate(lives) if live.request.speculation != "off" and budget[i] > 0]
-        lengths = [0] * len(slots)
         if not speculating:
-            return lengths, None
-        gamma = self.drafter.block_size
-        all_auto = all(lives[i].request.speculation == "auto" for i in speculating)
-        planned = None  # verify lengths decided before drafting
-        if all_auto and self.scheduler == "production" and len(speculating) == len(slots):
-            # The production plan reads earlier rounds' survival only, so one evaluation decides both
-            # whether drafting pays and how much to verify.
-            pays, planned = plan_production(self._estimate(lives, speculating), self.table, self.min_gain,
-                                            len(speculating))
-        else:
-            pays = not all_auto or drafting_pays(self._estimate(lives, speculating), self.table, len(speculating))
-        if not pays:
-            # Live costs and survival only change in rounds that draft: without an occasional one, a
-            # draft cost measured while the machine was busy (or a cold first call) would never be
-            # revised and `auto` would never draft again.
-            self._skipped += 1
-            if self.served is None or self._skipped % EXPLORE_EVERY:
-                return lengths, None
-        began = time.perf_counter()
-        draft = self.drafter.draft([slots[i] for i in speculating], [lives[i].anchor for i in speculating],
-                                   [lives[i].request.temperature for i in speculating],
-                                   [lives[i].generator for i in speculating], gamma)
-        # The scheduler reads survival where the drafter made it (on a GPU: the DSparkSchedule kernel); the
-        # rest of the round works on the host copy, as the served path does with what the draft model sends.
-        on_device, draft = draft, draft.cpu()
-        self._draft_ms, self._drafted_rows = (time.perf_counter() - began) * 1000, len(speculating)
-        full = draft  # rows as in `slots`; spread out below when some requests did not speculate
-        if len(speculating) < len(slots):
-            full = Draft(torch.zeros(len(slots), gamma, dtype=torch.long), torch.zeros(len(slots), gamma,
-                         draft.probs.shape[-1]), torch.zeros(len(slots), gamma), torch.zeros(len(slots), gamma))
-            for row, i in enumerate(speculating):
-                full.tokens[i], full.probs[i] = draft.tokens[row], draft.probs[row]
-                full.conf_logits[i], full.confidence[i] = draft.conf_logits[row], draft.confidence[row]
-        auto = [i for i in speculating if lives[i].request.speculation == "auto"]
-        if planned is not None:
-            lengths = planned.tolist()
-        elif auto:
-            if self.scheduler == "paper":  # this round's confidences, early stop
-                chosen = schedule_paper(on_device.survival[[speculating.index(i) for i in auto]], self.table)
-            else:  # earlier rounds' confidences
-                chosen = schedule_production(self._estimate(lives, speculating)[auto], self.table, self.min_gain)
-            for i, n in zip(auto, chosen.tolist(), strict=True):
-                lengths[i] = n
+            return [0] * len(slots), None
+        drafts, planned = self._decide(lives, speculating)
+        if not drafts:
+            return [0] * len(slots), None
+        with self._timed("draft"):
+            on_device = self.drafter.draft([slots[i] for i in speculating], [lives[i].anchor for i in speculating],
+                                           [lives[i].request.temperature for i in speculating],
+                                           [lives[i].generator for i in speculating], self.drafter.block_size)
+            # The scheduler reads survival where the drafter made it (on a GPU: the DSparkSchedule kernel);
+            # the rest of the round works on the host copy, as the served path does with what the draft
+            # model sends.
+            draft = on_device.cpu()
+        self._drafted_rows = len(speculating)
+        lengths = self._verify_lengths(lives, speculating, planned, on_device, budget)
         # Only now, after planning: the production scheduler must plan with an EARLIER round's survival.
         survival = draft.survival  # a cumulative product, computed on each access
         for row, i in enumerate(speculating):
             lives[i].stale_survival = survival[row]
         self.prior_survival = 0.9 * self.prior_survival + 0.1 * survival.mean(0)
+        return lengths, _spread(draft, speculating, len(slots))
+
+    def _decide(self, lives: list[_Live], speculating: list[int]) -> tuple[bool, list[int] | None]:
+        """Before drafting: whether to draft this round, and the verify lengths when they can be decided
+        now (the production scheduler with every request on `auto`), both from estimated survival."""
+        if not all(lives[i].request.speculation == "auto" for i in speculating):
+            return True, None
+        estimate = self._estimate(lives, speculating)
+        planned = None
+        if self.scheduler == "production" and len(speculating) == len(lives):
+            # The production plan reads earlier rounds' survival only, so one evaluation decides both.
+            pays, lengths = plan_production(estimate, self.table, self.min_gain, len(speculating))
+            planned = lengths.tolist()
+        else:
+            pays = drafting_pays(estimate, self.table, len(speculating))
+        if not pays:
+            # Live costs and survival only change in rounds that draft: without an occasional one, a
+            # draft cost measured while the machine was busy (or a cold first call) would never be
+            # revised and `auto` would never draft again.
+            self._skipped += 1
+            pays = self.served is not None and self._skipped % EXPLORE_EVERY == 0
+        return pays, planned
+
+    def _verify_lengths(self, lives: list[_Live], speculating: list[int], planned: list[int] | None,
+                        draft: Draft, budget: list[int]) -> list[int]:
+        """Drafts each row verifies: `fixed` its γ, `auto` the plan (decided before drafting, or now by the
+        scheduler: the paper's from this round's survival), all capped at the row's token budget."""
+        gamma = self.drafter.block_size
+        lengths = list(planned) if planned is not None else [0] * len(lives)
+        auto = [i for i in speculating if lives[i].request.speculation == "auto"]
+        if planned is None and auto:
+            if self.scheduler == "paper":  # this round's confidences, early stop
+                chosen = schedule_paper(draft.survival[[speculating.index(i) for i in auto]], self.table)
+            else:  # earlier rounds' confidences
+                chosen = schedule_production(self._estimate(lives, speculating)[auto], self.table, self.min_gain)
+            for i, n in zip(auto, chosen.tolist(), strict=True):
+                lengths[i] = n
         for i in speculating:
             request = lives[i].request
             if request.speculation == "fixed":
                 lengths[i] = min(request.gamma or gamma, gamma)
             lengths[i] = min(lengths[i], budget[i])
-        return lengths, full
+        return lengths
 
     def _estimate(self, lives: list[_Live], speculating: list[int]) -> torch.Tensor:
         """Survival [R, γ] known before drafting: each request's last round (the recent mean for a fresh
@@ -333,7 +367,7 @@ class SpeculativeDecoder:
         for token in tokens:
             kept.append(token)
             result.tokens.append(token)
-            if token in request.stop_ids:
+            if token in request.stop_ids or self._completes_stop_string(live, token):
                 result.finish_reason = "stop"
                 break
             if len(result.tokens) >= request.max_new_tokens:
@@ -341,6 +375,29 @@ class SpeculativeDecoder:
                 break
         live.anchor = kept[-1]
         return kept
+
+    @staticmethod
+    def _completes_stop_string(live: _Live, token: int) -> bool:
+        """Whether `token` completes one of the request's stop strings (its text is tracked incrementally)."""
+        if live.text is None:
+            return False
+        new = live.text.add([token])
+        # A stop string that this token completes ends inside its text.
+        tail = live.text.text[-(len(new) + max(map(len, live.request.stop_strings)) - 1):] if new else ""
+        return any(stop in tail for stop in live.request.stop_strings)
+
+
+def _spread(draft: Draft, rows: list[int], total: int) -> Draft:
+    """`draft`'s rows placed at `rows` of a draft of `total` rows (zeros for the rows that did not draft)."""
+    if len(rows) == total:
+        return draft
+    gamma = draft.tokens.shape[1]
+    full = Draft(torch.zeros(total, gamma, dtype=torch.long), torch.zeros(total, gamma, draft.probs.shape[-1]),
+                 torch.zeros(total, gamma), torch.zeros(total, gamma))
+    for row, i in enumerate(rows):
+        full.tokens[i], full.probs[i] = draft.tokens[row], draft.probs[row]
+        full.conf_logits[i], full.confidence[i] = draft.conf_logits[row], draft.confidence[row]
+    return full
 
 
 def run(decoder: SpeculativeDecoder, requests: list[Request]) -> list[Result]:

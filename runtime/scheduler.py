@@ -130,13 +130,23 @@ class CostTable:
         """One drafting round for `batch_size` requests (0 when the table has no draft costs)."""
         return _interp_flat(self.batch_sizes, self.draft_step_ms, batch_size) if self.draft_step_ms else 0.0
 
-    def corrected(self, round_extra_ms: float, draft_extra_ms: float) -> CostTable:
-        """This table with `round_extra_ms` more for every verify step and `draft_extra_ms` more for every
-        drafting round (negative extras shorten them, never below zero; see `ServedCosts`)."""
-        return replace(self, fixed_overhead_ms=max(self.fixed_overhead_ms + round_extra_ms, 0.0),
-                       draft_step_ms=[max(d + draft_extra_ms, 0.0) for d in self.draft_step_ms],
-                       meta={**self.meta, "served": {"round_extra_ms": round_extra_ms,
-                                                     "draft_extra_ms": draft_extra_ms}})
+    def corrected(self, verify: tuple[float, float] = (0.0, 0.0), rounds: tuple[float, float] = (0.0, 0.0),
+                  draft: tuple[float, float] = (0.0, 0.0)) -> CostTable:
+        """This table plus served extras, each a line (ms, ms per unit): `verify` per verify token
+        (a + b·B on every step), `rounds` per request (a + b·R on every step: the work between and around
+        the model calls) and `draft` per drafted request (on every drafting round). Times never drop below
+        zero and θ stays non-decreasing (see `ServedCosts`)."""
+        (verify_a, verify_b), (round_a, round_b), (draft_a, draft_b) = verify, rounds, draft
+        return replace(self, fixed_overhead_ms=max(self.fixed_overhead_ms + verify_a + round_a, 0.0),
+                       step_time_ms=[max(t + verify_b * b, 0.0) for t, b in zip(self.step_time_ms, self.token_counts,
+                                                                             strict=True)],
+                       batch_overhead_ms=[max(t + round_b * r, 0.0) for t, r in zip(self.batch_overhead_ms,
+                                                                                   self.batch_sizes, strict=True)],
+                       draft_step_ms=[max(d + draft_a + draft_b * r, 0.0) for d, r in zip(self.draft_step_ms,
+                                                                                         self.batch_sizes,
+                                                                                         strict=True)],
+                       meta={**self.meta, "served": {"verify_ms": list(verify), "round_ms": list(rounds),
+                                                     "draft_ms": list(draft)}})
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -216,45 +226,82 @@ class CostTable:
         write_text_atomic(path, text)
 
 
+class DecayedLine:
+    """y ≈ a + b·x by least squares over observations whose weights fade by `fade` per new one.
+
+    Before the observations, `prior` pseudo-observations of y = 0 (the profile was right) at the
+    observations' mean x; they fade like the rest, so one odd first call cannot overturn the profile
+    but a steady difference soon does. The slope is shrunk toward 0 unless x has varied by more than
+    `spread` of its mean: a run of observations at one x says nothing about the slope, and must not
+    let noise invent one.
+    """
+
+    def __init__(self, fade: float, prior: float = 2.0, spread: float = 0.05) -> None:
+        self.fade, self.prior, self.spread = fade, prior, spread
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        keep = 1.0 - self.fade
+        self.prior *= keep
+        self.n, self.sx, self.sy = keep * self.n + 1.0, keep * self.sx + x, keep * self.sy + y
+        self.sxx, self.sxy = keep * self.sxx + x * x, keep * self.sxy + x * y
+
+    def line(self) -> tuple[float, float]:
+        """(a, b); (0, 0) before any observation."""
+        if not self.n:
+            return 0.0, 0.0
+        mx, my = self.sx / self.n, self.sy / self.n
+        variance, covariance = max(self.sxx / self.n - mx * mx, 0.0), self.sxy / self.n - mx * my
+        ridge = (self.spread * mx) ** 2
+        slope = covariance / (variance + ridge) if variance + ridge > 0 else 0.0
+        trust = self.n / (self.n + self.prior)  # the prior's y = 0 at mean x pulls the whole line toward 0
+        return trust * (my - slope * mx), trust * slope
+
+    def at(self, x: float) -> float:
+        a, b = self.line()
+        return a + b * x
+
+
 class ServedCosts:
     """The profiled table, corrected by what served rounds actually take.
 
     `dspark-build profile` times bare verify steps and drafting rounds inside one process. Served, every
-    round also pays for the calls between models, for copying logits out and for sending each request's
-    tokens back: a cost per call, whatever its tokens (docs/measurements.md), which no profile of the
-    models alone can see and which makes drafting pay where the bare table says it does not (fewer
-    rounds per token). So the decoder reports each round's measured times, and plans with
+    round also pays for the calls between models, for copying tensors in and out and for sending each
+    request's tokens back (docs/measurements.md), which no profile of the models alone can see and which
+    changes what pays: more per call makes drafting pay sooner (fewer rounds per token), more per verify
+    token makes long blocks dearer at high concurrency. So the decoder reports each round's measured times
+    and plans with the profile plus three fitted lines (`DecayedLine`):
 
-        verify(R, B) + verify_extra + between_rounds  [+ draft(R) + draft_extra when drafting]
+        verify(R, B) + (a_v + b_v·B)          what a verify call took beyond the profile, per token B
+                     + (a_r + b_r·R)          the rest of the round (planning, accepting, sending), per request R
+        [+ draft(R) + (a_d + b_d·R)]          a drafting round beyond the profile, per drafted request
 
-    each extra a running average (weight `smoothing` per round) of measured minus profiled time. The
-    extras are additive: what the profile misses is per call, not per token, so scaling the table would
-    make longer blocks look dearer than they are. The corrected table is rebuilt every `refresh`
-    rounds. Timings never depend on what was drafted, so plans stay lossless.
+    Variety in B comes from the requests coming and going and from other modes' rounds (`off`, `fixed:G`);
+    where there is none the slopes stay near 0 and the correction is per call. The corrected table is
+    rebuilt every `refresh` rounds. Timings never depend on what was drafted, so plans stay lossless.
     """
 
-    def __init__(self, profiled: CostTable, smoothing: float = 0.1, refresh: int = 8) -> None:
+    def __init__(self, profiled: CostTable, fade: float = 0.05, refresh: int = 8) -> None:
         self.profiled, self.table = profiled, profiled
-        self.smoothing, self.refresh = smoothing, refresh
-        self.verify_extra_ms = self.draft_extra_ms = self.between_rounds_ms = 0.0
+        self.refresh = refresh
+        self.verify, self.rounds_extra, self.draft = DecayedLine(fade), DecayedLine(fade), DecayedLine(fade)
         self.rounds = 0
 
     def observe(self, rows: int, tokens: int, verify_ms: float, drafted_rows: int, draft_ms: float,
-                between_ms: float | None) -> None:
-        """One served round: R requests carrying B tokens; `between_ms` None when unknown (a prefill ran)."""
-        def blend(old: float, new: float) -> float:
-            return old + self.smoothing * (new - old)
-
-        # One stalled call moves an average by at most one profiled step, not by the stall.
+                other_ms: float | None) -> None:
+        """One served round: R requests carrying B verify tokens (padded tables: R · the longest), the
+        verify call's and the drafting's times, and the rest of the round (None when unknown: a prefill
+        ran in between)."""
+        # One stalled call moves a fit by at most one profiled step, not by the stall.
         cap = self.profiled.step_ms(rows, tokens)
-        self.verify_extra_ms = blend(self.verify_extra_ms, min(verify_ms - cap, cap))
+        self.verify.add(tokens, min(verify_ms - cap, cap))
         if drafted_rows:
-            self.draft_extra_ms = blend(self.draft_extra_ms, min(draft_ms - self.profiled.draft_ms(drafted_rows), cap))
-        if between_ms is not None:
-            self.between_rounds_ms = blend(self.between_rounds_ms, max(between_ms, 0.0))
+            self.draft.add(drafted_rows, min(draft_ms - self.profiled.draft_ms(drafted_rows), cap))
+        if other_ms is not None:
+            self.rounds_extra.add(rows, max(other_ms, 0.0))
         self.rounds += 1
         if self.rounds % self.refresh == 0:
-            self.table = self.profiled.corrected(self.verify_extra_ms + self.between_rounds_ms, self.draft_extra_ms)
+            self.table = self.profiled.corrected(self.verify.line(), self.rounds_extra.line(), self.draft.line())
 
 
 def _is_number(value: object) -> bool:

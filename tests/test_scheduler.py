@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -403,21 +404,54 @@ def test_drafting_pays_only_when_the_best_plan_covers_the_draft() -> None:
     assert CostTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
 
 
+def test_decayed_line_fits_a_slope_only_where_x_varied() -> None:
+    from dspark_trt.runtime.scheduler import DecayedLine
+
+    line = DecayedLine(fade=0.05)
+    assert line.line() == (0.0, 0.0)
+    line.add(10.0, 9.0)  # one odd call moves the fit toward it, not onto it: the profile counts too
+    assert 0.0 < line.at(10.0) < 4.5
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        x = float(rng.integers(8, 200))
+        line.add(x, 3.0 + 0.25 * x + rng.normal(0, 0.5))
+    a, b = line.line()
+    assert abs(a - 3.0) < 1.0 and abs(b - 0.25) < 0.02
+    flat = DecayedLine(fade=0.05)
+    for _ in range(400):  # one x only: noise must not become a slope
+        flat.add(48.0, 7.0 + rng.normal(0, 2.0))
+    a, b = flat.line()
+    assert abs(b) < 0.01 and abs(flat.at(48.0) - 7.0) < 1.0
+    for _ in range(200):  # old observations fade: the fit follows a change
+        flat.add(48.0, 20.0)
+    assert flat.at(48.0) == pytest.approx(20.0, abs=0.01)
+
+
 def test_served_costs_add_what_served_rounds_take_beyond_the_profile() -> None:
     from dspark_trt.runtime.scheduler import ServedCosts
 
-    profiled = CostTable([1, 8], [0.0, 7.0], 10.0, [1, 4], [0.0, 2.0], draft_step_ms=[5.0, 8.0])
-    served = ServedCosts(profiled, smoothing=0.5, refresh=2)
-    served.observe(1, 8, verify_ms=21.0, drafted_rows=1, draft_ms=9.0, between_ms=None)  # +4, +4, unknown
+    profiled = CostTable([1, 64, 256], [0.0, 7.0, 30.0], 10.0, [1, 4, 32], [0.0, 2.0, 4.0],
+                         draft_step_ms=[5.0, 8.0, 12.0])
+    served = ServedCosts(profiled, fade=0.1, refresh=2)
+    served.observe(1, 8, verify_ms=profiled.step_ms(1, 8) + 6.0, drafted_rows=1, draft_ms=9.0, other_ms=None)
     assert served.table is profiled  # rebuilt every 2 rounds only
-    served.observe(1, 8, verify_ms=21.0, drafted_rows=0, draft_ms=0.0, between_ms=6.0)  # no draft this round
-    assert (served.verify_extra_ms, served.draft_extra_ms, served.between_rounds_ms) == (3.0, 2.0, 3.0)
+    # Served, a verify call costs 2 ms + 0.05 ms a token more than profiled, the rest of a round 1 ms +
+    # 0.5 ms a request, a drafting round 3 ms + 0.1 ms a request more; B and R vary as requests come and go.
+    served = ServedCosts(profiled, fade=0.1, refresh=2)
+    for rows in [1, 2, 4, 8, 16, 32, 24, 12, 6, 3] * 6:
+        tokens = rows * 6
+        served.observe(rows, tokens, verify_ms=profiled.step_ms(rows, tokens) + 2.0 + 0.05 * tokens,
+                       drafted_rows=rows, draft_ms=profiled.draft_ms(rows) + 3.0 + 0.1 * rows,
+                       other_ms=1.0 + 0.5 * rows)
     table = served.table
-    assert table.step_ms(1, 8) == pytest.approx(17.0 + 6.0)  # per call, not per token: θ unchanged
-    assert table.step_ms(4, 1) == pytest.approx(12.0 + 6.0)
-    assert table.draft_ms(4) == pytest.approx(8.0 + 2.0)
-    served.observe(1, 8, verify_ms=1e6, drafted_rows=0, draft_ms=0.0, between_ms=None)  # a stalled call
-    assert served.verify_extra_ms == pytest.approx(0.5 * 3.0 + 0.5 * 17.0)  # counted as one profiled step
+    for rows, tokens in ((1, 6), (8, 48), (32, 192), (32, 32)):
+        assert table.step_ms(rows, tokens) == pytest.approx(
+            profiled.step_ms(rows, tokens) + 3.0 + 0.05 * tokens + 0.5 * rows, abs=0.2)
+    assert table.draft_ms(16) == pytest.approx(profiled.draft_ms(16) + 3.0 + 0.1 * 16, abs=0.1)
+    before = served.verify.at(48)
+    served.observe(8, 48, verify_ms=1e6, drafted_rows=0, draft_ms=0.0, other_ms=None)  # a stalled call
+    cap = profiled.step_ms(8, 48)  # counted as one profiled step more than profiled, not as the stall
+    assert served.verify.at(48) < before + 0.1 * (cap - before) + 1.0
 
 
 def test_padded_batches_give_every_request_the_same_length() -> None:
