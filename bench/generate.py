@@ -21,7 +21,7 @@ from rich.table import Table
 
 from dspark_trt.builder.calibrate import builtin_prompts, encode
 from dspark_trt.builder.profile import profile_checkpoint
-from dspark_trt.runtime import drafter as drafter_module
+from dspark_trt.runtime.dspark import base as drafter_module
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.loader import open_checkpoint
 from dspark_trt.runtime.scheduler import CostTable

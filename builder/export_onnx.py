@@ -11,9 +11,10 @@
     OUT/manifest.json            format dspark-trt/onnx
 
 Batch, context length and the cost-table sizes are dynamic; weights are external data. The maths is
-`runtime/drafter.py`'s (`Qwen3DSparkDrafter.add_context` / `.draft`), written here with the same
-building blocks (`runtime/layers.py`) over explicit cache tensors instead of the drafter's slots; the
-sequential heads are the `torch.ops.dspark.*` custom ops, exported as `dspark::` nodes.
+the inference drafter's: both graphs call runtime/dspark/qwen3.py's `context_keys_values` /
+`forward_backbone` (each checkpoint tensor applied on its own, `Qwen3DraftWeights.separate`), over
+explicit cache tensors instead of the drafter's slots; the sequential heads are the `torch.ops.dspark.*`
+custom ops, exported as `dspark::` nodes.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..plugins import onnx_ops
-from ..runtime.drafter import Qwen3DSparkDrafter
+from ..runtime.dspark.qwen3 import Qwen3DraftWeights, Qwen3DSparkDrafter, context_keys_values, forward_backbone
 from ..runtime.errors import CheckpointError
-from ..runtime.layers import apply_rope, attention, rms_norm, swiglu
 from ..runtime.manifest import read_manifest
 from .families import family
 
@@ -54,30 +53,25 @@ class _Qwen3Graph(nn.Module):
         super().__init__()
         d = drafter
         self.w = _Weights(d.w)
-        self.layers, self.heads, self.kv_heads, self.head_dim = d.layers, d.heads, d.kv_heads, d.head_dim
-        self.eps, self.rope, self.gamma, self.mask_token_id = d.eps, d.rope, d.block_size, d.mask_token_id
+        self.config, self.rope, self.gamma, self.mask_token_id = d.config, d.rope, d.block_size, d.mask_token_id
 
-    def _kv(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key: str = "self_attn."
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (normed, rotated) and values [B, kv_heads, T, head_dim] of x [B, T, hidden]."""
-        w, p = self.w, f"layers.{layer}.{key}"
-        batch, steps = x.shape[:2]
-        k = F.linear(x, w[p + "k_proj.weight"]).view(batch, steps, self.kv_heads, self.head_dim)
-        k = apply_rope(rms_norm(k, w[p + "k_norm.weight"], self.eps).transpose(1, 2), cos, sin)
-        v = F.linear(x, w[p + "v_proj.weight"]).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+    def weights(self) -> Qwen3DraftWeights:
+        """The drafter's weights as the backbone applies them, each tensor an initializer of its own (made
+        in `forward`, so that the traced graph reads the buffers)."""
+        return Qwen3DraftWeights.separate(self.config, self.w)
 
 
 class ContextGraph(_Qwen3Graph):
     """`Qwen3DSparkDrafter.add_context` for a batch: features -> each draft layer's keys / values."""
 
     def forward(self, features: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.w
-        ctx = rms_norm(F.linear(features, w["fc.weight"]), w["hidden_norm.weight"], self.eps)
-        positions = start[:, None] + torch.arange(features.shape[1], device=features.device)
-        cos, sin = self.rope(positions)
-        kvs = [self._kv(layer, ctx, cos, sin) for layer in range(self.layers)]
-        return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])
+        batch, new = features.shape[:2]
+        positions = start[:, None] + torch.arange(new, device=features.device)
+        cos, sin = (t.flatten(0, 1) for t in self.rope(positions))
+        # [B · n, layers, kv_heads, head_dim] -> [layers, B, kv_heads, n, head_dim]
+        k, v = (t.unflatten(0, (batch, new)).permute(2, 0, 3, 1, 4) for t in
+                context_keys_values(self.weights(), features.flatten(0, 1), cos, sin))
+        return k, v
 
 
 class DraftGraph(_Qwen3Graph):
@@ -101,7 +95,7 @@ class DraftGraph(_Qwen3Graph):
     def forward(self, anchors: torch.Tensor, ctx_lens: torch.Tensor, past_keys: torch.Tensor,
                 past_values: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w, gamma = self.w, self.gamma
-        batch, width = anchors.shape[0], past_keys.shape[3]
+        width = past_keys.shape[3]
         ids = torch.cat([anchors[:, None], torch.full_like(anchors[:, None], self.mask_token_id).expand(-1, gamma - 1)],
                         dim=1)
         positions = ctx_lens[:, None] + torch.arange(gamma, device=anchors.device)
@@ -111,21 +105,11 @@ class DraftGraph(_Qwen3Graph):
         allowed = torch.cat([in_context, torch.ones_like(in_context[:, :1]).expand(-1, gamma)], dim=1)
         allowed = allowed[:, None, :].expand(-1, gamma, -1)
 
-        x = F.embedding(ids, w["embed_tokens.weight"])
-        for layer in range(self.layers):
-            p = f"layers.{layer}."
-            h = rms_norm(x, w[p + "input_layernorm.weight"], self.eps)
-            q = F.linear(h, w[p + "self_attn.q_proj.weight"]).view(batch, gamma, self.heads, self.head_dim)
-            q = apply_rope(rms_norm(q, w[p + "self_attn.q_norm.weight"], self.eps).transpose(1, 2), cos, sin)
-            k, v = self._kv(layer, h, cos, sin)
-            keys = torch.cat([past_keys[layer], k], dim=2)
-            values = torch.cat([past_values[layer], v], dim=2)
-            out = attention(q, keys, values, allowed).transpose(1, 2).reshape(batch, gamma, -1)
-            x = x + F.linear(out, w[p + "self_attn.o_proj.weight"])
-            h = rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps)
-            x = x + swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
-        hidden = rms_norm(x, w["norm.weight"], self.eps)
-        base_logits = F.linear(hidden, w["lm_head.weight"]).float()
+        def with_past(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.cat([past_keys[layer], k], dim=2), torch.cat([past_values[layer], v.transpose(1, 2)], dim=2)
+
+        hidden, logits = forward_backbone(self.weights(), ids, cos, sin, with_past, allowed[:, None])
+        base_logits = logits.float()
         tokens, probs, emb, _ = torch.ops.dspark.markov_sample(
             base_logits, hidden, anchors.to(torch.int32), temperatures, seeds, w["markov_head.markov_w1.weight"],
             w["markov_head.markov_w2.weight"], self.proj_weight, self.proj_bias, self.kind, "philox")

@@ -1,8 +1,8 @@
 """Train a DeepSpec `Qwen3DSparkModel` drafter against a frozen target.
 
 The training forward computes, for many anchors of a sequence at once, exactly what
-`runtime.drafter.Qwen3DSparkDrafter.draft` computes for one anchor at inference, built from the
-same `runtime.layers` / `runtime.heads` functions:
+`runtime.dspark.qwen3.Qwen3DSparkDrafter.draft` computes for one anchor at inference: it calls the
+same backbone (`context_keys_values` and `forward_backbone`) and the same heads (`runtime.heads`):
 
 - an anchor p is the last committed token; its context is the target's features (HF
   `hidden_states[l + 1]` for l in `target_layer_ids`, concatenated) of positions 0..p-1, through
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..runtime.dspark.qwen3 import Qwen3DraftWeights, context_keys_values, forward_backbone
 from ..runtime.heads import ConfidenceHead, MarkovHead
-from ..runtime.layers import apply_rope, attention, rms_norm, swiglu
 from ..runtime.qwen3 import qwen3_rope
 from .corpus import WindowSampler, eval_windows
 from .fixture_qwen3 import drafter_config as fixture_drafter_config
@@ -102,8 +102,6 @@ class DSparkDraftModel:
         for name, t in self.w.items():
             t.requires_grad_(name not in FROZEN)
         self.gamma, self.mask_token_id = c["block_size"], c["mask_token_id"]
-        self.layers, self.eps = c["num_hidden_layers"], c["rms_norm_eps"]
-        self.heads, self.kv_heads, self.head_dim = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
         self.rope = qwen3_rope(c, "drafter config")
         self.markov_kind = c["markov_head_type"] if c["markov_rank"] > 0 else "none"
 
@@ -176,38 +174,27 @@ class DSparkDraftModel:
         sees_block = (block_of[:, None] == block_of[None, :]).expand(batch, -1, -1)
         allowed = torch.cat([sees_context, sees_block], dim=2)
 
-        ctx = rms_norm(F.linear(features, w["fc.weight"]), w["hidden_norm.weight"], self.eps)
-        ctx_cos, ctx_sin = self.rope(torch.arange(length)[None])
+        # The inference drafter's backbone over the whole sequence's context: every position's keys and
+        # values once, then every anchor's block attends to [context; all blocks] under `allowed`.
+        weights = Qwen3DraftWeights.separate(self.config, w)
+        ctx_cos, ctx_sin = (t.expand(batch, -1, -1).flatten(0, 1) for t in self.rope(torch.arange(length)[None]))
+        k_ctx, v_ctx = (t.unflatten(0, (batch, length)) for t in
+                        context_keys_values(weights, features.flatten(0, 1), ctx_cos, ctx_sin))
+
+        def with_context(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys = torch.cat([k_ctx[:, :, layer].transpose(1, 2), k], dim=2)
+            return keys, torch.cat([v_ctx[:, :, layer], v], dim=1).transpose(1, 2)
+
         cos, sin = self.rope(block_pos)
-        x = F.embedding(ids, w["embed_tokens.weight"])
-        for layer in range(self.layers):
-            p = f"layers.{layer}."
-            k_ctx = F.linear(ctx, w[p + "self_attn.k_proj.weight"]).view(batch, length, self.kv_heads, self.head_dim)
-            k_ctx = apply_rope(rms_norm(k_ctx, w[p + "self_attn.k_norm.weight"], self.eps).transpose(1, 2),
-                               ctx_cos, ctx_sin)
-            v_ctx = F.linear(ctx, w[p + "self_attn.v_proj.weight"]).view(batch, length, self.kv_heads, self.head_dim)
-            h = rms_norm(x, w[p + "input_layernorm.weight"], self.eps)
-            q = F.linear(h, w[p + "self_attn.q_proj.weight"]).view(batch, n * gamma, self.heads, self.head_dim)
-            k = F.linear(h, w[p + "self_attn.k_proj.weight"]).view(batch, n * gamma, self.kv_heads, self.head_dim)
-            v = F.linear(h, w[p + "self_attn.v_proj.weight"]).view(batch, n * gamma, self.kv_heads, self.head_dim)
-            q = apply_rope(rms_norm(q, w[p + "self_attn.q_norm.weight"], self.eps).transpose(1, 2), cos, sin)
-            k = apply_rope(rms_norm(k, w[p + "self_attn.k_norm.weight"], self.eps).transpose(1, 2), cos, sin)
-            keys = torch.cat([k_ctx, k], dim=2)
-            values = torch.cat([v_ctx, v], dim=1).transpose(1, 2)
-            out = attention(q, keys, values, allowed).transpose(1, 2).reshape(batch, n * gamma, -1)
-            x = x + F.linear(out, w[p + "self_attn.o_proj.weight"])
-            h = rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps)
-            x = x + swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
-        hidden = rms_norm(x, w["norm.weight"], self.eps).view(batch, n, gamma, -1)
-        base_logits = F.linear(hidden, w["lm_head.weight"])
+        hidden, base_logits = forward_backbone(weights, ids, cos, sin, with_context, allowed[:, None])
+        hidden, base_logits = hidden.view(batch, n, gamma, -1), base_logits.view(batch, n, gamma, -1)
 
         # The sequential heads, position by position as at inference (an rnn head carries state),
         # with the true previous tokens in place of the drafted ones.
         prev = tokens.gather(1, block_pos).view(batch * n, gamma)
         flat = hidden.reshape(batch * n, gamma, -1)
         markov = MarkovHead.from_weights(self.markov_kind, w)
-        confidence = ConfidenceHead(w["confidence_head.proj.weight"], w.get("confidence_head.proj.bias"),
-                                    bool(self.config["confidence_head_with_markov"]))
+        confidence = ConfidenceHead.from_weights(w, bool(self.config["confidence_head_with_markov"]))
         biases, conf = [], []
         state = markov.initial_state(batch * n)
         for k in range(gamma):

@@ -245,7 +245,7 @@ def _time_heads_at(batch: int, device: str) -> dict[str, float]:
     import torch
 
     from ..plugins import launch
-    from ..runtime.drafter import sequential_heads
+    from ..runtime.dspark.base import sequential_heads
     from ..runtime.heads import ConfidenceHead, MarkovHead
 
     case = HeadsCase("timing", "vanilla", batch, 7, 151_936, 256, 4096)
@@ -343,12 +343,12 @@ def _version(package: str) -> str | None:
 
 def _runner_classes(family: str):
     if family == "qwen3":
-        from ..runtime.drafter import Qwen3DSparkDrafter
+        from ..runtime.dspark.qwen3 import Qwen3DSparkDrafter
         from ..runtime.qwen3 import Qwen3Target
 
         return Qwen3Target, Qwen3DSparkDrafter
     from ..runtime.deepseek_v4 import DeepseekV4Target
-    from ..runtime.deepseek_v4_drafter import DeepseekV4DSparkDrafter
+    from ..runtime.dspark.deepseek_v4 import DeepseekV4DSparkDrafter
 
     return DeepseekV4Target, DeepseekV4DSparkDrafter
 

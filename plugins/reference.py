@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.drafter import Draft
+from ..runtime.dspark.base import Draft
 from ..runtime.heads import ConfidenceHead, MarkovHead
 
 
@@ -28,7 +28,7 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: to
 def gumbel_sequential_heads(markov: MarkovHead, confidence: ConfidenceHead, hidden: torch.Tensor,
                             base_logits: torch.Tensor, anchors: torch.Tensor, temperatures: torch.Tensor,
                             uniforms: torch.Tensor) -> tuple[Draft, torch.Tensor]:
-    """`runtime.drafter.sequential_heads` with Gumbel-max draws on `uniforms` [B, γ, V].
+    """`runtime.dspark.base.sequential_heads` with Gumbel-max draws on `uniforms` [B, γ, V].
 
     Returns the Draft and W1[x_{k-1}] per position ([B, γ, r]), the kernel's `markov_emb` output.
     """

@@ -47,7 +47,7 @@ def _run_network(plugin: str, attrs: dict, inputs: dict[str, torch.Tensor]) -> l
 
 
 def check(plugin: str) -> None:
-    from ..runtime.drafter import sequential_heads
+    from ..runtime.dspark.base import sequential_heads
     from ..runtime.heads import ConfidenceHead, MarkovHead
     from ..runtime.scheduler import CostTable, schedule_paper
     from .launch import cost_table_tensors

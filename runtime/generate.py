@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from .detok import IncrementalText
-from .drafter import Draft
+from .dspark.base import Draft
 from .layers import to_host
 from .scheduler import (
     DEFAULT_MIN_GAIN,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .calibration import apply_sts
 from .errors import CheckpointError
 
 MARKOV_KINDS = ("none", "vanilla", "gated", "rnn")
@@ -125,6 +126,14 @@ class ConfidenceHead:
     with_markov: bool
     temperatures: list[float] | None = None
 
+    @classmethod
+    def from_weights(cls, weights: Mapping[str, torch.Tensor], with_markov: bool, prefix: str = "",
+                     temperatures: list[float] | None = None) -> ConfidenceHead:
+        """The head held in a drafter's `weights` under `prefix` + `confidence_head.proj.` (DeepSpec's
+        `AcceptRatePredictor`; the bias is optional)."""
+        proj = f"{prefix}confidence_head.proj."
+        return cls(weights[proj + "weight"], weights.get(proj + "bias"), with_markov, temperatures)
+
     def logit(self, h: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
         x = torch.cat([h, e], -1) if self.with_markov and e is not None else h
         return F.linear(x, self.weight, self.bias)[..., 0]
@@ -133,8 +142,7 @@ class ConfidenceHead:
         """[B, γ] logits -> calibrated confidences (σ(logit_k / T_k))."""
         if self.temperatures is None:
             return torch.sigmoid(logits)
-        temps = torch.tensor(self.temperatures[: logits.shape[-1]], dtype=logits.dtype, device=logits.device)
-        return torch.sigmoid(logits / temps)
+        return apply_sts(logits, self.temperatures[: logits.shape[-1]])
 
 
 def sample(logits: torch.Tensor, temperatures: list[float], generators: list[torch.Generator | None]

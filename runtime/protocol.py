@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .drafter import Draft
+from .dspark.base import Draft
 
 # numpy dtype -> Triton's data_type in config.pbtxt
 TRITON_TYPES = {np.dtype(np.bool_): "TYPE_BOOL", np.dtype(np.int32): "TYPE_INT32",

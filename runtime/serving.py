@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .detok import CONTEXT_TOKENS, IncrementalText
-from .drafter import Draft
+from .dspark.base import Draft
 from .generate import SEED_MAX, SEED_MIN, Request, SpeculativeDecoder, wire_seed
 from .protocol import DRAFT, VERIFY, DraftRequest, DraftResponse, VerifyRequest, VerifyResponse
 

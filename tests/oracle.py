@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark_trt.runtime.drafter import Draft
+from dspark_trt.runtime.dspark.base import Draft
 
 
 class OracleDrafter:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from dspark_trt.builder.calibrate import encode
 from dspark_trt.builder.convert import convert
 from dspark_trt.builder.corpus import heldout_prompts
-from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
+from dspark_trt.runtime.dspark.qwen3 import Qwen3DSparkDrafter
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.qwen3 import Qwen3Target
 from dspark_trt.runtime.runner import first_maximum

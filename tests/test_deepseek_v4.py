@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from dspark_trt.builder.convert import convert
 from dspark_trt.runtime.deepseek_v4 import DeepseekV4Target, attend, hc_head
-from dspark_trt.runtime.deepseek_v4_drafter import DeepseekV4DSparkDrafter
+from dspark_trt.runtime.dspark.deepseek_v4 import DeepseekV4DSparkDrafter
 from dspark_trt.runtime.fp8 import dequantize_fp8_block
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.layers import rms_norm
@@ -232,7 +232,7 @@ def test_every_block_query_sees_the_newest_window_of_context(v4_ckpt: Path, monk
                                                              ) -> None:
     """DeepSeek's and TensorRT-LLM's `get_dspark_topk_idxs`: every block query attends to the same keys, the
     newest min(128, ctx_len) context positions and the whole block (non-causal), in every stage."""
-    from dspark_trt.runtime import deepseek_v4_drafter as module
+    from dspark_trt.runtime.dspark import deepseek_v4 as module
 
     masks: list[torch.Tensor] = []
 
@@ -258,7 +258,7 @@ def test_every_block_query_sees_the_newest_window_of_context(v4_ckpt: Path, monk
 
 def test_confidence_head_reads_the_pre_norm_head_hidden(v4_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DeepSeek's `forward_head` feeds `cat[hc_head(x), markov_w1[prev]]` to the confidence head, before `norm`."""
-    from dspark_trt.runtime import deepseek_v4_drafter as module
+    from dspark_trt.runtime.dspark import deepseek_v4 as module
 
     heads: list[torch.Tensor] = []
 

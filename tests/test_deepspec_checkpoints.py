@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from dspark_trt.builder.cli import main as build
 from dspark_trt.builder.fixture_qwen3 import write_qwen3_fixture
-from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
+from dspark_trt.runtime.dspark.qwen3 import Qwen3DSparkDrafter
 from dspark_trt.runtime.errors import CheckpointError
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.heads import MarkovHead, canonical_markov_name

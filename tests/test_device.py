@@ -19,10 +19,10 @@ import torch
 from conftest import convert_pair
 
 from dspark_trt.runtime.deepseek_v4 import DeepseekV4Target
-from dspark_trt.runtime.deepseek_v4_drafter import DeepseekV4DSparkDrafter
-from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
+from dspark_trt.runtime.dspark.deepseek_v4 import DeepseekV4DSparkDrafter
+from dspark_trt.runtime.dspark.gemma4 import Gemma4DSparkDrafter
+from dspark_trt.runtime.dspark.qwen3 import Qwen3DSparkDrafter
 from dspark_trt.runtime.gemma4 import Gemma4Target
-from dspark_trt.runtime.gemma4_drafter import Gemma4DSparkDrafter
 from dspark_trt.runtime.layers import runner_device, to_host
 from dspark_trt.runtime.qwen3 import Qwen3Target
 

@@ -26,8 +26,8 @@ from dspark_trt.builder.cli_engine import export  # noqa: E402
 from dspark_trt.builder.export_onnx import open_drafter  # noqa: E402
 from dspark_trt.plugins import launch, onnx_ops  # noqa: E402
 from dspark_trt.plugins.reference import gumbel_sequential_heads  # noqa: E402
-from dspark_trt.runtime import drafter as drafter_module  # noqa: E402
-from dspark_trt.runtime.drafter import Qwen3DSparkDrafter  # noqa: E402
+from dspark_trt.runtime.dspark import base as drafter_module  # noqa: E402
+from dspark_trt.runtime.dspark.qwen3 import Qwen3DSparkDrafter  # noqa: E402
 from dspark_trt.runtime.scheduler import CostTable, schedule_production  # noqa: E402
 
 ATOL = 1e-5

@@ -100,7 +100,7 @@ def test_v4_runners_read_only_the_paths_the_loader_gives(v4_pair: Path, tmp_path
 
     from dspark_trt.builder.convert import convert
     from dspark_trt.runtime.deepseek_v4 import DeepseekV4Target
-    from dspark_trt.runtime.deepseek_v4_drafter import DeepseekV4DSparkDrafter
+    from dspark_trt.runtime.dspark.deepseek_v4 import DeepseekV4DSparkDrafter
     from dspark_trt.runtime.loader import open_checkpoint
 
     ckpt = tmp_path / "ckpt"

@@ -6,7 +6,7 @@ module, with transformers' own Gemma4 building blocks where DeepSpec imports the
 path of `deepspec/eval/dspark/draft_ops.py` (context positions before the block, block positions
 ctx_len .. ctx_len + γ - 1, no mask). Its `load_state_dict(strict=True)` is the check that the fixture
 drafter has every tensor DeepSpec's model declares and no other; its forward is the oracle for
-`runtime.gemma4_drafter`.
+`runtime.dspark.gemma4`.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def test_googles_global_fields_read_like_transformers_per_layer_config(gemma4_pa
 
 @pytest.mark.parametrize("kind", ["gated", "rnn"])
 def test_gated_and_rnn_drafters_inspect_convert_and_draft(tmp_path: Path, kind: str) -> None:
-    from dspark_trt.runtime.gemma4_drafter import Gemma4DSparkDrafter
+    from dspark_trt.runtime.dspark.gemma4 import Gemma4DSparkDrafter
 
     write_gemma4_fixture(tmp_path / "pair", seed=0, markov_head_type=kind)
     report = validate(open_pair([tmp_path / "pair" / "target", tmp_path / "pair" / "drafter"]))
@@ -403,7 +403,7 @@ def deepspec_draft(model: torch.nn.Module, features: torch.Tensor, anchor: int
 
 
 def test_drafter_drafts_what_deepspec_drafts(gemma4_pair: Path, gemma4_ckpt: Path) -> None:
-    from dspark_trt.runtime.gemma4_drafter import Gemma4DSparkDrafter
+    from dspark_trt.runtime.dspark.gemma4 import Gemma4DSparkDrafter
 
     reference = deepspec_gemma4_drafter(gemma4_pair / "drafter")
     drafter = Gemma4DSparkDrafter(gemma4_ckpt / "draft", num_slots=3, max_len=64)
@@ -427,8 +427,8 @@ def test_drafter_drafts_what_deepspec_drafts(gemma4_pair: Path, gemma4_ckpt: Pat
 
 
 def test_greedy_speculation_is_token_identical(gemma4_ckpt: Path) -> None:
+    from dspark_trt.runtime.dspark.gemma4 import Gemma4DSparkDrafter
     from dspark_trt.runtime.gemma4 import Gemma4Target
-    from dspark_trt.runtime.gemma4_drafter import Gemma4DSparkDrafter
     from dspark_trt.runtime.generate import Request, generate
 
     target = Gemma4Target(gemma4_ckpt / "target", num_slots=6, max_len=128)
@@ -497,8 +497,8 @@ def small_vocab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.n
 def test_speculative_sampling_keeps_the_target_distribution(small_vocab) -> None:
     from test_sampling import chi_square_p  # tests/test_sampling.py
 
+    from dspark_trt.runtime.dspark.gemma4 import Gemma4DSparkDrafter
     from dspark_trt.runtime.gemma4 import Gemma4Target
-    from dspark_trt.runtime.gemma4_drafter import Gemma4DSparkDrafter
     from dspark_trt.runtime.generate import Request, generate
 
     ckpt, model = small_vocab

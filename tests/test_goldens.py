@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dspark_trt.builder.fixture_qwen3 import write_qwen3_fixture
-from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
+from dspark_trt.runtime.dspark.qwen3 import Qwen3DSparkDrafter
 
 TOLERANCE = 1e-5
 

@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dspark_trt.plugins import launch  # noqa: E402
-from dspark_trt.runtime import drafter as drafter_module  # noqa: E402
-from dspark_trt.runtime.drafter import sequential_heads  # noqa: E402
+from dspark_trt.runtime.dspark import base as drafter_module  # noqa: E402
+from dspark_trt.runtime.dspark.base import sequential_heads  # noqa: E402
 from dspark_trt.runtime.heads import ConfidenceHead, MarkovHead  # noqa: E402
 from dspark_trt.runtime.scheduler import CostTable, schedule_paper, schedule_production  # noqa: E402
 

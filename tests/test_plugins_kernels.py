@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from dspark_trt.plugins import launch  # noqa: E402
 from dspark_trt.plugins.reference import gumbel_argmax, gumbel_sequential_heads  # noqa: E402
-from dspark_trt.runtime.drafter import sequential_heads  # noqa: E402
+from dspark_trt.runtime.dspark.base import sequential_heads  # noqa: E402
 from dspark_trt.runtime.heads import ConfidenceHead, MarkovHead  # noqa: E402
 from dspark_trt.runtime.scheduler import CostTable, schedule_paper, schedule_production  # noqa: E402
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from dspark_trt.builder.cli import main
 from dspark_trt.runtime.calibration import read_calibration
-from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
+from dspark_trt.runtime.dspark.qwen3 import Qwen3DSparkDrafter
 from dspark_trt.runtime.scheduler import CostTable
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dspark_trt.builder.repo import build_repo
-from dspark_trt.runtime.drafter import Draft
+from dspark_trt.runtime.dspark.base import Draft
 from dspark_trt.runtime.model_handlers import DraftHandler, VerifyHandler
 from dspark_trt.runtime.protocol import (
     DRAFT,

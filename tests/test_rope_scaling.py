@@ -16,7 +16,7 @@ import torch
 from conftest import convert_pair
 
 from dspark_trt.builder.fixture_qwen3 import write_qwen3_fixture
-from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
+from dspark_trt.runtime.dspark.qwen3 import Qwen3DSparkDrafter
 from dspark_trt.runtime.errors import CheckpointError
 from dspark_trt.runtime.qwen3 import Qwen3Target
 

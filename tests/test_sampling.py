@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from dspark_trt.builder.convert import convert
 from dspark_trt.runtime import generate as generate_module
-from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
+from dspark_trt.runtime.dspark.qwen3 import Qwen3DSparkDrafter
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.qwen3 import Qwen3Target
 

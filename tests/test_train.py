@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from dspark_trt.builder.train_drafter import DrafterRecipe, DSparkDraftModel, drafter_config, train_drafter
 from dspark_trt.builder.train_target import TargetRecipe, train_target
-from dspark_trt.runtime import drafter as drafter_module
-from dspark_trt.runtime.drafter import Qwen3DSparkDrafter
+from dspark_trt.runtime.dspark import base as drafter_module
+from dspark_trt.runtime.dspark.qwen3 import Qwen3DSparkDrafter
 
 SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-qwen3-dspark"
 

@@ -351,7 +351,7 @@ FAMILY = Family(
     plan_options=("dequantize",), drafter_in_target=mtp_stages,
     target_options=target_options, drafter_options=drafter_options,
     target_runner="dspark_trt.runtime.deepseek_v4:DeepseekV4Target",
-    drafter_runner="dspark_trt.runtime.deepseek_v4_drafter:DeepseekV4DSparkDrafter",
+    drafter_runner="dspark_trt.runtime.dspark.deepseek_v4:DeepseekV4DSparkDrafter",
     fixture="dspark_trt.builder.fixture_deepseek_v4:write_deepseek_v4_fixture",
     expert_parallel=True,
 )

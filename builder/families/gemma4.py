@@ -377,6 +377,6 @@ FAMILY = Family(
     check_drafter_fields=check_drafter_fields, check_pair=check_pair, dspark_fields=dspark_fields,
     summary=summary, target_plan=target_plan, drafter_plan=drafter_plan,
     target_runner="dspark_trt.runtime.gemma4:Gemma4Target",
-    drafter_runner="dspark_trt.runtime.gemma4_drafter:Gemma4DSparkDrafter",
+    drafter_runner="dspark_trt.runtime.dspark.gemma4:Gemma4DSparkDrafter",
     fixture="dspark_trt.builder.fixture_gemma4:write_gemma4_fixture", fixture_options=("markov_head_type",),
 )

@@ -330,7 +330,7 @@ FAMILY = Family(
     check_drafter_fields=check_drafter_fields, check_pair=check_pair, dspark_fields=dspark_fields,
     summary=summary, target_plan=target_plan, drafter_plan=drafter_plan,
     target_runner="dspark_trt.runtime.qwen3:Qwen3Target",
-    drafter_runner="dspark_trt.runtime.drafter:Qwen3DSparkDrafter",
+    drafter_runner="dspark_trt.runtime.dspark.qwen3:Qwen3DSparkDrafter",
     fixture="dspark_trt.builder.fixture_qwen3:write_qwen3_fixture", fixture_options=("markov_head_type", "scale"),
     tensorrt_draft_plans=True, cuda_graphs=True,
 )

@@ -1,6 +1,6 @@
 """DSpark drafter of DeepSeek-V4 (the `mtp.0..N-1.*` stages inside the target checkpoint), reference backend.
 
-Mirrors the Qwen3 drafter (runtime/drafter.py) with V4 blocks; one round for a batch of requests:
+Mirrors the Qwen3 drafter (runtime/dspark/qwen3.py) with V4 blocks; one round for a batch of requests:
   1. context features: the target's features at `target_layer_ids` (see `target_feature` in
      runtime/deepseek_v4.py), concatenated, through `mtp.0.main_proj` and `mtp.0.main_norm`; each stage
      turns them into its shared K = V (`wkv`, `attn.norm`, main RoPE at the token's position), cached
@@ -13,7 +13,7 @@ Mirrors the Qwen3 drafter (runtime/drafter.py) with V4 blocks; one round for a b
      the block, unlike the target's per-query sliding window). The stages are sliding-attention blocks,
      so no compressor runs. Then the last stage's `hc_head` and `norm`, and the target's `head` give the
      base logits of all γ positions at once;
-  3. the shared sequential heads (runtime/drafter.py `sequential_heads`): Markov head from the last
+  3. the shared sequential heads (runtime/dspark/base.py `sequential_heads`): Markov head from the last
      stage's `markov_head` (older `embed`/`head` names are canonicalised by the converter and accepted
      here too), bias-free confidence head on the pre-norm `hc_head` output, STS calibration from
      `sts.json` when present.
@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .calibration import read_calibration
-from .deepseek_v4 import (
+from ..deepseek_v4 import (
     Rope,
     V4Config,
     attend,
@@ -48,13 +47,9 @@ from .deepseek_v4 import (
     read_merged,
     shared_kv,
 )
-from .drafter import CALIBRATION_FILE, Draft, SlotContext, sequential_heads
-from .errors import CheckpointError
-from .heads import ConfidenceHead, MarkovHead
-from .layers import rms_norm, runner_device
-
-_OLD_MARKOV = {"markov_head.embed.weight": "markov_head.markov_w1.weight",
-               "markov_head.head.weight": "markov_head.markov_w2.weight"}
+from ..errors import CheckpointError
+from ..layers import rms_norm, runner_device
+from .base import Draft, SlotContext, load_heads, sequential_heads
 
 
 class DeepseekV4DSparkDrafter(SlotContext):
@@ -70,9 +65,6 @@ class DeepseekV4DSparkDrafter(SlotContext):
         dspark = c["dspark"]
         self.cfg = cfg = V4Config.from_source(c["source_config"])  # unsharded here, whatever the files say
         w = {n: t.to(self.device) for n, t in read_merged(draft_dir, c["mapping"]["tp_size"], dtype).items()}
-        for old, new in _OLD_MARKOV.items():
-            for name in [n for n in w if n.endswith(old)]:
-                w[name[: -len(old)] + new] = w.pop(name)
         self.stages = c.get("mtp_stages") or 1 + max(int(m.group(1)) for n in w if (m := re.match(r"mtp\.(\d+)\.", n)))
         target_dir = Path(target_dir) if target_dir is not None else draft_dir.parent / "target"
         shared = c.get("shared_with_target") or {"embed": "embed.weight", "head": "head.weight"}
@@ -91,12 +83,9 @@ class DeepseekV4DSparkDrafter(SlotContext):
         self.target_layer_ids = tuple(dspark["target_layer_ids"])
         last = f"mtp.{self.stages - 1}."
         self.last = last
-        self.markov = MarkovHead.from_weights(dspark.get("markov_head_type", "vanilla"), w, last, draft_dir)
-        calibration = draft_dir / CALIBRATION_FILE
-        temperatures = read_calibration(calibration, self.block_size) if calibration.is_file() else None
-        self.confidence = ConfidenceHead(w[last + "confidence_head.proj.weight"],
-                                         w.get(last + "confidence_head.proj.bias"),
-                                         dspark.get("confidence_head_with_markov", True), temperatures)
+        self.markov, self.confidence = load_heads(w, draft_dir, self.block_size,
+                                                  dspark.get("markov_head_type", "vanilla"),
+                                                  dspark.get("confidence_head_with_markov", True), last, draft_dir)
         self.rope = Rope(cfg).to(self.device)
         self.experts = range(cfg.num_experts)
         self.ctx_kv = torch.zeros(self.stages, num_slots, max_len, cfg.head_dim, dtype=dtype, device=self.device)

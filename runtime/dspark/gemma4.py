@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .drafter import SlotContext
-from .gemma4 import FULL, gemma4_rope
-from .layers import apply_rope, rms_norm
+from ..gemma4 import FULL, gemma4_rope
+from ..layers import apply_rope, rms_norm
+from .base import SlotContext
 
 
 class Gemma4DSparkDrafter(SlotContext):
