@@ -394,8 +394,9 @@ def test_bf16_products_keep_the_trained_drafters_acceptance(tmp_path: Path) -> N
     target = Qwen3Target(ckpt / "target", num_slots=len(slots), max_len=max_len)
     fast, exact = (Qwen3DSparkDrafter(ckpt / "draft", num_slots=len(slots), max_len=max_len, bf16_products=bf16)
                    for bf16 in (True, False))
-    assert fast.lm_head.bf16 and fast.gate_up[0].bf16 and not fast.o[0].bf16  # o_proj: 256 x 256, too small
-    assert not exact.lm_head.bf16
+    assert fast.weights.lm_head.bf16 and fast.weights.gate_up[0].bf16
+    assert not fast.weights.o[0].bf16  # o_proj: 256 x 256, too small
+    assert not exact.weights.lm_head.bf16
 
     # One round on real context: (measured) every token the same, confidence logits within 0.006.
     _, features = target.forward(slots, prompts, capture=exact.target_layer_ids, start=[0] * len(slots))

@@ -11,8 +11,10 @@ Adding a family `foo`:
      (`target_plan`, `drafter_plan`); qwen3.py is the model to copy. The module ends with
      `FAMILY = Family(...)` naming those, its runner classes, its fixture writer and its GPU routes.
   2. The runners named there: runtime/foo.py (target: `FooTarget(path, rank=, num_slots=, max_len=,
-     dtype=, device=)`) and runtime/foo_drafter.py (`FooDSparkDrafter(draft_dir, num_slots=, max_len=,
-     dtype=, device=)`), reading only the directory they are given (anything else they need from the
+     dtype=, device=)`) and runtime/dspark/foo.py (`FooDSparkDrafter(draft_dir, num_slots=, max_len=,
+     dtype=, device=)`, a `dspark.base.SlotContext` that writes `_write_context` and `backbone`; its
+     backbone one function that training and export call too, as runtime/dspark/qwen3.py's
+     `forward_backbone` is), reading only the directory they are given (anything else they need from the
      converted checkpoint comes through `target_options` / `drafter_options`), and
      builder/fixture_foo.py (`write_foo_fixture(out, seed=, ...)`) for the tests.
   3. One line in `FAMILIES` below. `dspark-build fixture|inspect|convert|engine|repo`, the loader,
