@@ -68,7 +68,8 @@ def _slots(slots: np.ndarray, num_slots: int) -> list[int]:
 
 
 class VerifyHandler:
-    endpoint = VERIFY
+    endpoint = VERIFY  # the messages it takes and returns (runtime/protocol.py)
+
     def __init__(self, engine_dir: Path, *, num_slots: int, max_len: int, gpus: list[int] | None = None) -> None:
         """`gpus`: rank r of the target on cuda:<gpus[r]> (NCCL between ranks; Qwen3 verify steps replayed
         from CUDA graphs); none: on the CPU."""
@@ -124,7 +125,8 @@ class VerifyHandler:
 
 
 class DraftHandler:
-    endpoint = DRAFT
+    endpoint = DRAFT  # the messages it takes and returns (runtime/protocol.py)
+
     def __init__(self, engine_dir: Path, *, num_slots: int, max_len: int, threads: int | None = None,
                  device: str = "cpu") -> None:
         if threads:  # torch threads of this process (the model's own: Triton runs each in a process)
