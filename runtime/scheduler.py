@@ -142,9 +142,9 @@ class CostTable:
                                                                              strict=True)],
                        batch_overhead_ms=[max(t + round_b * r, 0.0) for t, r in zip(self.batch_overhead_ms,
                                                                                    self.batch_sizes, strict=True)],
-                       draft_step_ms=[max(d + draft_a + draft_b * r, 0.0) for d, r in zip(self.draft_step_ms,
-                                                                                         self.batch_sizes,
-                                                                                         strict=True)],
+                       draft_step_ms=[max(d + draft_a + draft_b * r, 0.0)  # empty: no draft costs known
+                                      for d, r in zip(self.draft_step_ms, self.batch_sizes[:len(self.draft_step_ms)],
+                                                      strict=True)],
                        meta={**self.meta, "served": {"verify_ms": list(verify), "round_ms": list(rounds),
                                                      "draft_ms": list(draft)}})
 

@@ -448,6 +448,7 @@ def test_served_costs_add_what_served_rounds_take_beyond_the_profile() -> None:
         assert table.step_ms(rows, tokens) == pytest.approx(
             profiled.step_ms(rows, tokens) + 3.0 + 0.05 * tokens + 0.5 * rows, abs=0.2)
     assert table.draft_ms(16) == pytest.approx(profiled.draft_ms(16) + 3.0 + 0.1 * 16, abs=0.1)
+    assert ServedCosts(CostTable([1, 2], [0.0, 1.0], 5.0)).profiled.corrected((1.0, 0.1)).draft_step_ms == []
     before = served.verify.at(48)
     served.observe(8, 48, verify_ms=1e6, drafted_rows=0, draft_ms=0.0, other_ms=None)  # a stalled call
     cap = profiled.step_ms(8, 48)  # counted as one profiled step more than profiled, not as the stall
