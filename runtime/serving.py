@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .detok import CONTEXT_TOKENS, IncrementalText
+from .detok import CONTEXT_TOKENS
 from .dspark.base import Draft
 from .generate import SEED_MAX, SEED_MIN, Request, SpeculativeDecoder, wire_seed
 from .protocol import DRAFT, VERIFY, DraftRequest, DraftResponse, VerifyRequest, VerifyResponse
@@ -63,8 +63,8 @@ def _scalar(inputs: dict[str, Any], name: str, kind: type, default: Any) -> Any:
 
 
 def parse_request(inputs: dict[str, Any], limits: Limits,
-                  parameters: dict[str, Any] | None = None) -> tuple[Request, list[str]]:
-    """Validate one request's tensors; returns the decoding request and its stop strings.
+                  parameters: dict[str, Any] | None = None) -> Request:
+    """Validate one request's tensors; returns the decoding request (stop strings included).
 
     `parameters` are the request's Triton parameters. None are used: an unknown JSON field of an HTTP
     generate request arrives as one (e.g. `top_p`), and is refused like an unknown gRPC input."""
@@ -101,9 +101,8 @@ def parse_request(inputs: dict[str, Any], limits: Limits,
     seed = _scalar(inputs, "SEED", int, 0)
     if not SEED_MIN <= seed <= SEED_MAX:
         raise ParamError(f"seed must be an int64, in [{SEED_MIN}, {SEED_MAX}], got {seed}")
-    request = Request(prompt.tolist(), max_new_tokens=max_tokens, temperature=temperature, seed=seed,
-                      stop_ids=stop_ids, speculation=speculation, gamma=gamma)
-    return request, stops
+    return Request(prompt.tolist(), max_new_tokens=max_tokens, temperature=temperature, seed=seed,
+                   stop_ids=stop_ids, stop_strings=tuple(stops), speculation=speculation, gamma=gamma)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +196,7 @@ class Metrics(Protocol):
 @dataclass
 class _Stream:
     request: Request
-    stops: list[str]
     sink: Sink
-    text: IncrementalText | None
     request_id: str = ""
     sent: list[int] = field(default_factory=list)
 
@@ -216,8 +213,8 @@ class Orchestrator:
     def __init__(self, target: Any, drafter: Any, *, num_slots: int, decode: Callable[[Sequence[int]], str],
                  metrics: Metrics | None = None, diagnose: Callable[[], str | None] | None = None,
                  **decoder_options: Any) -> None:
-        self.decoder = SpeculativeDecoder(target, drafter, num_slots=num_slots, **decoder_options)
-        self.decode, self.metrics = decode, metrics
+        self.decoder = SpeculativeDecoder(target, drafter, num_slots=num_slots, decode=decode, **decoder_options)
+        self.metrics = metrics
         # Names a dead model process, if any: a failed model call is then reported as that.
         self.diagnose = diagnose or (lambda: None)
         self.queue: queue.Queue[_Stream] = queue.Queue()
@@ -237,12 +234,11 @@ class Orchestrator:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def submit(self, request: Request, stops: list[str], sink: Sink, request_id: str = "") -> None:
+    def submit(self, request: Request, sink: Sink, request_id: str = "") -> None:
         with self._lock:
             refused = self.unavailable
             if refused is None:
-                self.queue.put(_Stream(request, stops, sink, IncrementalText(self.decode) if stops else None,
-                                       request_id))
+                self.queue.put(_Stream(request, sink, request_id))
         if refused is not None:
             _error(sink, refused)
 
@@ -362,7 +358,7 @@ class Orchestrator:
         for slot, tokens in committed.items():
             if slot not in self.streams:
                 continue
-            try:  # one stream's stop strings or response must not fail the others
+            try:  # one stream's response must not fail the others
                 self._publish_one(slot, tokens, after_round)
             except Exception as e:  # noqa: BLE001 - reported to that request's client
                 traceback.print_exc()
@@ -373,26 +369,11 @@ class Orchestrator:
         stream, live = self.streams[slot], self.decoder.live[slot]
         if self.metrics and after_round:
             self.metrics.round(live.result.verified[-1], live.result.taus[-1] - 1)
-        if stream.text is not None:
-            tokens = self._apply_stop_strings(stream, live, tokens)
         prefix = stream.sent[-CONTEXT_TOKENS:]
         stream.sent.extend(tokens)
         stream.sink.send(tokens, prefix, None, None)
         if live.result.finish_reason is not None:
             self._finish(slot)
-
-    def _apply_stop_strings(self, stream: _Stream, live: Any, tokens: list[int]) -> list[int]:
-        """Cut the round's tokens after the one that completes a stop string; that ends the request."""
-        for i, token in enumerate(tokens):
-            stream.text.add([token])
-            tail = stream.text.text[-(max(map(len, stream.stops)) + 8):]
-            if any(stop in tail for stop in stream.stops):
-                cut = len(tokens) - i - 1
-                if cut:
-                    del live.result.tokens[-cut:]
-                live.result.finish_reason = "stop"
-                return tokens[: i + 1]
-        return tokens
 
     def _finish(self, slot: int, error: str | None = None) -> None:
         stream = self.streams.pop(slot)

@@ -66,9 +66,9 @@ def test_bad_parameters_are_named(inputs: dict, message: str) -> None:
 
 
 def test_defaults() -> None:
-    request, stops = parse_request({"INPUT_IDS": np.array([1, 2])}, LIMITS)
+    request = parse_request({"INPUT_IDS": np.array([1, 2])}, LIMITS)
     assert (request.max_new_tokens, request.temperature, request.speculation, request.gamma) == (32, 0.0, "auto", 5)
-    assert stops == []
+    assert request.stop_strings == ()
 
 
 class Collector:
@@ -111,7 +111,7 @@ def test_orchestrator_over_the_wire_protocol_equals_generate(qwen3_ckpt: Path, o
     batch = [gen.integers(0, 1000, size=3 + 4 * i).tolist() for i in range(7)]  # more requests than slots
     sinks = [Collector() for _ in batch]
     for i, (prompt, sink) in enumerate(zip(batch, sinks, strict=True)):
-        orchestrator.submit(Request(prompt, max_new_tokens=15, speculation=("auto", "fixed", "off")[i % 3]), [], sink)
+        orchestrator.submit(Request(prompt, max_new_tokens=15, speculation=("auto", "fixed", "off")[i % 3]), sink)
     assert all(s.done.wait(60) for s in sinks)
     target, drafter, _ = open_checkpoint(qwen3_ckpt, num_slots=7, max_len=128)
     expected = generate(target, drafter, [Request(p, max_new_tokens=15, speculation="off") for p in batch])
@@ -126,7 +126,7 @@ def test_sampled_and_greedy_requests_share_rounds(orchestrator, qwen3_ckpt: Path
     sinks = [Collector() for _ in batch]
     for i, (prompt, sink) in enumerate(zip(batch, sinks, strict=True)):
         orchestrator.submit(Request(prompt, max_new_tokens=12, temperature=1.0 if i % 2 else 0.0, seed=i,
-                                    speculation="fixed"), [], sink)
+                                    speculation="fixed"), sink)
     assert all(s.done.wait(60) for s in sinks)
     target, drafter, _ = open_checkpoint(qwen3_ckpt, num_slots=4, max_len=128)
     expected = generate(target, drafter, [Request(p, max_new_tokens=12, speculation="off") for p in batch])
@@ -157,13 +157,13 @@ def test_sampled_and_greedy_requests_share_rounds(orchestrator, qwen3_ckpt: Path
 
 def test_stop_strings_end_after_the_completing_token(orchestrator, tokenizer: Tokenizer) -> None:
     full = Collector()
-    orchestrator.submit(Request([11, 12, 13], max_new_tokens=20), [], full)
+    orchestrator.submit(Request([11, 12, 13], max_new_tokens=20), full)
     assert full.done.wait(60)
     text = tokenizer.decode(full.ids)
     stop = text[len(text) // 2: len(text) // 2 + 3]
     assert stop.strip()
     stopped = Collector()
-    orchestrator.submit(Request([11, 12, 13], max_new_tokens=20), [stop], stopped)
+    orchestrator.submit(Request([11, 12, 13], max_new_tokens=20, stop_strings=(stop,)), stopped)
     assert stopped.done.wait(60)
     assert stopped.reason == "stop" and stop in tokenizer.decode(stopped.ids)
     assert stop not in tokenizer.decode(stopped.ids[:-1]) and full.ids[: len(stopped.ids)] == stopped.ids
@@ -171,7 +171,7 @@ def test_stop_strings_end_after_the_completing_token(orchestrator, tokenizer: To
 
 def test_cancel_by_request_id_frees_the_slot(orchestrator) -> None:
     sink = Collector()
-    orchestrator.submit(Request([1, 2, 3], max_new_tokens=120), [], sink, request_id="abc")
+    orchestrator.submit(Request([1, 2, 3], max_new_tokens=120), sink, request_id="abc")
     while sink.chunks < 2:
         threading.Event().wait(0.01)
     orchestrator.cancel("abc")
@@ -201,12 +201,12 @@ def test_a_failed_prefill_fails_its_requests_and_keeps_the_slots(qwen3_ckpt: Pat
     try:
         failed = [Collector() for _ in range(2)]
         for sink in failed:
-            orch.submit(Request([5, 6, 7], max_new_tokens=4), [], sink)
+            orch.submit(Request([5, 6, 7], max_new_tokens=4), sink)
         assert all(s.done.wait(30) for s in failed)
         assert all(len(s.errors) == 1 and "unknown input WANT_LOGITS" in s.errors[0] for s in failed)
         later = [Collector() for _ in range(2)]  # both slots again: none was lost
         for sink in later:
-            orch.submit(Request([5, 6, 7], max_new_tokens=4), [], sink)
+            orch.submit(Request([5, 6, 7], max_new_tokens=4), sink)
         assert all(s.done.wait(30) for s in later)
         assert all(not s.errors and s.reason == "length" for s in later)
     finally:

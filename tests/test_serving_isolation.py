@@ -74,7 +74,7 @@ def expected(qwen3_ckpt: Path) -> list[list[int]]:
 
 def _run(orch: Orchestrator, requests: list[Request], sinks: list[Collector]) -> None:
     for request, sink in zip(requests, sinks, strict=True):  # queued before the loop starts: one batch
-        orch.submit(request, [], sink)
+        orch.submit(request, sink)
     orch.start()
     try:
         assert all(s.done.wait(60) for s in sinks)
@@ -121,7 +121,7 @@ def test_a_failing_response_sender_fails_its_stream_only(qwen3_ckpt, tokenizer, 
 def test_seeds_are_checked_at_admission(seed, message) -> None:
     with pytest.raises(ParamError, match=re.escape(message)):
         parse_request({"INPUT_IDS": np.array([1, 2]), "SEED": seed}, LIMITS)
-    request, _ = parse_request({"INPUT_IDS": np.array([1, 2]), "SEED": np.array([-7], dtype=np.int64)}, LIMITS)
+    request = parse_request({"INPUT_IDS": np.array([1, 2]), "SEED": np.array([-7], dtype=np.int64)}, LIMITS)
     assert request.seed == -7
 
 

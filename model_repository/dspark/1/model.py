@@ -194,11 +194,11 @@ class TritonPythonModel:
                 if tensor is not None:
                     inputs[name] = tensor.as_numpy()
             try:
-                decoding, stops = parse_request(inputs, self.limits, json.loads(request.parameters() or "{}"))
+                decoding = parse_request(inputs, self.limits, json.loads(request.parameters() or "{}"))
             except ParamError as e:
                 sink.error(str(e))
                 continue
-            self.orchestrator.submit(decoding, stops, sink, request.request_id())
+            self.orchestrator.submit(decoding, sink, request.request_id())
         return None
 
     def finalize(self):
