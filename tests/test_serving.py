@@ -111,6 +111,31 @@ def test_stop_ids_end_the_stream(served) -> None:
     assert got.ids == full[: full.index(stop) + 1] and got.finish_reason == "stop"
 
 
+def test_stop_strings_end_the_stream_as_in_process_generate(served) -> None:
+    """Served and in-process decoding share one stop rule (the decoder's), stop strings included."""
+    from tokenizers import Tokenizer
+
+    server, ckpt = served
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer" / "tokenizer.json"))
+
+    def decode(ids) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    [full] = reference(ckpt, prompts(1), 24)
+    text = decode(full)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip()
+    target, drafter, _ = open_checkpoint(ckpt, num_slots=1, max_len=128)
+    try:
+        [expected] = generate(target, drafter, [Request(prompts(1)[0], max_new_tokens=24, stop_strings=(stop,))],
+                              decode=decode)
+    finally:
+        target.close()
+    got = complete(url(server), prompts(1)[0], max_tokens=24, stop=[stop])
+    assert got.ids == expected.tokens and got.finish_reason == expected.finish_reason == "stop"
+    assert len(got.ids) < len(full) and stop in decode(got.ids) and stop not in decode(got.ids[:-1])
+
+
 @pytest.mark.parametrize("params, message", [
     ({"max_tokens": 0}, "max_tokens must be in [1, 200]"),
     ({"temperature": -1.0}, "temperature must be in [0, 100]"),
