@@ -396,8 +396,9 @@ def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max
               help="tensorrt-llm: tensorrtllm_backend's all_models/llmapi/tensorrt_llm, whose 1/*.py are copied "
                    "(in NVIDIA's container: /app/all_models/llmapi/tensorrt_llm).")
 @click.option("--trtllm-sps-table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="tensorrt-llm, releases with confidence scheduling: a cost table from TensorRT-LLM's own "
-                   "profiler for the served engine.")
+              help="tensorrt-llm, releases with confidence scheduling: TensorRT-LLM's cost table for the served "
+                   "engine, from `dspark-build profile --backend tensorrt-llm` (its --trtllm-output) or "
+                   "TensorRT-LLM's own profiler.")
 @click.option("--force", is_flag=True, help="Replace the repository if it exists.")
 @reports_errors
 def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, num_slots: int, max_prompt_tokens: int,

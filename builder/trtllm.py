@@ -24,6 +24,7 @@ its fields (TensorRT-LLM main does not).
 from __future__ import annotations
 
 import shutil
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,15 @@ def installed_fields() -> frozenset[str]:
     if not has_module("tensorrt_llm"):
         raise MissingDependencyError("TensorRT-LLM is not installed here: pass --trtllm-fields pr15808 (TensorRT-LLM "
                                      f"main) or install the release you serve with: {TENSORRT_LLM_PYTORCH_INSTALL}")
-    from tensorrt_llm.llmapi.llm_args import DSparkDecodingConfig
+    import tensorrt_llm.llmapi.llm_args as llm_args
 
-    return frozenset(DSparkDecodingConfig.model_fields)
+    config = getattr(llm_args, "DSparkDecodingConfig", None)
+    if config is None:  # a release from before PR #15808: the container's TensorRT-LLM cannot serve DSpark
+        version = getattr(import_module("tensorrt_llm"), "__version__", "?")
+        raise MissingDependencyError(f"the installed TensorRT-LLM {version} has no DSparkDecodingConfig (added by "
+                                     "PR #15808): serve with a release that has it (TRITON_RELEASE=... for "
+                                     "make deploy)")
+    return frozenset(config.model_fields)
 
 
 def fields_for(release: str | None) -> tuple[str, frozenset[str]]:

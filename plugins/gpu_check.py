@@ -318,19 +318,16 @@ class Fixtures:
             pair = Path(__file__).resolve().parents[1] / "examples" / "tiny-qwen3-dspark"
             convert(pair / "target", pair / "drafter", self.root / name, tp=1, show_progress=False)
             return self.root / name
-        if name.startswith("qwen3"):
-            from ..builder.fixture_qwen3 import write_qwen3_fixture
+        # A family's random pair ("qwen3", "qwen3-tp2": the same pair at tp 2; "deepseek-v4"), from the registry.
+        from ..builder.families import FAMILIES
+        from ..builder.families.family import resolve
 
-            pair = self.root / "qwen3-pair"
-            if not pair.exists():
-                write_qwen3_fixture(pair, seed=0)
-            tp = 2 if name == "qwen3-tp2" else 1
-            convert(pair / "target", pair / "drafter", self.root / name, tp=tp, show_progress=False)
-            return self.root / name
-        from ..builder.fixture_deepseek_v4 import write_deepseek_v4_fixture
-
-        write_deepseek_v4_fixture(self.root / "v4-pair", seed=0)
-        convert(self.root / "v4-pair" / "target", None, self.root / name, tp=1, show_progress=False)
+        family = FAMILIES["qwen3" if name.startswith("qwen3") else name]
+        pair = self.root / f"{family.name}-pair"
+        if not pair.exists():
+            resolve(family.fixture)(pair, seed=0)
+        drafter = pair / "drafter" if (pair / "drafter").is_dir() else None
+        convert(pair / "target", drafter, self.root / name, tp=2 if name == "qwen3-tp2" else 1, show_progress=False)
         return self.root / name
 
 
@@ -342,15 +339,9 @@ def _version(package: str) -> str | None:
 
 
 def _runner_classes(family: str):
-    if family == "qwen3":
-        from ..runtime.dspark.qwen3 import Qwen3DSparkDrafter
-        from ..runtime.qwen3 import Qwen3Target
+    from ..builder.families import FAMILIES
 
-        return Qwen3Target, Qwen3DSparkDrafter
-    from ..runtime.deepseek_v4 import DeepseekV4Target
-    from ..runtime.dspark.deepseek_v4 import DeepseekV4DSparkDrafter
-
-    return DeepseekV4Target, DeepseekV4DSparkDrafter
+    return FAMILIES[family].target_class(), FAMILIES[family].drafter_class()
 
 
 def _capture(ckpt: Path) -> tuple[int, ...]:
@@ -563,7 +554,7 @@ def _sync(device: str) -> None:
 def model_checks(device: str, small: bool, workdir: Path) -> list[Check]:
     fixtures = Fixtures(workdir)
     checks = []
-    for family in ("qwen3", "v4"):
+    for family in ("qwen3", "deepseek-v4"):
         label = "Qwen3" if family == "qwen3" else "DeepSeek-V4"
         checks.append(run_check("targets", f"{label} fixture target on {device} vs CPU float32",
                                 lambda f=family: check_target(f, device, fixtures)))

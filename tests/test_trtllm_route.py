@@ -280,3 +280,27 @@ def test_deploy_lws_manifest_for_two_nodes(qwen3_ckpt: Path, tmp_path: Path):
     elsewhere = Path("/usr")  # exists, and is not under the checkpoint's top directory (/tmp here)
     result = _cli("deploy", qwen3_ckpt, "--nodes", 2, "--source", elsewhere, "--lws", out)
     assert result.exit_code == 1 and "dspark-models claim" in result.output
+
+
+def test_installed_fields_are_read_from_the_installed_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`--trtllm-fields installed` reads DSparkDecodingConfig's model fields; a TensorRT-LLM from before
+    PR #15808 is named as such. A minimal stand-in package (TensorRT-LLM needs a GPU host)."""
+    import sys
+
+    if has_module("tensorrt_llm"):
+        pytest.skip("a real TensorRT-LLM is installed: the stand-in would shadow it")
+    package = tmp_path / "site" / "tensorrt_llm"
+    (package / "llmapi").mkdir(parents=True)
+    (package / "__init__.py").write_text('__version__ = "1.1.0"\n')
+    (package / "llmapi" / "__init__.py").write_text("")
+    (package / "llmapi" / "llm_args.py").write_text("class EagleDecodingConfig:\n    model_fields = {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m.startswith("tensorrt_llm")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(MissingDependencyError, match="TensorRT-LLM 1.1.0 has no DSparkDecodingConfig"):
+        fields_for("installed")
+    (package / "llmapi" / "llm_args.py").write_text(
+        "class DSparkDecodingConfig:\n    model_fields = dict.fromkeys(['decoding_type', 'max_draft_len'])\n")
+    for name in [m for m in sys.modules if m.startswith("tensorrt_llm")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert fields_for("installed") == ("installed", frozenset({"decoding_type", "max_draft_len"}))
