@@ -78,6 +78,17 @@ class SlotContext:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _block(self, slots: list[int], anchors: list[int], gamma: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A round's block for `backbone`: ids [B, γ] (each anchor, then mask tokens), the slots [B] and the
+        positions [B, γ] just past each slot's context, on the device; and ctx_len [B] on the host. Index
+        tensors are made on the host (ctx_len is host bookkeeping) and copied to the device once."""
+        ctx_len = self.ctx_len[slots]
+        ids = torch.full((len(slots), gamma), self.mask_token_id, dtype=torch.long)
+        ids[:, 0] = torch.tensor(anchors)
+        positions = ctx_len[:, None] + torch.arange(gamma)
+        return ids.to(self.device), torch.tensor(slots, device=self.device), positions.to(self.device), ctx_len
+
     def reset(self, slot: int) -> None:
         self.ctx_len[slot] = 0
 

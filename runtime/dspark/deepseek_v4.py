@@ -119,17 +119,11 @@ class DeepseekV4DSparkDrafter(SlotContext):
     def draft(self, slots: list[int], anchors: list[int], temperatures: list[float],
               generators: list[torch.Generator | None], gamma: int | None = None) -> Draft:
         cfg, w, gamma = self.cfg, self.w, gamma or self.block_size
-        # Index tensors are made on the host (ctx_len is host bookkeeping) and copied to the device once.
-        dev = self.device
-        batch, slot_idx = len(slots), torch.tensor(slots, device=dev)
-        ctx_len = self.ctx_len[slots]
-        ids = torch.full((batch, gamma), self.mask_token_id, dtype=torch.long)
-        ids[:, 0] = torch.tensor(anchors)
-        positions = ctx_len[:, None] + torch.arange(gamma)
+        dev, batch = self.device, len(slots)
+        ids, slot_idx, positions, ctx_len = self._block(slots, anchors, gamma)
         low, high, in_context = self.visible_context(ctx_len)
         allowed = torch.cat([in_context[:, None].expand(-1, gamma, -1),
-                             torch.ones(batch, gamma, gamma, dtype=torch.bool)], dim=-1)
-        ids, positions, allowed = ids.to(dev), positions.to(dev), allowed.to(dev)
+                             torch.ones(batch, gamma, gamma, dtype=torch.bool)], dim=-1).to(dev)
         cos, sin = self.rope("main", positions)
 
         streams = F.embedding(ids, self.embed)[:, :, None].expand(-1, -1, cfg.hc, -1).contiguous()

@@ -83,13 +83,8 @@ class Gemma4DSparkDrafter(SlotContext):
         """Hidden states [B, γ, d] after `norm` and base logits U [B, γ, V] (softcapped, float32)."""
         w, gamma, eps = self.w, gamma or self.block_size, self.eps
         batch, heads, head_dim = len(slots), self.heads, self.head_dim
-        # Index tensors are made on the host (ctx_len is host bookkeeping) and copied to the device once.
         dev = self.device
-        ctx_len = self.ctx_len[slots]
-        ids = torch.full((batch, gamma), self.mask_token_id, dtype=torch.long)
-        ids[:, 0] = torch.tensor(anchors)
-        ids, slot_idx = ids.to(dev), torch.tensor(slots, device=dev)
-        positions = (ctx_len[:, None] + torch.arange(gamma)).to(dev)
+        ids, slot_idx, positions, ctx_len = self._block(slots, anchors, gamma)
         cos, sin = self.cos_table[positions], self.sin_table[positions]
         # Every block position sees its slot's context and the whole block; shorter contexts mask their tail.
         length = int(ctx_len.max()) + gamma

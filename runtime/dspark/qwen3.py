@@ -183,14 +183,8 @@ class Qwen3DSparkDrafter(SlotContext):
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The parallel part of a round: hidden states [B, γ, d] after `norm`, base logits U [B, γ, V] (float32)."""
         gamma = gamma or self.block_size
-        batch = len(slots)
-        # Index tensors are made on the host (ctx_len is host bookkeeping) and copied to the device once.
-        dev = self.device
-        ctx_len = self.ctx_len[slots]
-        ids = torch.full((batch, gamma), self.mask_token_id, dtype=torch.long)
-        ids[:, 0] = torch.tensor(anchors)
-        ids, slot_idx = ids.to(dev), torch.tensor(slots, device=dev)
-        positions = (ctx_len[:, None] + torch.arange(gamma)).to(dev)
+        batch, dev = len(slots), self.device
+        ids, slot_idx, positions, ctx_len = self._block(slots, anchors, gamma)
         # Every block position sees its slot's keys 0 .. ctx_len + γ - 1: the whole context and the whole
         # block. With one slot (or equal contexts) that needs no mask; otherwise shorter rows mask their tail.
         length = int(ctx_len.max()) + gamma
