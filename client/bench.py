@@ -217,7 +217,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 cells.append({"mode": mode, "concurrency": concurrency, "slices": slices, **cell})
     cells.sort(key=lambda c: (config.modes.index(c["mode"]), c["concurrency"]))
     return {"config": {k: v for k, v in config.__dict__.items() if k != "prompts"} | {"prompts": len(config.prompts)},
-            "cells": cells, "sla": sla_table(cells, config.slas)}
+            "cells": cells, "sla": sla_table(cells, config.slas), "comparison": comparison(cells)}
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -288,6 +288,26 @@ def sla_table(cells: list[dict[str, Any]], slas: list[float], *, ours: str = "au
         a, b = reached.get(ours), reached.get(baseline)
         rows.append({"sla_tokens_per_s_per_user": sla, "system_tokens_per_s": reached,
                      f"{ours}_over_{baseline}": a / b - 1 if a is not None and b else None})
+    return rows
+
+
+def comparison(cells: list[dict[str, Any]], *, ours: str = "auto") -> list[dict[str, Any]]:
+    """Per concurrency where `ours` ran: its system throughput over each other mode's, over the best of
+    the fixed modes (`fixed`, `fixed:G`, `mtp1`) measured at that concurrency, and its per-user speed over
+    `off`'s (None where the other mode did not run)."""
+    by_cell = {(c["mode"], c["concurrency"]): c for c in cells}
+    rows = []
+    for concurrency in sorted({c["concurrency"] for c in cells if c["mode"] == ours}):
+        mine = by_cell[(ours, concurrency)]
+        others = {m: c["system_tokens_per_s"] for (m, k), c in by_cell.items() if k == concurrency and m != ours}
+        fixed = [v for m, v in others.items() if m == "mtp1" or mode_request(m)[0] == "fixed"]
+        off = by_cell.get(("off", concurrency))
+        rows.append({
+            "concurrency": concurrency,
+            "system_over": {m: mine["system_tokens_per_s"] / v for m, v in others.items() if v},
+            "system_over_best_fixed": mine["system_tokens_per_s"] / max(fixed) if fixed else None,
+            "per_user_over_off": mine["per_user_tokens_per_s"] / off["per_user_tokens_per_s"] if off else None,
+        })
     return rows
 
 

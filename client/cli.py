@@ -201,11 +201,17 @@ def bench(url: str, metrics_url: str, concurrency: str, modes: str, gammas: str 
                       f"{itl['p50']:.0f}/{itl['p90']:.0f}/{itl['p99']:.0f}", f"{c['mean_tau']:.2f}",
                       f"{draft} / {calls['dspark_verify']['mean_ms']:.1f}")
     stdout.print(table)
-    by_cell = {(c["mode"], c["concurrency"]): c for c in result["cells"]}
-    for c in config.concurrencies:
-        if ("auto", c) in by_cell and ("off", c) in by_cell:
-            ratio = by_cell[("auto", c)]["per_user_tokens_per_s"] / by_cell[("off", c)]["per_user_tokens_per_s"]
-            stdout.print(f"concurrency {c}: auto / off per-user tokens/s = {ratio:.2f}x")
+    if result["comparison"]:
+        others = [m for m in dict.fromkeys(c["mode"] for c in result["cells"]) if m != "auto"]
+        ratios = Table("conc.", "auto / off per user", "auto / best fixed", *(f"auto / {m}" for m in others),
+                       title="auto against the other modes (system tokens/s unless said; best fixed: mtp1, fixed:G)")
+
+        def ratio(value: float | None) -> str:
+            return f"{value:.2f}x" if value is not None else "-"
+        for row in result["comparison"]:
+            ratios.add_row(str(row["concurrency"]), ratio(row["per_user_over_off"]),
+                           ratio(row["system_over_best_fixed"]), *(ratio(row["system_over"].get(m)) for m in others))
+        stdout.print(ratios)
     modes_run = list(dict.fromkeys(c["mode"] for c in result["cells"]))
     sla_rows = Table("SLA tok/s/user", *(f"{m} tok/s" for m in modes_run), "auto vs mtp1",
                      title="highest system throughput meeting each per-user SLA (interpolated along the frontier)")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dspark_trt.client.bench import (
+    comparison,
     expand_modes,
     frontier,
     mode_request,
@@ -77,6 +78,19 @@ def test_sla_table_and_gain_over_mtp1() -> None:
     assert rows[0]["auto_over_mtp1"] == pytest.approx(240 / 135 - 1)
     assert rows[1]["system_tokens_per_s"]["mtp1"] is None and rows[1]["auto_over_mtp1"] is None
     assert rows[1]["system_tokens_per_s"]["auto"] == pytest.approx(170.0)
+
+
+def test_comparison_of_auto_with_the_best_fixed_mode_per_concurrency() -> None:
+    cells = [cell("off", 1, 50.0, 50.0), cell("mtp1", 1, 70.0, 70.0), cell("fixed:3", 1, 90.0, 90.0),
+             cell("fixed:5", 1, 95.0, 96.0), cell("auto", 1, 99.0, 93.0),
+             cell("mtp1", 8, 40.0, 300.0), cell("auto", 8, 45.0, 330.0)]
+    one, eight = comparison(cells)
+    assert one["concurrency"] == 1 and one["per_user_over_off"] == pytest.approx(99 / 50)
+    assert one["system_over_best_fixed"] == pytest.approx(93 / 96)  # fixed:5, the best of mtp1 / fixed:G
+    assert one["system_over"] == pytest.approx({"off": 93 / 50, "mtp1": 93 / 70, "fixed:3": 93 / 90,
+                                                "fixed:5": 93 / 96})
+    assert eight["per_user_over_off"] is None and eight["system_over_best_fixed"] == pytest.approx(1.1)
+    assert comparison([cell("off", 1, 50.0, 50.0)]) == []
 
 
 def test_frontier_plot(tmp_path: Path) -> None:
