@@ -300,7 +300,7 @@ def comparison(cells: list[dict[str, Any]], *, ours: str = "auto") -> list[dict[
     for concurrency in sorted({c["concurrency"] for c in cells if c["mode"] == ours}):
         mine = by_cell[(ours, concurrency)]
         others = {m: c["system_tokens_per_s"] for (m, k), c in by_cell.items() if k == concurrency and m != ours}
-        fixed = [v for m, v in others.items() if m == "mtp1" or mode_request(m)[0] == "fixed"]
+        fixed = [v for m, v in others.items() if mode_request(m)[0] == "fixed"]  # mtp1 is fixed:1
         off = by_cell.get(("off", concurrency))
         rows.append({
             "concurrency": concurrency,
