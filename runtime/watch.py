@@ -58,12 +58,25 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def model_processes(server_pid: int, model: str) -> list[ModelProcess]:
-    """The live processes of `model` under the tritonserver `server_pid`: stubs, then their workers."""
-    children: dict[int, list[int]] = {}
-    for entry in PROC.iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None and stat[0] != "Z":
-            children.setdefault(stat[1], []).append(int(entry.name))
+@dataclass(frozen=True)
+class ProcessTree:
+    """One look at /proc: every live process's children (zombies left out)."""
+
+    children: dict[int, list[int]]
+
+    @classmethod
+    def scan(cls) -> ProcessTree:
+        children: dict[int, list[int]] = {}
+        for entry in PROC.iterdir():
+            if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None and stat[0] != "Z":
+                children.setdefault(stat[1], []).append(int(entry.name))
+        return cls(children)
+
+
+def model_processes(server_pid: int, model: str, tree: ProcessTree | None = None) -> list[ModelProcess]:
+    """The live processes of `model` under the tritonserver `server_pid`: stubs, then their workers
+    (`tree`: a scan of /proc to read them from, shared by several models; default a fresh one)."""
+    children = (tree or ProcessTree.scan()).children
     suffix = f"/{model}/1/model.py"
     # An instance's stub is given its name, MODEL_GROUP_INDEX; the short-lived stub that only reads the
     # model's config at load time is not an instance.
@@ -87,22 +100,29 @@ def first_dead(processes: list[ModelProcess]) -> ModelProcess | None:
 class ModelWatch:
     """Reloads a model whose process died, from inside another Triton Python model.
 
-    A thread looks at the processes of `models` every `interval` s (and at once after `wake`); when one
-    has died it calls `on_dead(model, reason)` (which may fail requests), unloads the model and loads it
-    again (the server must run with explicit model control), removes the shared-memory region the
-    killed stub left, and calls `on_reloaded(model)`. While that runs the model is not ready, so neither
-    is the server (strict readiness). `pb_utils` is passed in: it only exists inside Triton. `ipc` must
-    be held by every other message this process sends to the server: model-loading calls beside them
-    aborted tritonserver 2.51 (boost::interprocess::lock_exception in the Python backend).
+    A thread looks at the known processes of `models` every `interval` s (and at once after `wake`): a
+    few reads of /proc/PID/stat. Finding them takes a scan of all of /proc, which costs milliseconds of a
+    core the models need, so it runs once for all models: every look for `rescan` s after the processes
+    last changed (start-up, when tensor-parallel workers appear after their stub; a reload), then every
+    `rescan` s. When one has died it calls `on_dead(model, reason)` (which may fail requests), unloads
+    the model and loads it again (the server must run with explicit model control), removes the
+    shared-memory region the killed stub left, and calls `on_reloaded(model)`. While that runs the model
+    is not ready, so neither is the server (strict readiness). `pb_utils` is passed in: it only exists
+    inside Triton. `ipc` must be held by every other message this process sends to the server:
+    model-loading calls beside them aborted tritonserver 2.51 (boost::interprocess::lock_exception in
+    the Python backend).
     """
 
     def __init__(self, pb_utils: Any, models: tuple[str, ...], ipc: threading.Lock,
                  on_dead: Callable[[str, str], None] = lambda model, reason: None,
-                 on_reloaded: Callable[[str], None] = lambda model: None, interval: float = 0.5) -> None:
-        self.pb_utils, self.models, self.ipc, self.interval = pb_utils, models, ipc, interval
+                 on_reloaded: Callable[[str], None] = lambda model: None, interval: float = 0.5,
+                 rescan: float = 10.0) -> None:
+        self.pb_utils, self.models, self.ipc, self.interval, self.rescan = pb_utils, models, ipc, interval, rescan
         self.on_dead, self.on_reloaded = on_dead, on_reloaded
         self.server = os.getppid()  # a Python model's stub is a child of tritonserver
         self.processes: dict[str, list[ModelProcess]] = {}  # as last seen alive
+        self.scanned = -float("inf")  # when /proc was last scanned (time.monotonic)
+        self.changed = time.monotonic()  # when a scan last found a process not known before
         self.stopped, self.wake = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, name="dspark-model-watch", daemon=True)
 
@@ -126,19 +146,24 @@ class ModelWatch:
         while not self.stopped.is_set():
             self.wake.wait(self.interval)
             self.wake.clear()
+            tree, now = None, time.monotonic()
+            if now - self.changed < self.rescan or now - self.scanned >= self.rescan:
+                tree, self.scanned = ProcessTree.scan(), now
             for model in self.models:
                 try:
-                    self._check(model)
+                    self._check(model, tree)
                 except Exception as e:  # noqa: BLE001 - keep watching; the next look retries, not at once
                     _log(f"watching {model}: {type(e).__name__}: {e}")
                     self.stopped.wait(5)
 
-    def _check(self, model: str) -> None:
+    def _check(self, model: str, tree: ProcessTree | None) -> None:
         known = self.processes.get(model, [])
         dead = first_dead(known)
-        if dead is None:  # also picks up processes started since (tensor-parallel workers at start-up)
-            self.processes[model] = sorted(set(known) | set(model_processes(self.server, model)),
-                                           key=lambda p: p.pid)
+        if dead is None:
+            if tree is not None:  # also picks up processes started since (tensor-parallel workers at start-up)
+                found = sorted(set(known) | set(model_processes(self.server, model, tree)), key=lambda p: p.pid)
+                if found != known:
+                    self.processes[model], self.changed = found, time.monotonic()
             return
         reason = f"the {model} model's {dead.role} (pid {dead.pid}) died"
         _log(f"{reason}; reloading {model}")
@@ -155,7 +180,7 @@ class ModelWatch:
             except Exception as e:  # noqa: BLE001 - stays not ready (truthfully) and retries
                 _log(f"reloading {model} failed: {e}; retrying")
             time.sleep(2)
-        self.processes[model] = model_processes(self.server, model)
+        self.processes[model], self.changed = model_processes(self.server, model), time.monotonic()
         for process in known:  # what the killed stubs left in /dev/shm (unloading frees the rest)
             if process.shm_region and "/" not in process.shm_region:
                 (SHM / process.shm_region).unlink(missing_ok=True)
