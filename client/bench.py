@@ -11,6 +11,9 @@ For every mode and concurrency c, c workers each send requests back to back
 of one concurrency run interleaved, in slices of at least c requests whose order of modes rotates
 (off fixed auto, fixed auto off, auto off fixed, ...): a shared machine drifts by tens of per cent
 over minutes, and interleaving puts that drift on every mode alike instead of on whichever ran last.
+Each slice of each mode runs the same requests (prompts and seeds), so two modes are compared on the
+same work; the finer the slices, the less of the drift survives in a ratio (docs/measurements.md:
+two identical modes 5 % apart with 8 slices, within 1 % with 32).
 Per cell, over its slices: time to first token, inter-token latency percentiles (a chunk of k tokens
 arriving g seconds after the previous one counts as k gaps of g / k), tokens/s per user and for the
 system, mean τ from the responses, and — from the server's metrics, scraped before and after — the
@@ -54,7 +57,7 @@ class BenchConfig:
     max_tokens: int = 64
     temperature: float = 0.0
     duration: float | None = None  # per cell: stop starting requests after this many seconds
-    slices: int = 4  # per cell, interleaved across modes (fewer if a slice would hold < c requests)
+    slices: int = 32  # per cell, interleaved across modes (fewer if a slice would hold < c requests)
     slas: list[float] = field(default_factory=lambda: [40.0, 60.0, 80.0])  # tokens/s per user
 
 

@@ -136,10 +136,11 @@ def generate(prompt: str, url: str, stream: bool, max_tokens: int, temperature: 
 @click.option("--requests", default=16, show_default=True, type=click.IntRange(min=1),
               help="Requests per (mode, concurrency) cell; at least the concurrency.")
 @click.option("--duration", type=click.FloatRange(min=0), help="Seconds per cell (stops starting new requests).")
-@click.option("--slices", default=4, show_default=True, type=click.IntRange(min=1),
-              help="Run each concurrency's cells interleaved in this many slices, the order of the modes "
-                   "rotating (off fixed auto, fixed auto off, ...), so that a machine's drift lands on every "
-                   "mode alike.")
+@click.option("--slices", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Run each concurrency's cells interleaved in this many slices (at most requests / "
+                   "concurrency), the order of the modes rotating (off fixed auto, fixed auto off, ...), so "
+                   "that a machine's drift lands on every mode alike. Each slice of each mode waits 0.5 s "
+                   "for the server's metrics.")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("-o", "--output", "out_dir", default=Path("bench/results/client"), show_default=True,
