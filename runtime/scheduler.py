@@ -231,20 +231,23 @@ class DecayedLine:
 
     Before the observations, `prior` pseudo-observations of y = 0 (the profile was right) at the
     observations' mean x; they fade like the rest, so one odd first call cannot overturn the profile
-    but a steady difference soon does. The slope is shrunk toward 0 unless x has varied by more than
-    `spread` of its mean: a run of observations at one x says nothing about the slope, and must not
-    let noise invent one.
+    but a steady difference soon does. The slope has a prior too: b ~ N(0, `slope_scale`²), so it is
+    the posterior mean cov / (var + σ² / (n · slope_scale²)), σ² the residual variance of the fit. A
+    slope the data barely show (x varied little, or y is noisy) stays near 0: served times drift by
+    milliseconds from one minute to the next, and where x changes with what is running (verify
+    tokens: `off`, then `fixed:5`) a least-squares slope would turn the drift into a cost per unit of
+    x that is not there. A slope shown over a wide range of x (tokens at concurrency 32) is kept.
     """
 
-    def __init__(self, fade: float, prior: float = 2.0, spread: float = 0.05) -> None:
-        self.fade, self.prior, self.spread = fade, prior, spread
-        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+    def __init__(self, fade: float, slope_scale: float, prior: float = 2.0) -> None:
+        self.fade, self.slope_scale, self.prior = fade, slope_scale, prior
+        self.n = self.sx = self.sy = self.sxx = self.sxy = self.syy = 0.0
 
     def add(self, x: float, y: float) -> None:
         keep = 1.0 - self.fade
         self.prior *= keep
         self.n, self.sx, self.sy = keep * self.n + 1.0, keep * self.sx + x, keep * self.sy + y
-        self.sxx, self.sxy = keep * self.sxx + x * x, keep * self.sxy + x * y
+        self.sxx, self.sxy, self.syy = keep * self.sxx + x * x, keep * self.sxy + x * y, keep * self.syy + y * y
 
     def line(self) -> tuple[float, float]:
         """(a, b); (0, 0) before any observation."""
@@ -252,7 +255,9 @@ class DecayedLine:
             return 0.0, 0.0
         mx, my = self.sx / self.n, self.sy / self.n
         variance, covariance = max(self.sxx / self.n - mx * mx, 0.0), self.sxy / self.n - mx * my
-        ridge = (self.spread * mx) ** 2
+        spread = max(self.syy / self.n - my * my, 0.0)
+        residual = max(spread - covariance**2 / variance, 0.0) if variance > 0 else spread
+        ridge = residual / (self.n * self.slope_scale**2)
         slope = covariance / (variance + ridge) if variance + ridge > 0 else 0.0
         trust = self.n / (self.n + self.prior)  # the prior's y = 0 at mean x pulls the whole line toward 0
         return trust * (my - slope * mx), trust * slope
@@ -284,7 +289,10 @@ class ServedCosts:
     def __init__(self, profiled: CostTable, fade: float = 0.05, refresh: int = 8) -> None:
         self.profiled, self.table = profiled, profiled
         self.refresh = refresh
-        self.verify, self.rounds_extra, self.draft = DecayedLine(fade), DecayedLine(fade), DecayedLine(fade)
+        # The slopes' prior scales: a served extra of about 0.05 ms per verify token (copying features out)
+        # and 0.5 ms per request (sending its tokens, a drafted row's inputs) is plausible; more must be shown.
+        self.verify = DecayedLine(fade, slope_scale=0.05)
+        self.rounds_extra, self.draft = DecayedLine(fade, slope_scale=0.5), DecayedLine(fade, slope_scale=0.5)
         self.rounds = 0
 
     def observe(self, rows: int, tokens: int, verify_ms: float, drafted_rows: int, draft_ms: float,

@@ -407,7 +407,7 @@ def test_drafting_pays_only_when_the_best_plan_covers_the_draft() -> None:
 def test_decayed_line_fits_a_slope_only_where_x_varied() -> None:
     from dspark_trt.runtime.scheduler import DecayedLine
 
-    line = DecayedLine(fade=0.05)
+    line = DecayedLine(fade=0.05, slope_scale=0.05)
     assert line.line() == (0.0, 0.0)
     line.add(10.0, 9.0)  # one odd call moves the fit toward it, not onto it: the profile counts too
     assert 0.0 < line.at(10.0) < 4.5
@@ -417,7 +417,7 @@ def test_decayed_line_fits_a_slope_only_where_x_varied() -> None:
         line.add(x, 3.0 + 0.25 * x + rng.normal(0, 0.5))
     a, b = line.line()
     assert abs(a - 3.0) < 1.0 and abs(b - 0.25) < 0.02
-    flat = DecayedLine(fade=0.05)
+    flat = DecayedLine(fade=0.05, slope_scale=0.05)
     for _ in range(400):  # one x only: noise must not become a slope
         flat.add(48.0, 7.0 + rng.normal(0, 2.0))
     a, b = flat.line()
@@ -425,6 +425,25 @@ def test_decayed_line_fits_a_slope_only_where_x_varied() -> None:
     for _ in range(200):  # old observations fade: the fit follows a change
         flat.add(48.0, 20.0)
     assert flat.at(48.0) == pytest.approx(20.0, abs=0.01)
+
+
+def test_decayed_line_does_not_turn_drift_between_modes_into_a_slope() -> None:
+    """Concurrency 1 with modes interleaved in slices (the bench; mixed traffic): verify tokens B are 1
+    in an `off` slice, 2 in `mtp1`, 4 in `fixed:3`, 6 in `fixed:5`, and the machine drifts by a few ms
+    from slice to slice. The served extra is flat (3 ms); a least-squares line read a cost per token
+    into the drift (0.4 ms a token from 2 ms over 5 tokens) and made `auto` verify shorter blocks at
+    concurrency 1, where they save nothing."""
+    from dspark_trt.runtime.scheduler import DecayedLine
+
+    rng = np.random.default_rng(1)
+    line = DecayedLine(fade=0.05, slope_scale=0.05)
+    slopes = []
+    for _ in range(60):
+        tokens, drift = int(rng.choice([1, 2, 4, 6])), rng.normal(0, 2.0)
+        for _ in range(60):
+            line.add(tokens, 3.0 + drift + rng.normal(0, 1.5))
+            slopes.append(line.line()[1])
+    assert np.percentile(np.abs(slopes[200:]), 95) < 0.1
 
 
 def test_served_costs_add_what_served_rounds_take_beyond_the_profile() -> None:
