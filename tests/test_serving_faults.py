@@ -181,6 +181,25 @@ def test_a_killed_draft_stub_is_reported_and_reloaded(served) -> None:
     _kill_during_a_stream(server, expected, "dspark_draft", "backend stub")
 
 
+def test_a_killed_orchestrator_is_reloaded(served) -> None:
+    """The orchestrator watches every other model; `preprocessing` watches it. Before, a killed `dspark`
+    stub left the server reporting ready while every request failed, until a human restarted it.
+    (A stream that was live in it is left waiting by Triton: the README says so.)"""
+    server, expected, _ = served
+    victim = next(p for p in model_processes(server.process.pid, "dspark") if p.role == "backend stub")
+    os.kill(victim.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    health_codes = [_health(server)]
+    while time.monotonic() - killed < 120 and (health_codes[-1] != 0 or 1 not in health_codes):
+        time.sleep(0.1)
+        health_codes.append(_health(server))
+    assert 1 in health_codes and health_codes[-1] == 0, health_codes  # not ready while reloading, then ready
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        assert complete(_grpc(server), prompt, max_tokens=24, speculation="fixed").ids == want
+    fresh = model_processes(server.process.pid, "dspark")
+    assert fresh and victim.pid not in {p.pid for p in fresh}
+
+
 def test_client_health_takes_either_port_and_errors_keep_their_brackets(served) -> None:
     server, _, _ = served
     for url in (server.endpoints["http"], server.endpoints["grpc"]):
