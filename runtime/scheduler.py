@@ -255,8 +255,8 @@ class DecayedLine:
             return 0.0, 0.0
         mx, my = self.sx / self.n, self.sy / self.n
         variance, covariance = max(self.sxx / self.n - mx * mx, 0.0), self.sxy / self.n - mx * my
-        spread = max(self.syy / self.n - my * my, 0.0)
-        residual = max(spread - covariance**2 / variance, 0.0) if variance > 0 else spread
+        y_variance = max(self.syy / self.n - my * my, 0.0)
+        residual = max(y_variance - covariance**2 / variance, 0.0) if variance > 0 else y_variance
         ridge = residual / (self.n * self.slope_scale**2)
         slope = covariance / (variance + ridge) if variance + ridge > 0 else 0.0
         trust = self.n / (self.n + self.prior)  # the prior's y = 0 at mean x pulls the whole line toward 0
