@@ -281,8 +281,9 @@ class ServedCosts:
                      + (a_r + b_r·R)          the rest of the round (planning, accepting, sending), per request R
         [+ draft(R) + (a_d + b_d·R)]          a drafting round beyond the profile, per drafted request
 
-    Variety in B comes from the requests coming and going and from other modes' rounds (`off`, `fixed:G`);
-    where there is none the slopes stay near 0 and the correction is per call. The corrected table is
+    Variety in B comes from the requests coming and going and from other modes' rounds (`off`, `fixed:G`).
+    A slope counts only as far as B varied widely enough for it to stand out of the drift between those
+    rounds (each line's prior, `DecayedLine`); otherwise the correction is per call. The corrected table is
     rebuilt every `refresh` rounds. Timings never depend on what was drafted, so plans stay lossless.
     """
 
