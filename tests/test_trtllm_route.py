@@ -295,12 +295,15 @@ def test_installed_fields_are_read_from_the_installed_release(tmp_path: Path, mo
     (package / "llmapi" / "__init__.py").write_text("")
     (package / "llmapi" / "llm_args.py").write_text("class EagleDecodingConfig:\n    model_fields = {}\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    for name in [m for m in sys.modules if m.startswith("tensorrt_llm")]:
-        monkeypatch.delitem(sys.modules, name)
+
+    def import_afresh() -> None:  # the next import reads the stand-in as it is now
+        for name in [m for m in sys.modules if m.startswith("tensorrt_llm")]:
+            monkeypatch.delitem(sys.modules, name)
+
+    import_afresh()
     with pytest.raises(MissingDependencyError, match="TensorRT-LLM 1.1.0 has no DSparkDecodingConfig"):
         fields_for("installed")
     (package / "llmapi" / "llm_args.py").write_text(
         "class DSparkDecodingConfig:\n    model_fields = dict.fromkeys(['decoding_type', 'max_draft_len'])\n")
-    for name in [m for m in sys.modules if m.startswith("tensorrt_llm")]:
-        monkeypatch.delitem(sys.modules, name)
+    import_afresh()
     assert fields_for("installed") == ("installed", frozenset({"decoding_type", "max_draft_len"}))
