@@ -13,7 +13,9 @@ of one concurrency run interleaved, in slices of at least c requests whose order
 over minutes, and interleaving puts that drift on every mode alike instead of on whichever ran last.
 Each slice of each mode runs the same requests (prompts and seeds), so two modes are compared on the
 same work; the finer the slices, the less of the drift survives in a ratio (docs/measurements.md:
-two identical modes 5 % apart with 8 slices, within 1 % with 32).
+two identical modes 5 % apart with 8 slices, within 1 % with 32). A cell of N requests at concurrency
+c has at most N / c slices; `min_slices` raises N where c is high. Before each concurrency's cells, one
+uncounted slice of every mode warms the server up for it (new batch shapes, cache rows not yet used).
 Per cell, over its slices: time to first token, inter-token latency percentiles (a chunk of k tokens
 arriving g seconds after the previous one counts as k gaps of g / k), tokens/s per user and for the
 system, mean τ from the responses, and — from the server's metrics, scraped before and after — the
@@ -58,6 +60,8 @@ class BenchConfig:
     temperature: float = 0.0
     duration: float | None = None  # per cell: stop starting requests after this many seconds
     slices: int = 32  # per cell, interleaved across modes (fewer if a slice would hold < c requests)
+    min_slices: int = 1  # at every concurrency: a cell then runs at least min_slices · c requests
+    warmup: bool = True  # one uncounted slice of every mode before each concurrency's cells
     slas: list[float] = field(default_factory=lambda: [40.0, 60.0, 80.0])  # tokens/s per user
 
 
@@ -191,13 +195,35 @@ def slice_order(modes: list[str], slices: int) -> list[tuple[int, str]]:
     return [(k, modes[(k + i) % len(modes)]) for k in range(slices) for i in range(len(modes))]
 
 
+def cell_requests(config: BenchConfig, concurrency: int) -> int:
+    """Requests each cell of this concurrency runs: --requests, or enough for --min-slices slices."""
+    return max(config.requests, concurrency * config.min_slices)
+
+
+def settled_scrape(metrics_url: str, timeout: float = 5.0) -> dict[str, float]:
+    """The server's counters once it has published every finished round: the orchestrator buffers its
+    round metrics and flushes them before it reports zero active requests (model_repository/dspark)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        series = scrape(metrics_url)
+        if series.get('dspark_active_requests{model="dspark"}', 0.0) == 0.0 or time.monotonic() > deadline:
+            return series
+        time.sleep(0.02)
+
+
 def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     cells = []
-    total = sum(max(config.requests, c) for c in config.concurrencies) * len(config.modes)
+    warmup = [concurrency if config.warmup else 0 for concurrency in config.concurrencies]
+    total = sum(cell_requests(config, c) + w for c, w in zip(config.concurrencies, warmup, strict=True))
     with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task("bench", total=total)
-        for concurrency in config.concurrencies:
-            requests = max(config.requests, concurrency)
+        task = bar.add_task("bench", total=total * len(config.modes))
+        for concurrency, warm in zip(config.concurrencies, warmup, strict=True):
+            # A concurrency's first calls meet shapes and cache rows the server has not used yet (slower);
+            # one uncounted slice of every mode takes that cost off the measured ones.
+            for mode in config.modes if warm else ():
+                bar.update(task, description=f"c={concurrency} warm-up {mode:5s}")
+                asyncio.run(_slice(config, mode, concurrency, range(warm), None, lambda: bar.advance(task)))
+            requests = cell_requests(config, concurrency)
             slices = max(1, min(config.slices, requests // concurrency))
             bounds = [requests * k // slices for k in range(slices + 1)]
             done: dict[str, list[Completion]] = {mode: [] for mode in config.modes}
@@ -205,12 +231,11 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             counters: dict[str, dict[str, float]] = {mode: {} for mode in config.modes}
             for k, mode in slice_order(config.modes, slices):
                 bar.update(task, description=f"c={concurrency} slice {k + 1}/{slices} {mode:5s}")
-                before = scrape(config.metrics_url)
+                before = settled_scrape(config.metrics_url)
                 duration = config.duration / slices if config.duration else None
                 got, seconds = asyncio.run(_slice(config, mode, concurrency, range(bounds[k], bounds[k + 1]),
                                                   duration, lambda: bar.advance(task)))
-                time.sleep(0.5)  # the server buffers metric updates for up to 0.25 s
-                after = scrape(config.metrics_url)
+                after = settled_scrape(config.metrics_url)
                 done[mode] += got
                 wall[mode] += seconds
                 for key in after:

@@ -139,15 +139,20 @@ def generate(prompt: str, url: str, stream: bool, max_tokens: int, temperature: 
 @click.option("--slices", default=32, show_default=True, type=click.IntRange(min=1),
               help="Run each concurrency's cells interleaved in this many slices (at most requests / "
                    "concurrency), the order of the modes rotating (off fixed auto, fixed auto off, ...), so "
-                   "that a machine's drift lands on every mode alike. Each slice of each mode waits 0.5 s "
-                   "for the server's metrics.")
+                   "that a machine's drift lands on every mode alike.")
+@click.option("--min-slices", default=1, show_default=True, type=click.IntRange(min=1),
+              help="At least this many slices at every concurrency: a cell then runs at least min-slices x "
+                   "concurrency requests (more than --requests at high concurrency).")
+@click.option("--warmup/--no-warmup", default=True, show_default=True,
+              help="Before each concurrency's cells, one uncounted slice of every mode (a server's first "
+                   "calls at a new batch size are slower).")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("-o", "--output", "out_dir", default=Path("bench/results/client"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Directory for bench.json and bench.png.")
 def bench(url: str, metrics_url: str, concurrency: str, modes: str, gammas: str | None, sla: str, prompts: str,
-          requests: int, duration: float | None, slices: int, max_tokens: int, temperature: float,
-          out_dir: Path) -> None:
+          requests: int, duration: float | None, slices: int, min_slices: int, warmup: bool, max_tokens: int,
+          temperature: float, out_dir: Path) -> None:
     """Measure a running deployment: TTFT, inter-token latency, tokens/s per user and system, τ.
 
     For each mode and concurrency: TTFT and inter-token latency p50/p90/p99, per-user and system
@@ -183,7 +188,7 @@ def bench(url: str, metrics_url: str, concurrency: str, modes: str, gammas: str 
         err.print(f"[red]error:[/] {escape(str(e))}")
         sys.exit(EXIT_UNREACHABLE if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else 2)
     config = BenchConfig(url, metrics_url, mode_list, [int(c) for c in concurrency.split(",")], texts,
-                         requests, max_tokens, temperature, duration, slices, slas)
+                         requests, max_tokens, temperature, duration, slices, min_slices, warmup, slas)
     try:
         result = run_bench(config)
     except RequestError as e:
