@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from .detok import IncrementalText
@@ -36,8 +37,7 @@ from .scheduler import (
     DEFAULT_MIN_GAIN,
     CostTable,
     ServedCosts,
-    drafting_pays,
-    plan_production,
+    plan_estimate,
     schedule_paper,
     schedule_production,
 )
@@ -102,7 +102,7 @@ class _Live:
     generator: torch.Generator
     anchor: int  # the last committed token: not yet run through the target
     cached: int = 0  # tokens of this request in the target's cache (all committed ones but the anchor)
-    stale_survival: torch.Tensor | None = None  # last round's, for the production scheduler
+    stale_survival: np.ndarray | None = None  # last round's (float64 [γ]), for the production scheduler
     text: IncrementalText | None = None  # the output's text so far, when the request has stop strings
 
 
@@ -125,13 +125,14 @@ class SpeculativeDecoder:
         self.scheduler, self.min_gain = scheduler, min_gain
         self.free = list(range(num_slots))[::-1]
         # Mean survival of recent drafts: the estimate for a request that has not drafted yet.
-        self.prior_survival = torch.ones(drafter.block_size)
+        self.prior_survival = np.ones(drafter.block_size)
         # Acceptance each block position actually got against the survival predicted for it. A confidence
         # head drifts from its calibration (another workload, an untrained drafter); plans scale their
         # estimates by the ratio, so `auto` stops verifying (or drafting) blocks that are not accepted.
         self.adapt_survival = adapt_survival
-        self._predicted = torch.full((drafter.block_size,), ADAPT_PRIOR_ROWS, dtype=torch.float64)
-        self._observed = self._predicted.clone()
+        # Host arrays, like the estimates: the plans read them between two model calls every round.
+        self._predicted = np.full(drafter.block_size, ADAPT_PRIOR_ROWS)
+        self._observed = self._predicted.copy()
         self.live: dict[int, _Live] = {}
         # Slots whose own per-request work raised, with the reason: that request fails, its round
         # goes on for the others (their finish_reason is "error").
@@ -235,10 +236,11 @@ class SpeculativeDecoder:
             live.result.verified.append(n)
             accepted_counts.append(accepted)
         if draft is not None and self.adapt_survival:
-            positions = torch.arange(draft.tokens.shape[1])
-            verified_mask = positions < torch.tensor(lengths)[:, None]
-            accepted_mask = positions < torch.tensor(accepted_counts)[:, None]
-            self._predicted = ADAPT_DECAY * (self._predicted + (draft.survival * verified_mask).sum(0))
+            positions = np.arange(draft.tokens.shape[1])
+            verified_mask = positions < np.array(lengths)[:, None]
+            accepted_mask = positions < np.array(accepted_counts)[:, None]
+            survival = draft.survival.double().numpy()
+            self._predicted = ADAPT_DECAY * (self._predicted + (survival * verified_mask).sum(0))
             self._observed = ADAPT_DECAY * (self._observed + accepted_mask.sum(0))
         self.drafter.add_context_batch(slots, context)
         if self.served is not None:
@@ -290,7 +292,7 @@ class SpeculativeDecoder:
         self._drafted_rows = len(speculating)
         lengths = self._verify_lengths(lives, speculating, planned, on_device, budget)
         # Only now, after planning: the production scheduler must plan with an EARLIER round's survival.
-        survival = draft.survival  # a cumulative product, computed on each access
+        survival = draft.survival.double().numpy()  # a cumulative product, computed on each access
         for row, i in enumerate(speculating):
             lives[i].stale_survival = survival[row]
         self.prior_survival = 0.9 * self.prior_survival + 0.1 * survival.mean(0)
@@ -305,10 +307,10 @@ class SpeculativeDecoder:
         planned = None
         if self.scheduler == "production" and len(speculating) == len(lives):
             # The production plan reads earlier rounds' survival only, so one evaluation decides both.
-            pays, lengths = plan_production(estimate, self.table, self.min_gain, len(speculating))
+            pays, lengths = plan_estimate(estimate, self.table, self.min_gain, len(speculating))
             planned = lengths.tolist()
-        else:
-            pays = drafting_pays(estimate, self.table, len(speculating))
+        else:  # whether drafting pays (`drafting_pays`)
+            pays = plan_estimate(estimate, self.table, drafting_rows=len(speculating))[0]
         if not pays:
             # Live costs and survival only change in rounds that draft: without an occasional one, a
             # draft cost measured while the machine was busy (or a cold first call) would never be
@@ -328,7 +330,8 @@ class SpeculativeDecoder:
             if self.scheduler == "paper":  # this round's confidences, early stop
                 chosen = schedule_paper(draft.survival[[speculating.index(i) for i in auto]], self.table)
             else:  # earlier rounds' confidences
-                chosen = schedule_production(self._estimate(lives, speculating)[auto], self.table, self.min_gain)
+                estimate = torch.from_numpy(self._estimate(lives, speculating)[auto])
+                chosen = schedule_production(estimate, self.table, self.min_gain)
             for i, n in zip(auto, chosen.tolist(), strict=True):
                 lengths[i] = n
         for i in speculating:
@@ -338,15 +341,17 @@ class SpeculativeDecoder:
             lengths[i] = min(lengths[i], budget[i])
         return lengths
 
-    def _estimate(self, lives: list[_Live], speculating: list[int]) -> torch.Tensor:
+    def _estimate(self, lives: list[_Live], speculating: list[int]) -> np.ndarray:
         """Survival [R, γ] known before drafting: each request's last round (the recent mean for a fresh
-        one), zeros for requests that do not speculate."""
-        estimate = torch.zeros(len(lives), self.drafter.block_size, dtype=torch.float64)
+        one), zeros for requests that do not speculate. In numpy on the host: served, this and the plan
+        run between two model calls every round, where each torch op costs several times its numpy
+        twin (docs/measurements.md)."""
+        estimate = np.zeros((len(lives), self.drafter.block_size))
         for i in speculating:
             stale = lives[i].stale_survival
             estimate[i] = stale if stale is not None else self.prior_survival
         if self.adapt_survival:  # scaled by observed / predicted acceptance, kept a survival curve
-            estimate = torch.cummin((estimate * (self._observed / self._predicted)).clamp(0.0, 1.0), dim=1).values
+            estimate = np.minimum.accumulate(np.clip(estimate * (self._observed / self._predicted), 0.0, 1.0), axis=1)
         return estimate
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -466,11 +466,11 @@ def _plans(a: np.ndarray, table: CostTable) -> tuple[np.ndarray, np.ndarray, np.
     return tau, rows + np.arange(values.size + 1, dtype=np.float64), requests
 
 
-def _lengths(requests: np.ndarray | None, plan: int, rows: int) -> Tensor:
+def _lengths(requests: np.ndarray | None, plan: int, rows: int) -> np.ndarray:
     if requests is None:  # padded: plan ℓ verifies ℓ drafts of every request
-        return torch.full((rows,), plan, dtype=torch.int64)
+        return np.full(rows, plan, dtype=np.int64)
     # Each request's admitted candidates are its positions 1..ℓ_r (ranking above), so counting suffices.
-    return torch.from_numpy(np.bincount(requests[:plan], minlength=rows).astype(np.int64))
+    return np.bincount(requests[:plan], minlength=rows).astype(np.int64)
 
 
 def schedule_paper(survival: Tensor, table: CostTable) -> Tensor:
@@ -489,7 +489,7 @@ def schedule_paper(survival: Tensor, table: CostTable) -> Tensor:
     objectives = tau * (1000.0 / table.step_ms_array(a.shape[0], tokens))
     improves = objectives[1:] > objectives[:-1]
     # The number of leading improvements is where the sequential scan would have stopped.
-    return _lengths(requests, int(np.cumprod(improves).sum()), a.shape[0])
+    return torch.from_numpy(_lengths(requests, int(np.cumprod(improves).sum()), a.shape[0]))
 
 
 def plan_production(survival: Tensor, table: CostTable, min_gain: float = DEFAULT_MIN_GAIN,
@@ -497,9 +497,17 @@ def plan_production(survival: Tensor, table: CostTable, min_gain: float = DEFAUL
     """`drafting_pays` and `schedule_production` from one evaluation of the plans: (does drafting pay
     for `drafting_rows` rows, verify lengths [R]). Both read survival from earlier rounds, so a decoder
     can decide both before drafting, once a round."""
+    pays, lengths = plan_estimate(_check_survival(survival), table, min_gain, drafting_rows)
+    return pays, torch.from_numpy(lengths)
+
+
+def plan_estimate(a: np.ndarray, table: CostTable, min_gain: float = DEFAULT_MIN_GAIN,
+                  drafting_rows: int = 0) -> tuple[bool, np.ndarray]:
+    """`plan_production` for an estimate kept as a decoder keeps it: float64 [R, γ] in [0, 1],
+    non-increasing along the block, unchecked; lengths int64 [R]. Served, the plan sits between two model
+    calls every round, where the checks and tensor conversions cost more than the plan itself."""
     if not (math.isfinite(min_gain) and min_gain >= 0):
         raise ValueError(f"min_gain must be a finite number >= 0, got {min_gain}")
-    a = _check_survival(survival)
     rows, gamma = a.shape
     tau, tokens, requests = _plans(a, table)
     step = table.step_ms_array(rows, tokens)
@@ -511,7 +519,7 @@ def plan_production(survival: Tensor, table: CostTable, min_gain: float = DEFAUL
     best = int(np.argmax(objectives))  # first maximum: the fewest tokens among equally good plans
     if objectives[best] > objectives[-1] * (1 + min_gain):
         return pays, _lengths(requests, best, rows)
-    return pays, torch.full((rows,), gamma, dtype=torch.int64)
+    return pays, np.full(rows, gamma, dtype=np.int64)
 
 
 def schedule_production(survival: Tensor, table: CostTable, min_gain: float = DEFAULT_MIN_GAIN) -> Tensor:
