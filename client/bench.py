@@ -8,9 +8,9 @@ drafter still computes the whole block, so its draft call costs what `fixed`'s d
 
 For every mode and concurrency c, c workers each send requests back to back
 (one event loop, one gRPC stream per request) until the cell's request count is reached. The cells
-of one concurrency run interleaved, in slices of at least c requests whose order of modes rotates
-(off fixed auto, fixed auto off, auto off fixed, ...): a shared machine drifts by tens of per cent
-over minutes, and interleaving puts that drift on every mode alike instead of on whichever ran last.
+of one concurrency run interleaved, in slices of at least c requests whose order of modes changes
+from slice to slice (`slice_order`): a shared machine drifts by tens of per cent over minutes, and
+interleaving puts that drift on every mode alike instead of on whichever ran last.
 Each slice of each mode runs the same requests (prompts and seeds), so two modes are compared on the
 same work; the finer the slices, the less of the drift survives in a ratio (docs/measurements.md:
 two identical modes 5 % apart with 8 slices, within 1 % with 32). A cell of N requests at concurrency
@@ -188,11 +188,21 @@ def summarise(done: list[Completion], wall: float, before: dict, after: dict) ->
     }
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of n modes (a Williams design) in which every mode takes every place equally often and
+    directly follows every other mode equally often: n orders for even n, 2n for odd n."""
+    first = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]  # 0, 1, n-1, 2, n-2, ...
+    orders = [[(m + k) % n for m in first] for k in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 else orders
+
+
 def slice_order(modes: list[str], slices: int) -> list[tuple[int, str]]:
-    """(slice, mode) in the order they run: every slice runs each mode once, and the order rotates
-    from slice to slice (off fixed auto, fixed auto off, ...), so that neither the machine's drift
-    nor whatever a mode leaves behind for the next one (caches, a busier server) favours one mode."""
-    return [(k, modes[(k + i) % len(modes)]) for k in range(slices) for i in range(len(modes))]
+    """(slice, mode) in the order they run: every slice runs each mode once, in the orders of
+    `balanced_orders` taken in turn, so that neither the machine's drift nor whatever a mode leaves
+    behind for the next one (caches, a busier server) favours one mode. (A plain rotation, off fixed
+    auto, fixed auto off, ..., gives every mode the same predecessor in every slice.)"""
+    orders = balanced_orders(len(modes))
+    return [(k, modes[m]) for k in range(slices) for m in orders[k % len(orders)]]
 
 
 def cell_requests(config: BenchConfig, concurrency: int) -> int:

@@ -138,8 +138,9 @@ def generate(prompt: str, url: str, stream: bool, max_tokens: int, temperature: 
 @click.option("--duration", type=click.FloatRange(min=0), help="Seconds per cell (stops starting new requests).")
 @click.option("--slices", default=32, show_default=True, type=click.IntRange(min=1),
               help="Run each concurrency's cells interleaved in this many slices (at most requests / "
-                   "concurrency), the order of the modes rotating (off fixed auto, fixed auto off, ...), so "
-                   "that a machine's drift lands on every mode alike.")
+                   "concurrency), the order of the modes changing so that each mode takes every place and "
+                   "follows every other mode equally often: a machine's drift, and what one mode leaves "
+                   "behind for the next, land on every mode alike.")
 @click.option("--min-slices", default=1, show_default=True, type=click.IntRange(min=1),
               help="At least this many slices at every concurrency: a cell then runs at least min-slices x "
                    "concurrency requests (more than --requests at high concurrency).")

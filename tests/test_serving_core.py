@@ -213,14 +213,27 @@ def test_a_failed_prefill_fails_its_requests_and_keeps_the_slots(qwen3_ckpt: Pat
         orch.stop()
 
 
-def test_bench_rotates_the_order_of_the_modes() -> None:
-    from dspark_trt.client.bench import slice_order
+def test_bench_balances_the_order_of_the_modes() -> None:
+    """Every mode runs once a slice; over the design's orders each mode takes every place and follows
+    every other mode equally often (a rotation would give each mode the same predecessor throughout)."""
+    from collections import Counter
 
-    order = slice_order(["off", "fixed", "auto"], 4)
-    assert [m for k, m in order if k == 0] == ["off", "fixed", "auto"]
-    assert [m for k, m in order if k == 1] == ["fixed", "auto", "off"]
-    assert [m for k, m in order if k == 2] == ["auto", "off", "fixed"]
-    assert sorted(order) == sorted((k, m) for k in range(4) for m in ("off", "fixed", "auto"))
+    from dspark_trt.client.bench import balanced_orders, slice_order
+
+    for n in range(2, 8):
+        orders = balanced_orders(n)
+        assert len(orders) == (2 * n if n % 2 else n)
+        assert all(sorted(order) == list(range(n)) for order in orders)
+        follows = Counter((a, b) for order in orders for a, b in zip(order, order[1:], strict=False))
+        assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
+        places = Counter((m, i) for order in orders for i, m in enumerate(order))
+        assert len(places) == n * n and len(set(places.values())) == 1
+    modes = ["off", "mtp1", "fixed:3", "fixed:5", "auto"]
+    order = slice_order(modes, 12)
+    assert sorted(order) == sorted((k, m) for k in range(12) for m in modes)
+    assert [m for k, m in order if k == 0] == ["off", "mtp1", "auto", "fixed:3", "fixed:5"]
+    before_auto = {order[i - 1][1] for i, (k, m) in enumerate(order) if m == "auto" and order[i - 1][0] == k}
+    assert before_auto == {"off", "mtp1", "fixed:3", "fixed:5"}
 
 
 def _model_config(repo: Path, model: str):
