@@ -1,13 +1,16 @@
 """Soak test with faults: 64 concurrent streams against a real tritonserver (tp 2) while model
 processes are killed.
 
-    python bench/soak.py [--seconds 120] [--streams 64] [--slots 16] [--no-faults]
+    python bench/soak.py [--seconds 120] [--streams 64] [--slots 16] [--no-faults] [--drafter model|orchestrator]
 
 Each stream loops over a mix of requests: valid ones (text or ids, random length, mode, temperature,
 and seeds anywhere in int64, negative included), one in eight cancelled after its first chunk, one in
 sixteen invalid (must be refused), one in sixteen a direct call to an internal model (must be
 refused). Meanwhile the fault schedule kills, one after the other, the dspark_verify backend stub, its
-tensor-parallel worker and the dspark_draft stub (kill -9), each once the server is ready again.
+tensor-parallel worker and the dspark_draft stub (kill -9), each once the server is ready again. The
+repository serves the drafter as the dspark_draft model (`--drafter model`, the default here) so
+that its process can be killed too; with `--drafter orchestrator` (the cpu layout's default) it runs
+inside the orchestrator, and only the verify faults remain.
 
 Expected outcomes: completed, cancelled, rejected; during a fault, failed with the clear error that
 names the dead process (or says the server is recovering). Anything else is unexpected. Reports the
@@ -128,10 +131,11 @@ def _ready(server) -> bool:
         return False
 
 
-def run_faults(server, url: str, faults: Faults, start_at: float, gap: float, greedy: list[int]) -> list[dict]:
-    """Kill each process of FAULTS in turn; return per fault: time until ready again, greedy output ok."""
+def run_faults(server, url: str, faults: Faults, start_at: float, gap: float, greedy: list[int],
+               schedule: list[tuple[str, str]]) -> list[dict]:
+    """Kill each process of `schedule` in turn; return per fault: time until ready again, greedy output ok."""
     report = []
-    for model, role in FAULTS:
+    for model, role in schedule:
         time.sleep(max(0.0, start_at - time.monotonic()))
         victim = next((p for p in model_processes(server.process.pid, model) if p.role == role), None)
         if victim is None:
@@ -176,8 +180,12 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--no-faults", action="store_true", help="Only the request mix, no killed processes.")
+    parser.add_argument("--drafter", choices=["model", "orchestrator"], default="model",
+                        help="Where the drafter runs (dspark-build repo --drafter).")
     args = parser.parse_args()
-    server = serve(fixture_checkpoint(tp=2), slots=args.slots, name="soak", max_prompt_tokens=64, max_new_tokens=40)
+    schedule = [] if args.no_faults else [f for f in FAULTS if f[0] != "dspark_draft" or args.drafter == "model"]
+    server = serve(fixture_checkpoint(tp=2), slots=args.slots, name="soak", max_prompt_tokens=64, max_new_tokens=40,
+                   drafter=args.drafter)
     fault_report: list[dict] = []
     try:
         url = server.endpoints["grpc"]
@@ -192,8 +200,9 @@ def main() -> None:
         with console.status(f"{args.streams} streams for {args.seconds:.0f} s ..."):
             for t in threads:
                 t.start()
-            if not args.no_faults:
-                fault_report = run_faults(server, url, faults, start + args.seconds * 0.15, args.seconds * 0.1, greedy)
+            if schedule:
+                fault_report = run_faults(server, url, faults, start + args.seconds * 0.15, args.seconds * 0.1, greedy,
+                                          schedule)
             for t in threads:
                 t.join(args.seconds + 600)
         time.sleep(2)
@@ -209,7 +218,7 @@ def main() -> None:
     left_processes = _group_alive(server.process.pid)
     left_shm = _shm(server.shm_prefix)
     unexpected = {k: v for k, v in counts.items() if k.startswith("unexpected")}
-    faults_ok = len(fault_report) == (0 if args.no_faults else len(FAULTS)) and all(
+    faults_ok = len(fault_report) == len(schedule) and all(
         f.get("not_ready_seen") and f.get("greedy_output_unchanged") is True for f in fault_report)
     result = {"seconds": args.seconds, "streams": args.streams, "slots": args.slots, "outcomes": dict(counts),
               "completed": counts["completed"], "failed_with_clear_error": counts["failed with a clear error (fault)"],

@@ -386,6 +386,10 @@ def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max
                    "responses), or plan with the profiled table alone.")
 @click.option("--draft-threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="CPU threads of the reference drafter (1 suits a CPU shared with verify; see its config).")
+@click.option("--drafter", type=click.Choice(["orchestrator", "model"]),
+              help="Where the drafter runs: orchestrator = inside the dspark orchestrator's process (no process "
+                   "crossing per round; cpu layout only), model = the dspark_draft model, its own process. "
+                   "[default: orchestrator in the cpu layout, model in the gpu layout]")
 @click.option("--backend", type=click.Choice(["dspark", "tensorrt-llm"]), default="dspark", show_default=True,
               help="dspark: our orchestrator and models (--layout). tensorrt-llm: TensorRT-LLM's PyTorch backend "
                    "behind tensorrtllm_backend's llmapi model on --gpus GPUs (--num-slots = its max batch size).")
@@ -403,8 +407,8 @@ def calibrate(engine_dir: Path, prompts_file: Path | None, out: Path | None, max
 @reports_errors
 def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, num_slots: int, max_prompt_tokens: int,
          max_new_tokens: int, scheduler: str, min_gain: float, sps_table: Path | None, live_costs: bool,
-         draft_threads: int, backend: str, trtllm_fields: str | None, llmapi_model: Path | None,
-         trtllm_sps_table: Path | None, force: bool) -> None:
+         draft_threads: int, drafter: str | None, backend: str, trtllm_fields: str | None,
+         llmapi_model: Path | None, trtllm_sps_table: Path | None, force: bool) -> None:
     """Write a Triton model repository serving ENGINE_DIR.
 
     \b
@@ -412,8 +416,10 @@ def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, nu
                     speculation, gamma) -> streamed text_output, output_ids; finish_reason and
                     stats on the final response
       preprocessing tokenizer
-      dspark        decoupled orchestrator: in-flight batching, confidence scheduler
-      dspark_draft  drafter (per-slot context)       dspark_verify  target (per-slot KV cache)
+      dspark        decoupled orchestrator: in-flight batching, confidence scheduler; in the
+                    cpu layout it also runs the drafter (per-slot context)
+      dspark_draft  the drafter as a model of its own (gpu layout, or --drafter model)
+      dspark_verify target (per-slot KV cache)
       postprocessing incremental detokenisation
 
     With --backend tensorrt-llm: the same ensemble over preprocessing, dspark_llmapi (bridge) and
@@ -432,14 +438,19 @@ def repo(engine_dir: Path, out: Path, layout: str, gpus: int, tp: int | None, nu
                      f"fields of {values['release']}{missing}; serve with --world-size {gpus}")
         return
 
+    if layout == "gpu" and drafter == "orchestrator":
+        raise click.BadParameter("the gpu layout places the drafter on verify's rank-0 GPU as the dspark_draft "
+                                 "model; the orchestrator runs on the CPU (use --drafter model)",
+                                 param_hint="--drafter")
     if sps_table is None and (engine_dir / "sps_table.json").is_file():
         sps_table = engine_dir / "sps_table.json"
     values = build_repo(engine_dir, out, layout=layout, gpus=gpus, tp=tp, num_slots=num_slots,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, scheduler=scheduler,
                         min_gain=min_gain, sps_table=sps_table, live_costs=live_costs, draft_threads=draft_threads,
-                        force=force)
+                        drafter=drafter, force=force)
     table = f"cost table {sps_table}" if sps_table else "no cost table (auto verifies every draft)"
-    stdout.print(f"[green]✓[/] wrote {out}: layout {layout}, verify tp={values['tp']}, {num_slots} slots, {table}")
+    stdout.print(f"[green]✓[/] wrote {out}: layout {layout}, verify tp={values['tp']}, drafter in the "
+                 f"{values['drafter']}, {num_slots} slots, {table}")
 
 
 @main.command()

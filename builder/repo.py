@@ -1,9 +1,16 @@
 """`dspark-build repo`: fill the Triton model templates for a deployment layout.
 
-    cpu  every model on the CPU (reference backend; verify runs --tp gloo ranks)
+    cpu  every model on the CPU (reference backend; verify runs --tp gloo ranks); the orchestrator
+         runs the drafter in its own process (no dspark_draft model) unless --drafter model
     gpu  ONE verify instance owns all N tensor-parallel ranks, rank r on GPU r; the drafter sits on
          verify's rank-0 GPU (a separate DSpark drafter, tp 1) or on GPUs 0..N-1 (DeepSeek-V4's mtp
-         drafter, sharded like the target)
+         drafter, sharded like the target), as the dspark_draft model
+
+Where the drafter runs (`drafter`): `model` serves it as dspark_draft, its own process, which the
+orchestrator calls over BLS each round; `orchestrator` runs the same handler (runtime/model_handlers.py,
+the same messages and checks) inside the orchestrator's process. A BLS call crosses three processes
+and back, and on the CPU that crossing cost a concurrency-1 round about as much as a third of the
+drafting itself (docs/measurements.md), so the cpu layout drafts in the orchestrator.
 
 In Triton an instance group's `count` is per listed GPU, so `kind: KIND_GPU gpus: [0..7]` starts
 eight instances, each with its own caches, and calls land on whichever is free. The gpu layout
@@ -28,6 +35,7 @@ from ..runtime.scheduler import DEFAULT_MIN_GAIN
 from .families.common import check_tokenizer
 
 MODELS = ("preprocessing", "dspark", "dspark_draft", "dspark_verify", "postprocessing", "ensemble")
+DRAFTERS = ("orchestrator", "model")  # where the drafter runs (see above)
 
 
 def template_dir() -> Path:
@@ -44,8 +52,17 @@ def gpu_lists(layout: str, tp: int, draft_tp: int) -> tuple[str, str]:
 def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 1, tp: int | None = None,
                num_slots: int = 16, max_prompt_tokens: int = 1024, max_new_tokens: int = 512,
                scheduler: str = "production", min_gain: float = DEFAULT_MIN_GAIN, sps_table: Path | None = None,
-               live_costs: bool = True, draft_threads: int = 1, force: bool = False) -> dict[str, Any]:
+               live_costs: bool = True, draft_threads: int = 1, drafter: str | None = None,
+               force: bool = False) -> dict[str, Any]:
+    """Write the repository `out` for `engine_dir`; returns the values the templates were filled with.
+    `drafter`: "orchestrator" or "model" (default: orchestrator in the cpu layout, model in the gpu one)."""
     engine_dir = Path(engine_dir).absolute()
+    drafter = drafter or ("model" if layout == "gpu" else "orchestrator")
+    if drafter not in DRAFTERS:
+        raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {drafter!r}")
+    if layout == "gpu" and drafter != "model":
+        raise ValueError("--drafter orchestrator: the gpu layout places the drafter on verify's rank-0 GPU, as the "
+                         "dspark_draft model (--drafter model); the orchestrator runs on the CPU")
     ckpt = resolve_checkpoint(engine_dir)
     manifest = read_manifest(ckpt, "checkpoint")
     if problem := check_tokenizer(ckpt / "tokenizer"):  # preprocessing and the orchestrator load it
@@ -74,6 +91,7 @@ def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 
         "num_slots": num_slots, "max_len": max_prompt_tokens + max_new_tokens + gamma + 2,
         "max_prompt_tokens": max_prompt_tokens, "max_new_tokens": max_new_tokens, "scheduler": scheduler,
         "min_gain": min_gain, "live_costs": str(live_costs).lower(), "draft_threads": draft_threads,
+        "drafter": drafter,
         "preprocessing_instances": 1, "postprocessing_instances": 1,
         "instance_kind": "KIND_MODEL" if layout == "gpu" else "KIND_CPU",
         "verify_gpus": verify_gpus, "draft_gpus": draft_gpus,
@@ -91,6 +109,8 @@ def build_repo(engine_dir: Path, out: Path, *, layout: str = "cpu", gpus: int = 
             shutil.copyfile(sps_table, tmp / "sps_table.json")
             values["sps_table"] = str(Path(out).absolute() / "sps_table.json")
         for model in MODELS:
+            if model == "dspark_draft" and drafter != "model":
+                continue
             (tmp / model / "1").mkdir(parents=True)
             fill_template(model, tmp / model, values)
     return values

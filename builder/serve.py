@@ -10,8 +10,8 @@ What a server start sets up, and `stop` takes down again:
   whose process died (model_repository/dspark/1/model.py); the repository API that could do the same
   is restricted to callers that send the server's key in a header;
 - a random key in DSPARK_INTERNAL_KEY, inherited by every model process: the orchestrator sends it on
-  each call to dspark_draft / dspark_verify, which refuse calls without it (clients cannot reach
-  the per-slot state);
+  each call to dspark_verify (and dspark_draft, where the drafter is a model of its own), which refuse
+  calls without it (clients cannot reach the per-slot state);
 - a shared-memory prefix of its own for the Python backend's regions, and a state file (pid,
   ports, prefix) in the per-user state directory, so that `stop` and the next start remove every
   process and /dev/shm region a server left behind, whatever the current directory, also after a

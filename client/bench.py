@@ -90,24 +90,25 @@ def expand_modes(modes: list[str], gammas: list[int] | None) -> list[str]:
     for mode in out:
         mode_request(mode)
     return list(dict.fromkeys(out))
-_SERIES = re.compile(r'^((?:dspark_|nv_inference_request_(?:success|duration_us)\{model="dspark_)\S+) (\S+)$', re.M)
+_SERIES = re.compile(r'^(dspark_\S+) (\S+)$', re.M)
 
 
 def scrape(metrics_url: str) -> dict[str, float]:
-    """The dspark_* series of the server's metrics and Triton's request counters of the dspark models,
-    keyed by name and labels."""
+    """The dspark_* series of the server's metrics, keyed by name and labels."""
     with urllib.request.urlopen(metrics_url, timeout=10) as r:
         text = r.read().decode()
     return {m.group(1): float(m.group(2)) for m in _SERIES.finditer(text)}
 
 
 def _model_calls(counters: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Calls each model served and their mean duration in ms (from the counters' changes over a cell)."""
+    """Draft and verify calls and the mean time the orchestrator waited for one, in ms, process crossings
+    included, wherever the drafter runs (from the counters' changes over a cell)."""
     calls = {}
     for model in MODEL_CALLS:
-        count = sum(v for k, v in counters.items() if k.startswith(f'nv_inference_request_success{{model="{model}"'))
+        count = sum(v for k, v in counters.items()
+                    if k.startswith("dspark_model_calls_total") and f'call="{model}"' in k)
         micros = sum(v for k, v in counters.items()
-                     if k.startswith(f'nv_inference_request_duration_us{{model="{model}"'))
+                     if k.startswith("dspark_model_call_duration_us") and f'call="{model}"' in k)
         calls[model] = {"calls": count, "mean_ms": micros / count / 1000 if count else 0.0}
     return calls
 
@@ -184,7 +185,7 @@ def summarise(done: list[Completion], wall: float, before: dict, after: dict) ->
         "ttft_ms": _percentiles(ttft), "itl_ms": _percentiles(itl),
         "mean_tau": float(np.mean([c.stats.get("mean_tau", 0.0) for c in done])),
         "verified_length_histogram": histogram, "position_acceptance": acceptance,
-        "model_calls": _model_calls(_delta(after, before, "nv_inference_request_")),
+        "model_calls": _model_calls(_delta(after, before, "dspark_model_call")),
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -72,7 +73,20 @@ def _health(protocol: str, url: str, timeout: float) -> tuple[str, bool, bool, d
         client = client_module.InferenceServerClient(url)
     kwargs = {} if protocol == "http" else {"client_timeout": timeout}
     live = client.is_server_live(**kwargs)
-    return protocol, live, client.is_server_ready(**kwargs), {m: client.is_model_ready(m, **kwargs) for m in MODELS}
+    models = _service_models(client, {} if protocol == "http" else {"as_json": True, **kwargs})
+    return protocol, live, client.is_server_ready(**kwargs), {m: client.is_model_ready(m, **kwargs) for m in models}
+
+
+def _service_models(client: Any, kwargs: dict[str, Any]) -> tuple[str, ...]:
+    """The models of the service: dspark_draft only where the orchestrator calls it (its `drafter`
+    parameter; in the cpu layout the orchestrator drafts itself)."""
+    try:
+        config = client.get_model_config("dspark", **kwargs)
+    except Exception:  # noqa: BLE001 - dspark not loaded (yet): report every model, dspark among the unready
+        return MODELS
+    config = config.get("config", config)  # gRPC's JSON wraps it
+    drafter = config.get("parameters", {}).get("drafter", {}).get("string_value", "model")
+    return MODELS if drafter == "model" else tuple(m for m in MODELS if m != "dspark_draft")
 
 
 @main.command()

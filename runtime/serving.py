@@ -3,9 +3,10 @@
 Kept free of Triton imports so that it can be tested in-process; model_repository/dspark/1/model.py
 plugs in Triton's BLS calls, response senders and metrics.
 
-The orchestrator calls two models, dspark_verify (the target, a KV cache per slot) and dspark_draft
+The orchestrator calls two endpoints, dspark_verify (the target, a KV cache per slot) and dspark_draft
 (the drafter, a context per slot), once each per round with batched tensors: RemoteTarget and
-RemoteDrafter below. Their messages are defined in runtime/protocol.py.
+RemoteDrafter below. Their messages are defined in runtime/protocol.py; how a message travels is the
+`call` each is given (a BLS call to a model, or the drafter's handler in the orchestrator's process).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def test_generated_config_agrees_with_the_messages_field_by_field(qwen3_ckpt: Pa
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    build_repo(qwen3_ckpt, tmp_path / "repo", num_slots=2, max_prompt_tokens=16, max_new_tokens=8)
+    build_repo(qwen3_ckpt, tmp_path / "repo", num_slots=2, max_prompt_tokens=16, max_new_tokens=8, drafter="model")
     config_type = model_config_pb2.ModelConfig
     for endpoint in ENDPOINTS.values():
         config = text_format.Parse((tmp_path / "repo" / endpoint.model / "config.pbtxt").read_text(), config_type())

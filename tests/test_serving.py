@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from click.testing import CliRunner
 
 from dspark_trt.builder.convert import convert
 from dspark_trt.builder.repo import build_repo
 from dspark_trt.builder.serve import start_server
+from dspark_trt.client.cli import main as client
 from dspark_trt.client.stream import RequestError, complete, complete_http, request_inputs
 from dspark_trt.runtime.generate import Request, generate
 from dspark_trt.runtime.loader import open_checkpoint
@@ -198,6 +200,17 @@ def test_metrics_agree_with_the_responses(served) -> None:
     assert metric(server, "dspark_queued_requests") == 0
 
 
+def test_the_cpu_layout_drafts_in_the_orchestrator(served) -> None:
+    """No dspark_draft model: the orchestrator drafts in its own process, and health checks the models
+    the service has (it reads the orchestrator's `drafter` parameter)."""
+    server, ckpt = served
+    assert (ckpt.parent / "repo" / "dspark_verify").is_dir() and not (ckpt.parent / "repo" / "dspark_draft").exists()
+    result = CliRunner().invoke(client, ["health", "--url", server.endpoints["http"], "--timeout", "5"])
+    assert result.exit_code == 0, result.output
+    assert "dspark_verify" in result.output and "dspark_draft" not in result.output
+    assert complete(url(server), [1, 2, 3], max_tokens=12, speculation="fixed").stats["verified_tokens"] > 0
+
+
 def test_bench_measures_and_plots(served, tmp_path: Path) -> None:
     from dspark_trt.client.bench import BenchConfig, run_bench, write
 
@@ -223,11 +236,15 @@ def test_bench_measures_and_plots(served, tmp_path: Path) -> None:
         assert list(histogram) == [str(k) for k in range(8)] and histogram["7"] >= 2
         assert sum(histogram.values()) == cell["rounds"]
         assert sum(int(k) * n for k, n in histogram.items()) == cell["verified_tokens"]
-    # Triton's per-model counters: `off` never calls the drafter; every fixed round calls both models.
+    # The orchestrator's call counters: `off` never drafts; at concurrency 1 a request is one prefill, then
+    # one verify call a round, and a fixed round drafts unless the budget leaves no room for a draft.
     assert cells[("off", 1)]["model_calls"]["dspark_draft"]["calls"] == 0
+    for mode in ("off", "fixed"):
+        cell = cells[(mode, 1)]
+        assert cell["model_calls"]["dspark_verify"]["calls"] == cell["rounds"] + cell["requests"]
     fixed_calls = cells[("fixed", 1)]["model_calls"]
-    assert fixed_calls["dspark_draft"]["calls"] >= 2 and fixed_calls["dspark_draft"]["mean_ms"] > 0
-    assert fixed_calls["dspark_verify"]["calls"] >= fixed_calls["dspark_draft"]["calls"]
+    assert cells[("fixed", 1)]["rounds"] >= fixed_calls["dspark_draft"]["calls"] >= 2
+    assert fixed_calls["dspark_draft"]["mean_ms"] > 0
     # mtp1: one draft verified a round (none where the budget has no room left), from the full block's first position.
     for cell in (cells[("mtp1", 1)], cells[("mtp1", 2)]):
         histogram = cell["verified_length_histogram"]

@@ -270,6 +270,28 @@ def test_eight_gpu_layout(qwen3_pair: Path, tmp_path: Path) -> None:
         build_repo(tmp_path / "ckpt", tmp_path / "repo2", layout="gpu", gpus=8, tp=2)
     with pytest.raises(Exception, match="--gpus 4: the one verify instance places its 8 tensor-parallel ranks"):
         build_repo(tmp_path / "ckpt", tmp_path / "repo3", layout="gpu", gpus=4)
+    assert 'key: "drafter" value: { string_value: "model" }' in _config(tmp_path / "repo", "dspark")
+    with pytest.raises(ValueError, match="the gpu layout places the drafter on verify's rank-0 GPU"):
+        build_repo(tmp_path / "ckpt", tmp_path / "repo4", layout="gpu", gpus=8, drafter="orchestrator")
+    assert not (tmp_path / "repo4").exists()
+
+
+def test_the_cpu_layout_drafts_in_the_orchestrator_unless_told(qwen3_ckpt: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dspark_trt.builder.cli import main as build
+
+    build_repo(qwen3_ckpt, tmp_path / "repo", num_slots=2)
+    assert not (tmp_path / "repo" / "dspark_draft").exists()
+    orchestrator = _model_config(tmp_path / "repo", "dspark").parameters
+    assert orchestrator["drafter"].string_value == "orchestrator"
+    assert int(orchestrator["max_len"].string_value) > 1024 and orchestrator["draft_threads"].string_value == "1"
+    build_repo(qwen3_ckpt, tmp_path / "repo2", num_slots=2, drafter="model")
+    assert (tmp_path / "repo2" / "dspark_draft" / "1" / "model.py").is_file()
+    assert _model_config(tmp_path / "repo2", "dspark").parameters["drafter"].string_value == "model"
+    result = CliRunner().invoke(build, ["repo", str(qwen3_ckpt), "-o", str(tmp_path / "repo3"), "--layout", "gpu",
+                                        "--drafter", "orchestrator"])
+    assert result.exit_code == 2 and "--drafter" in result.output and not (tmp_path / "repo3").exists()
 
 
 def test_models_read_their_gpus_from_their_config() -> None:

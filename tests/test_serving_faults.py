@@ -38,7 +38,10 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18]]
 def served(qwen3_pair: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("faults")
     convert(qwen3_pair / "target", qwen3_pair / "drafter", root / "ckpt", tp=2, show_progress=False)
-    build_repo(root / "ckpt", root / "repo", num_slots=SLOTS, max_prompt_tokens=64, max_new_tokens=200)
+    # The drafter as its own model (the gpu layout's way), so that its process can be killed too; the cpu
+    # layout's drafter lives in the orchestrator, whose death test_a_killed_orchestrator_is_reloaded covers.
+    build_repo(root / "ckpt", root / "repo", num_slots=SLOTS, max_prompt_tokens=64, max_new_tokens=200,
+               drafter="model")
     saved = os.environ.get("DSPARK_STATE_DIR")
     os.environ["DSPARK_STATE_DIR"] = str(root / "state")  # this server's state file, away from the user's
     ports = [free_port() for _ in range(3)]

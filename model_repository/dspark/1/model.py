@@ -1,5 +1,8 @@
 """dspark: decoupled orchestrator running in-flight batched DSpark decoding (dspark_trt.runtime.serving).
 
+The drafter runs where the `drafter` parameter says: in the dspark_draft model, called over BLS, or
+in this process (the same handler and messages, without crossing processes each round).
+
 It also keeps the models it depends on alive (runtime/watch.py, ModelWatch): when a process of one
 dies, the live requests fail once with the reason, new ones are refused, and the model is unloaded
 and loaded again through the Python backend's model-loading API (the server runs with explicit model
@@ -18,7 +21,7 @@ from tokenizers import Tokenizer
 
 from dspark_trt.runtime.loader import resolve_checkpoint
 from dspark_trt.runtime.manifest import read_manifest
-from dspark_trt.runtime.model_handlers import KEY_PARAMETER, internal_key
+from dspark_trt.runtime.model_handlers import KEY_PARAMETER, DraftHandler, internal_key
 from dspark_trt.runtime.protocol import ENDPOINTS
 from dspark_trt.runtime.scheduler import CostTable
 from dspark_trt.runtime.serving import (
@@ -36,7 +39,6 @@ INPUTS = ("INPUT_IDS", "MAX_TOKENS", "TEMPERATURE", "SEED", "STOP", "STOP_IDS", 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Models whose processes hold request state: when one dies, the live requests are lost.
 STATEFUL = ("dspark_verify", "dspark_draft")
-WATCHED = STATEFUL + ("preprocessing", "postprocessing")
 PARAMETERS = {}  # {KEY_PARAMETER: the server's key}: proves to dspark_draft / dspark_verify that we call
 IPC = threading.Lock()  # this process's messages to the server, one at a time (see ModelWatch)
 
@@ -97,6 +99,10 @@ class TritonMetrics:
                                         family.COUNTER),
             "position_accepted": family("dspark_position_accepted_total", "Rounds that accepted block position k",
                                         family.COUNTER),
+            "calls": family("dspark_model_calls_total", "Draft and verify calls, prefills included",
+                            family.COUNTER),
+            "call_us": family("dspark_model_call_duration_us", "Time the orchestrator waited for its draft and verify "
+                              "calls, process crossings included (microseconds)", family.COUNTER),
             "active": family("dspark_active_requests", "Requests being decoded", family.GAUGE),
             "queued": family("dspark_queued_requests", "Requests waiting for a slot", family.GAUGE),
         }
@@ -108,9 +114,17 @@ class TritonMetrics:
                                   for k in range(block_size)]
         self.position_accepted = [f["position_accepted"].Metric({**labels, "position": str(k + 1)})
                                   for k in range(block_size)]
+        self.calls = {m: f["calls"].Metric({**labels, "call": m}) for m in ENDPOINTS}
+        self.call_us = {m: f["call_us"].Metric({**labels, "call": m}) for m in ENDPOINTS}
         self.active = f["active"].Metric(labels)
         self.queued = f["queued"].Metric(labels)
         self.pending_rounds, self.flushed, self.last_load = [], time.monotonic(), None
+        self.pending_calls = {m: [0, 0.0] for m in ENDPOINTS}  # model -> [calls, microseconds]
+
+    def call(self, model, seconds):
+        pending = self.pending_calls[model]
+        pending[0] += 1
+        pending[1] += seconds * 1e6
 
     def round(self, verified, accepted):
         # Each metric update is a message to the server; buffer them and flush a few times a second.
@@ -135,7 +149,12 @@ class TritonMetrics:
         for metric, count in zip(self.position_verified + self.position_accepted, counts, strict=True):
             if count:
                 metric.increment(count)
+        for model, (calls, micros) in self.pending_calls.items():
+            if calls:
+                self.calls[model].increment(calls)
+                self.call_us[model].increment(micros)
         self.pending_rounds.clear()
+        self.pending_calls = {m: [0, 0.0] for m in ENDPOINTS}
         self.flushed = time.monotonic()
 
     def load(self, active, queued):
@@ -159,25 +178,41 @@ class TritonPythonModel:
         self.limits = Limits(int(params["max_prompt_tokens"]), int(params["max_new_tokens"]), dspark["block_size"],
                              tokenizer.get_vocab_size(with_added_tokens=True))
         cost_table = CostTable.load(params["sps_table"]) if params["sps_table"] else None
+        metrics = TritonMetrics(dspark["block_size"])
+        transports = {"dspark_verify": bls, "dspark_draft": bls}
+        stateful = STATEFUL
+        if params["drafter"] == "orchestrator":
+            handler = DraftHandler(params["engine_dir"], num_slots=slots, max_len=int(params["max_len"]),
+                                   threads=int(params["draft_threads"]))
+            transports["dspark_draft"] = lambda model, inputs: handler.handle(inputs)
+            stateful = ("dspark_verify",)
+
+        def call(model, inputs):
+            began = time.perf_counter()
+            outputs = transports[model](model, inputs)
+            metrics.call(model, time.perf_counter() - began)
+            return outputs
+
+        self.stateful = stateful
         self.orchestrator = Orchestrator(
-            RemoteTarget(bls), RemoteDrafter(bls, slots, dspark["block_size"], dspark["target_layer_ids"]),
+            RemoteTarget(call), RemoteDrafter(call, slots, dspark["block_size"], dspark["target_layer_ids"]),
             num_slots=slots, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            metrics=TritonMetrics(dspark["block_size"]), cost_table=cost_table, scheduler=params["scheduler"],
+            metrics=metrics, cost_table=cost_table, scheduler=params["scheduler"],
             min_gain=float(params["min_gain"]), measure_costs=params.get("live_costs", "true") == "true",
             diagnose=lambda: self.watch.diagnose())
-        self.watch = ModelWatch(pb_utils, WATCHED, IPC, self._dependency_died,
-                                self._dependency_reloaded)
+        self.watch = ModelWatch(pb_utils, stateful + ("preprocessing", "postprocessing"), IPC,
+                                self._dependency_died, self._dependency_reloaded)
         self.orchestrator.start()
         self.watch.start()
 
     def _dependency_died(self, model, reason):
-        if model in STATEFUL:  # their processes held the live requests' state
+        if model in self.stateful:  # their processes held the live requests' state
             self.orchestrator.dependency_failed(reason)
             # Tell the clients before reloading: the reload holds this process's messages (IPC).
             self.orchestrator.wait_fault_handled(timeout=10)
 
     def _dependency_reloaded(self, model):
-        if model in STATEFUL:
+        if model in self.stateful:
             self.orchestrator.dependency_recovered()
 
     def execute(self, requests):
