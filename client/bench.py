@@ -240,9 +240,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             done: dict[str, list[Completion]] = {mode: [] for mode in config.modes}
             wall = dict.fromkeys(config.modes, 0.0)
             counters: dict[str, dict[str, float]] = {mode: {} for mode in config.modes}
+            before = settled_scrape(config.metrics_url)  # then each slice's `after` is the next one's `before`
             for k, mode in slice_order(config.modes, slices):
                 bar.update(task, description=f"c={concurrency} slice {k + 1}/{slices} {mode:5s}")
-                before = settled_scrape(config.metrics_url)
                 duration = config.duration / slices if config.duration else None
                 got, seconds = asyncio.run(_slice(config, mode, concurrency, range(bounds[k], bounds[k + 1]),
                                                   duration, lambda: bar.advance(task)))
@@ -251,6 +251,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 wall[mode] += seconds
                 for key in after:
                     counters[mode][key] = counters[mode].get(key, 0.0) + after[key] - before.get(key, 0.0)
+                before = after
             for mode in config.modes:
                 cell = summarise(done[mode], wall[mode], {}, counters[mode])
                 cells.append({"mode": mode, "concurrency": concurrency, "slices": slices, **cell})

@@ -149,12 +149,12 @@ class TritonMetrics:
         for metric, count in zip(self.position_verified + self.position_accepted, counts, strict=True):
             if count:
                 metric.increment(count)
-        for model, (calls, micros) in self.pending_calls.items():
-            if calls:
-                self.calls[model].increment(calls)
-                self.call_us[model].increment(micros)
+        for model, pending in self.pending_calls.items():
+            if pending[0]:
+                self.calls[model].increment(pending[0])
+                self.call_us[model].increment(pending[1])
+            pending[:] = [0, 0.0]
         self.pending_rounds.clear()
-        self.pending_calls = {m: [0, 0.0] for m in ENDPOINTS}
         self.flushed = time.monotonic()
 
     def load(self, active, queued):
@@ -180,12 +180,12 @@ class TritonPythonModel:
         cost_table = CostTable.load(params["sps_table"]) if params["sps_table"] else None
         metrics = TritonMetrics(dspark["block_size"])
         transports = {"dspark_verify": bls, "dspark_draft": bls}
-        stateful = STATEFUL
-        if params["drafter"] == "orchestrator":
+        self.stateful = STATEFUL
+        if params["drafter"] == "orchestrator":  # the drafter's state then lives in this process
             handler = DraftHandler(params["engine_dir"], num_slots=slots, max_len=int(params["max_len"]),
                                    threads=int(params["draft_threads"]))
             transports["dspark_draft"] = lambda model, inputs: handler.handle(inputs)
-            stateful = ("dspark_verify",)
+            self.stateful = ("dspark_verify",)
 
         def call(model, inputs):
             began = time.perf_counter()
@@ -193,14 +193,13 @@ class TritonPythonModel:
             metrics.call(model, time.perf_counter() - began)
             return outputs
 
-        self.stateful = stateful
         self.orchestrator = Orchestrator(
             RemoteTarget(call), RemoteDrafter(call, slots, dspark["block_size"], dspark["target_layer_ids"]),
             num_slots=slots, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             metrics=metrics, cost_table=cost_table, scheduler=params["scheduler"],
             min_gain=float(params["min_gain"]), measure_costs=params.get("live_costs", "true") == "true",
             diagnose=lambda: self.watch.diagnose())
-        self.watch = ModelWatch(pb_utils, stateful + ("preprocessing", "postprocessing"), IPC,
+        self.watch = ModelWatch(pb_utils, self.stateful + ("preprocessing", "postprocessing"), IPC,
                                 self._dependency_died, self._dependency_reloaded)
         self.orchestrator.start()
         self.watch.start()
