@@ -39,7 +39,6 @@ from .scheduler import (
     ServedCosts,
     plan_estimate,
     schedule_paper,
-    schedule_production,
 )
 from .verify import verify_greedy, verify_sampling
 
@@ -329,9 +328,8 @@ class SpeculativeDecoder:
         if planned is None and auto:
             if self.scheduler == "paper":  # this round's confidences, early stop
                 chosen = schedule_paper(draft.survival[[speculating.index(i) for i in auto]], self.table)
-            else:  # earlier rounds' confidences
-                estimate = torch.from_numpy(self._estimate(lives, speculating)[auto])
-                chosen = schedule_production(estimate, self.table, self.min_gain)
+            else:  # earlier rounds' confidences: `schedule_production` on the host estimate, as in `_decide`
+                chosen = plan_estimate(self._estimate(lives, speculating)[auto], self.table, self.min_gain)[1]
             for i, n in zip(auto, chosen.tolist(), strict=True):
                 lengths[i] = n
         for i in speculating:
